@@ -1,0 +1,58 @@
+"""compressed-tensors' own NVFP4 pipeline, used as the oracle in tests.
+
+Global scale from ``generate_gparam``, block scales from ``calculate_qparams`` (the
+functions llm-compressor's min-max observers call, fed float32 min/max), packing
+from ``NVFP4PackedCompressor.compress`` and dequantization from its ``decompress``.
+"""
+
+from __future__ import annotations
+
+import torch
+from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
+from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
+
+NVFP4_ARGS = QuantizationArgs(
+    num_bits=4,
+    type="float",
+    strategy="tensor_group",
+    group_size=16,
+    symmetric=True,
+    dynamic=False,
+    scale_dtype=torch.float8_e4m3fn,
+)
+SCHEME = QuantizationScheme(targets=["Linear"], weights=NVFP4_ARGS)
+
+
+def ct_global_scale(x: torch.Tensor) -> torch.Tensor:
+    x32 = x.float()
+    return generate_gparam(x32.min(), x32.max())
+
+
+def ct_block_scales(x: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    blocks = x.float().unflatten(-1, (-1, 16))
+    scale, _ = calculate_qparams(
+        blocks.amin(-1), blocks.amax(-1), NVFP4_ARGS, global_scale=global_scale
+    )
+    return scale
+
+
+def ct_compress(x: torch.Tensor, global_scale: torch.Tensor | None = None) -> dict:
+    """Returns weight_packed (uint8), weight_scale (e4m3), weight_global_scale (f32)."""
+    if global_scale is None:
+        global_scale = ct_global_scale(x)
+    scale = ct_block_scales(x, global_scale)
+    state = {"weight": x, "weight_scale": scale, "weight_global_scale": global_scale}
+    return NVFP4PackedCompressor.compress(state, SCHEME)
+
+
+def ct_decompress(compressed: dict) -> torch.Tensor:
+    return NVFP4PackedCompressor.decompress(dict(compressed), SCHEME)["weight"]
+
+
+def ct_fake_quant(x: torch.Tensor, global_scale: torch.Tensor | None = None) -> torch.Tensor:
+    if global_scale is None:
+        global_scale = ct_global_scale(x)
+    scale = ct_block_scales(x, global_scale)
+    return fake_quantize(x, scale, None, NVFP4_ARGS, global_scale=global_scale)
