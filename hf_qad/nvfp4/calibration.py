@@ -1,0 +1,113 @@
+"""Calibration of static activation global scales for W4A4 NVFP4 layers.
+
+Serving engines quantize activations with per-16-block scales computed at run time,
+relative to one *static* global scale per layer (``input_global_scale = 2688 / amax``).
+:func:`calibrate` runs a few batches through the model, records each W4A4
+:class:`~hf_qad.nvfp4.linear.NVFP4Linear` input's absolute maximum, and sets that scale.
+During calibration the weights stay fake-quantized and the activations are left in
+high precision, so every layer sees the inputs it will see at inference up to its own
+activation rounding.
+
+Example:
+    >>> import torch
+    >>> from hf_qad.nvfp4.linear import NVFP4Linear
+    >>> from hf_qad.nvfp4.calibration import calibrate
+    >>> model = torch.nn.Sequential(NVFP4Linear(32, 16))
+    >>> _ = calibrate(model, [torch.randn(4, 32) for _ in range(3)])
+    >>> model[0].input_calibrated
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from itertools import islice
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from hf_qad.nvfp4.format import global_scale_from_amax
+from hf_qad.nvfp4.linear import NVFP4Linear
+
+__all__ = ["calibrate"]
+
+
+def _run_batch(model: nn.Module, batch: Any, device: torch.device) -> None:
+    if isinstance(batch, Mapping):
+        model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+    elif isinstance(batch, (tuple, list)):
+        model(*(v.to(device) if torch.is_tensor(v) else v for v in batch))
+    else:
+        model(batch.to(device))
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, dataloader: Iterable[Any], num_batches: int | None = 8) -> dict[str, float]:
+    """Set the static input global scale of every W4A4 NVFP4 layer in ``model``.
+
+    Args:
+        model: a model containing :class:`NVFP4Linear` layers.
+        dataloader: batches as the model takes them: dicts of keyword arguments
+            (e.g. ``input_ids``/``attention_mask``), tuples of positional arguments, or
+            single tensors.
+        num_batches: how many batches to use; ``None`` uses all of them.
+
+    Returns:
+        The recorded input amax of each calibrated layer, by module name. Under
+        ``torch.distributed`` the amax is reduced (max) across ranks, so every rank
+        ends with the same scales.
+
+    Raises:
+        ValueError: if the model has no W4A4 NVFP4 layer, the dataloader is empty, or
+            a layer saw no input (it is not reached by the model's forward).
+    """
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, NVFP4Linear) and m.quantize_activations}
+    if not layers:
+        raise ValueError("calibrate() found no NVFP4Linear layer that quantizes activations (W4A4).")
+    amax: dict[str, torch.Tensor] = {}
+
+    def recorder(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            value = args[0].detach().abs().amax().float()
+            if not torch.isfinite(value):
+                raise ValueError(f"calibration input of '{name}' contains NaN or Inf.")
+            amax[name] = torch.maximum(amax[name], value) if name in amax else value
+
+        return hook
+
+    was_training = model.training
+    device = next(model.parameters()).device
+    handles = [layer.register_forward_pre_hook(recorder(name)) for name, layer in layers.items()]
+    saved = {name: layer.quantize_activations for name, layer in layers.items()}
+    seen = 0
+    try:
+        model.eval()
+        for layer in layers.values():
+            layer.quantize_activations = False  # high-precision inputs while observing
+        for batch in islice(dataloader, num_batches):
+            _run_batch(model, batch, device)
+            seen += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        for name, layer in layers.items():
+            layer.quantize_activations = saved[name]
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("calibrate() got an empty dataloader; pass at least one batch.")
+    missing = sorted(set(layers) - set(amax))
+    if missing:
+        raise ValueError(f"calibration batches never reached these layers: {', '.join(missing)}")
+
+    names = sorted(layers)
+    stacked = torch.stack([amax[name] for name in names])
+    if dist.is_available() and dist.is_initialized():
+        stacked = stacked.to(device)
+        dist.all_reduce(stacked, op=dist.ReduceOp.MAX)
+    for name, value in zip(names, stacked):
+        layer = layers[name]
+        layer.input_global_scale.copy_(global_scale_from_amax(value).to(layer.input_global_scale.device))
+        layer.input_calibrated = True
+    return {name: float(value) for name, value in zip(names, stacked)}

@@ -1,0 +1,120 @@
+"""Functional NVFP4 API: backend dispatch and the straight-through estimator.
+
+Three implementations compute the same bits:
+
+* :mod:`hf_qad.nvfp4.format` — the readable reference every other path is tested against;
+* :mod:`hf_qad.nvfp4.cpu` — the fast path for CPU tensors;
+* :mod:`hf_qad.nvfp4.triton_kernels` — fused Triton kernels for CUDA tensors.
+
+This module picks the backend from the tensor's device and adds autograd.
+
+Straight-through estimator
+--------------------------
+Rounding has a zero gradient almost everywhere, so :func:`fake_quant` passes the
+incoming gradient through unchanged (``d x_hat / d x = 1``), including for values that
+saturate at the block or calibrated range. We keep the plain STE, without a clipping
+mask, because weight blocks never saturate (their scales come from their own amax)
+and activations saturate only beyond the calibrated amax, where a zero gradient would
+stop the student from learning to move back into range. The scales are treated as
+constants (no gradient flows into the amax).
+
+Example:
+    >>> import torch
+    >>> from hf_qad.nvfp4.functional import fake_quant
+    >>> w = torch.randn(16, 32, requires_grad=True)
+    >>> fake_quant(w).sum().backward()
+    >>> bool((w.grad == 1).all())
+    True
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+from hf_qad.nvfp4 import cpu
+from hf_qad.nvfp4.format import NVFP4Quantized
+
+__all__ = ["dequantize", "fake_quant", "linear", "quantize"]
+
+
+def _backend(tensor: torch.Tensor) -> ModuleType:
+    """Triton kernels for CUDA tensors, the fast PyTorch path for everything else."""
+    if tensor.is_cuda:
+        from hf_qad.nvfp4 import triton_kernels  # imported lazily: triton needs a GPU driver
+
+        return triton_kernels
+    return cpu
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, global_scale: torch.Tensor | None, name: str | None):
+        if x.is_cuda:
+            return _backend(x).fake_quant(x, global_scale)
+        return cpu.fake_quant(x, global_scale, name=name)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        return grad_output, None, None
+
+
+def fake_quant(
+    x: torch.Tensor, global_scale: torch.Tensor | None = None, name: str | None = None
+) -> torch.Tensor:
+    """Quantize-dequantize ``x`` to NVFP4 with a straight-through gradient.
+
+    Args:
+        x: tensor whose last dimension is a multiple of 16 (bf16, fp16 or fp32).
+        global_scale: static global scale ``2688 / amax`` (activations, or a scale
+            shared by fused layers); computed from ``x`` when ``None``.
+        name: how to call ``x`` in error messages (e.g. the module path).
+
+    Returns:
+        A tensor of ``x``'s shape and dtype holding NVFP4-representable values.
+    """
+    return _FakeQuantSTE.apply(x, global_scale, name)
+
+
+def quantize(
+    x: torch.Tensor, global_scale: torch.Tensor | None = None, name: str | None = None
+) -> NVFP4Quantized:
+    """Quantize ``x`` to packed NVFP4 (see :func:`hf_qad.nvfp4.format.quantize`)."""
+    if x.is_cuda:
+        return _backend(x).quantize(x.detach(), global_scale)
+    return cpu.quantize(x.detach(), global_scale, name=name)
+
+
+def dequantize(
+    packed: torch.Tensor,
+    block_scale: torch.Tensor,
+    global_scale: torch.Tensor,
+    dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """Dequantize packed NVFP4 to ``dtype`` (see :func:`hf_qad.nvfp4.format.dequantize`)."""
+    return _backend(packed).dequantize(packed, block_scale, global_scale, dtype)
+
+
+def linear(
+    x: torch.Tensor,
+    weight: NVFP4Quantized,
+    bias: torch.Tensor | None = None,
+    input_global_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``y = x_hat @ W_hat^T + bias`` with a packed NVFP4 weight.
+
+    With ``input_global_scale`` the activations are fake-quantized per 16-block first
+    (W4A4, what serving engines' NVFP4 emulation computes); without it the weight only
+    is quantized (W4A16). On CUDA the weight is dequantized in registers by the Triton
+    matmul; elsewhere it is dequantized to ``x``'s dtype and multiplied by PyTorch.
+    """
+    if x.is_cuda:
+        kernels = _backend(x)
+        if input_global_scale is not None:
+            return kernels.w4a4_linear(x, input_global_scale, *weight, bias=bias)
+        return kernels.w4a16_linear(x, *weight, bias=bias)
+    if input_global_scale is not None:
+        x = cpu.fake_quant(x, input_global_scale)
+    return F.linear(x, cpu.dequantize(*weight, dtype=x.dtype), bias)

@@ -1,0 +1,227 @@
+"""``NVFP4Linear``: a Linear layer whose weights (and activations) are NVFP4.
+
+Two modes:
+
+* **fake** (training): a trainable master ``weight`` in any float dtype. The forward
+  fake-quantizes the weight (and, for W4A4, the input) and multiplies; gradients reach
+  the master weight through the straight-through estimator.
+* **packed** (inference/export): buffers ``weight_packed`` (uint8 ``[out, in/2]``),
+  ``weight_scale`` (float8_e4m3fn ``[out, in/16]``) and ``weight_global_scale``
+  (float32 ``[1]``), the names compressed-tensors' ``nvfp4-pack-quantized`` checkpoints
+  use. The forward dequantizes (or runs the Triton W4A16 matmul on CUDA).
+
+Both modes hold ``input_global_scale`` (float32 ``[1]``) when activations are quantized.
+:meth:`NVFP4Linear.pack` converts fake to packed losslessly: the packed forward equals
+the fake forward bit for bit on the same inputs (on CPU, where both use PyTorch's matmul).
+
+Example:
+    >>> import torch
+    >>> from hf_qad.nvfp4.linear import NVFP4Linear
+    >>> layer = NVFP4Linear.from_linear(torch.nn.Linear(32, 8), quantize_activations=False)
+    >>> x = torch.randn(4, 32)
+    >>> y_fake = layer(x)
+    >>> _ = layer.pack()
+    >>> torch.equal(layer(x), y_fake)
+    True
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hf_qad.nvfp4 import functional
+from hf_qad.nvfp4.format import BLOCK_SIZE, NVFP4Quantized, global_scale_from_amax
+
+__all__ = ["NVFP4Linear"]
+
+# Buffers that must keep their dtype when the model is cast with .to(dtype)/.half():
+# packed codes, e4m3 block scales, and float32 global scales (rounding a global scale
+# to bf16 would change every code computed from it).
+_PROTECTED_BUFFERS = ("weight_packed", "weight_scale", "weight_global_scale", "input_global_scale")
+
+
+class NVFP4Linear(nn.Linear):
+    """Linear layer with NVFP4 weights (W4A16) or weights and activations (W4A4).
+
+    Args:
+        in_features: size of each input sample; must be a multiple of 16.
+        out_features: size of each output sample.
+        bias: whether to learn an additive bias (kept in high precision).
+        quantize_activations: W4A4 when ``True`` (needs calibrated input global
+            scales, see :func:`hf_qad.nvfp4.calibration.calibrate`), W4A16 otherwise.
+        packed: build the layer in packed mode (buffers, no master weight), as when
+            loading a packed checkpoint.
+        device, dtype: of the master weight and bias.
+
+    Attributes:
+        input_global_scale: ``2688 / amax`` of calibrated inputs; 0 until calibrated.
+        global_scale_peers: other layers that must share this layer's weight global
+            scale (fused q/k/v or gate/up in serving engines); empty by default.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        quantize_activations: bool = True,
+        packed: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if in_features % BLOCK_SIZE != 0:
+            raise ValueError(
+                f"NVFP4Linear needs in_features to be a multiple of {BLOCK_SIZE}, got "
+                f"{in_features}; leave this layer unquantized (modules_to_not_convert)."
+            )
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.quantize_activations = quantize_activations
+        self.global_scale_peers: tuple[NVFP4Linear, ...] = ()
+        self.input_calibrated = False
+        self._warned_uncalibrated = False
+        self._frozen_cache: tuple[tuple, torch.Tensor] | None = None
+        if quantize_activations:
+            self.register_buffer("input_global_scale", torch.zeros(1, dtype=torch.float32, device=device))
+        if packed:
+            self._become_packed(
+                torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device),
+                torch.zeros(out_features, in_features // BLOCK_SIZE, dtype=torch.float8_e4m3fn, device=device),
+                torch.ones(1, dtype=torch.float32, device=device),
+            )
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, quantize_activations: bool = True) -> NVFP4Linear:
+        """A fake-mode layer sharing ``linear``'s weight and bias parameters."""
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            quantize_activations=quantize_activations,
+            device="meta",
+            dtype=linear.weight.dtype,
+        )
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        if quantize_activations:
+            layer.input_global_scale = torch.zeros(1, dtype=torch.float32, device=linear.weight.device)
+        return layer
+
+    @property
+    def is_packed(self) -> bool:
+        """Whether the layer holds packed NVFP4 buffers instead of a master weight."""
+        return "weight_packed" in self._buffers
+
+    def _become_packed(self, packed: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor) -> None:
+        if "weight" in self._parameters:
+            del self._parameters["weight"]
+        self._frozen_cache = None
+        self.register_buffer("weight_packed", packed)
+        self.register_buffer("weight_scale", block_scale)
+        self.register_buffer("weight_global_scale", global_scale)
+
+    # ------------------------------------------------------------------ weight quantization
+    def weight_global_scale_from_master(self) -> torch.Tensor:
+        """``2688 / amax`` over this layer's master weight and its global-scale peers."""
+        weights = [self.weight, *(peer.weight for peer in self.global_scale_peers)]
+        amax = torch.stack([w.detach().abs().amax().float() for w in weights]).amax()
+        return global_scale_from_amax(amax)
+
+    def quantized_weight(self) -> NVFP4Quantized:
+        """The weight as packed NVFP4 (what :meth:`pack` stores and exporters write)."""
+        if self.is_packed:
+            return NVFP4Quantized(self.weight_packed, self.weight_scale, self.weight_global_scale)
+        return functional.quantize(self.weight, self.weight_global_scale_from_master(), name=self._name())
+
+    def fake_quantized_weight(self) -> torch.Tensor:
+        """The fake-quantized master weight, differentiable through the STE.
+
+        A frozen master weight (LoRA, or a teacher copy) is quantized once and cached
+        until it changes in place (PyTorch bumps the tensor's version counter).
+        """
+        weight = self.weight
+        if weight.requires_grad:
+            self._frozen_cache = None
+            return functional.fake_quant(weight, self.weight_global_scale_from_master(), name=self._name())
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device,
+               tuple(p.weight._version for p in self.global_scale_peers))
+        if self._frozen_cache is None or self._frozen_cache[0] != key:
+            value = functional.fake_quant(weight, self.weight_global_scale_from_master(), name=self._name())
+            self._frozen_cache = (key, value)
+        return self._frozen_cache[1]
+
+    @torch.no_grad()
+    def pack(self) -> NVFP4Linear:
+        """Convert to packed mode in place (drops the master weight) and return ``self``."""
+        if not self.is_packed:
+            self._become_packed(*self.quantized_weight())
+        return self
+
+    # ------------------------------------------------------------------ activations
+    def _input_global_scale(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_calibrated:
+            return self.input_global_scale
+        if not self._warned_uncalibrated:
+            warnings.warn(
+                f"NVFP4Linear {self._name() or ''} quantizes activations (W4A4) but was not "
+                "calibrated: using a per-batch global scale (2688 / amax of the current input) "
+                "until hf_qad.calibrate(model, dataloader) sets a static one. Serving engines "
+                "need the static scale.",
+                stacklevel=3,
+            )
+            self._warned_uncalibrated = True
+        return global_scale_from_amax(x.detach().abs().amax())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        input_scale = self._input_global_scale(x) if self.quantize_activations else None
+        if self.is_packed:
+            return functional.linear(x, self.quantized_weight(), self.bias, input_scale)
+        if input_scale is not None:
+            x = functional.fake_quant(x, input_scale, name=self._name())
+        return F.linear(x, self.fake_quantized_weight(), self.bias)
+
+    # ------------------------------------------------------------------ state handling
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        scale = state_dict.get(prefix + "input_global_scale")
+        if scale is not None:
+            self.input_calibrated = bool((scale != 0).all())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True):
+        # nn.Module._apply casts every floating-point buffer on .to(dtype)/.half();
+        # float8 scales and float32 global scales must only move between devices.
+        protected = {name: self._buffers.pop(name) for name in _PROTECTED_BUFFERS if name in self._buffers}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, buffer in protected.items():
+                probe = fn(torch.empty(0, device=buffer.device))
+                self._buffers[name] = buffer.to(probe.device)
+        self._frozen_cache = None
+        return self
+
+    def _name(self) -> str | None:
+        return getattr(self, "module_name", None)
+
+    def extra_repr(self) -> str:
+        mode = "packed" if self.is_packed else "fake"
+        scheme = "W4A4" if self.quantize_activations else "W4A16"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {scheme}, {mode}"
+
+    @staticmethod
+    def share_weight_global_scale(layers: Sequence[NVFP4Linear]) -> None:
+        """Make ``layers`` (e.g. q/k/v) use one weight global scale, from their largest amax.
+
+        vLLM fuses such layers into one matmul with a single global scale, so the
+        exported block scales must be computed against that shared scale.
+        """
+        for layer in layers:
+            layer.global_scale_peers = tuple(other for other in layers if other is not layer)
+            layer._frozen_cache = None
+

@@ -1,0 +1,42 @@
+"""Backend dispatch and the straight-through estimator."""
+
+import torch
+import torch.nn.functional as F
+
+from hf_qad.nvfp4 import format as ref
+from hf_qad.nvfp4 import functional
+
+
+def test_fake_quant_matches_reference_on_cpu():
+    x = torch.randn(8, 64, dtype=torch.bfloat16)
+    gs = ref.global_scale_from_amax(torch.tensor(2.0))
+    assert torch.equal(functional.fake_quant(x), ref.fake_quant(x))
+    assert torch.equal(functional.fake_quant(x, gs), ref.fake_quant(x, gs))
+
+
+def test_straight_through_gradient_is_identity():
+    x = torch.randn(4, 32, requires_grad=True)
+    grad = torch.randn(4, 32)
+    functional.fake_quant(x * 100).backward(grad)  # saturating values pass the gradient too
+    assert torch.equal(x.grad, grad * 100)
+
+
+def test_quantize_dequantize_round_trip_matches_reference():
+    x = torch.randn(16, 48)
+    q = functional.quantize(x)
+    expected = ref.quantize(x)
+    for got, want in zip(q, expected):
+        assert torch.equal(got.view(torch.uint8) if got.dtype == torch.float8_e4m3fn else got,
+                           want.view(torch.uint8) if want.dtype == torch.float8_e4m3fn else want)
+    assert torch.equal(functional.dequantize(*q, dtype=torch.float32), ref.fake_quant(x))
+
+
+def test_linear_w4a16_and_w4a4_match_reference_composition():
+    x = torch.randn(3, 5, 32)
+    w = torch.randn(24, 32)
+    b = torch.randn(24)
+    q = ref.quantize(w)
+    w_hat = ref.dequantize(*q, dtype=torch.float32)
+    assert torch.equal(functional.linear(x, q, b), F.linear(x, w_hat, b))
+    gs = ref.global_scale_from_amax(x.abs().amax())
+    assert torch.equal(functional.linear(x, q, b, gs), F.linear(ref.fake_quant(x, gs), w_hat, b))

@@ -1,0 +1,146 @@
+"""NVFP4Linear: fake mode, packed mode, their parity, caching and dtype safety."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_qad.nvfp4 import format as ref
+from hf_qad.nvfp4 import functional
+from hf_qad.nvfp4.calibration import calibrate
+from hf_qad.nvfp4.linear import NVFP4Linear
+
+
+def _layer(w4a4=True, dtype=torch.float32, bias=True, seed=0):
+    torch.manual_seed(seed)
+    layer = NVFP4Linear.from_linear(torch.nn.Linear(64, 32, bias=bias, dtype=dtype), quantize_activations=w4a4)
+    if w4a4:
+        calibrate(layer, [torch.randn(4, 64, dtype=dtype) for _ in range(2)])
+    return layer
+
+
+@pytest.mark.parametrize("w4a4", [False, True], ids=["W4A16", "W4A4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fake_forward_is_reference_composition(w4a4, dtype):
+    layer = _layer(w4a4, dtype)
+    x = torch.randn(2, 3, 64, dtype=dtype)
+    x_hat = ref.fake_quant(x, layer.input_global_scale) if w4a4 else x
+    expected = F.linear(x_hat, ref.fake_quant(layer.weight.detach()), layer.bias)
+    assert torch.equal(layer(x), expected)
+
+
+@pytest.mark.parametrize("w4a4", [False, True], ids=["W4A16", "W4A4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_pack_is_lossless(w4a4, dtype):
+    layer = _layer(w4a4, dtype)
+    x = torch.randn(5, 64, dtype=dtype) * 3  # beyond the calibrated range too
+    before = layer(x)
+    layer.pack()
+    assert layer.is_packed and "weight" not in dict(layer.named_parameters())
+    assert torch.equal(layer(x), before)
+
+
+def test_packed_state_dict_layout_and_reload():
+    layer = _layer(True).pack()
+    state = layer.state_dict()
+    assert state["weight_packed"].dtype == torch.uint8 and state["weight_packed"].shape == (32, 32)
+    assert state["weight_scale"].dtype == torch.float8_e4m3fn and state["weight_scale"].shape == (32, 4)
+    assert state["weight_global_scale"].dtype == torch.float32 and state["weight_global_scale"].shape == (1,)
+    assert state["input_global_scale"].dtype == torch.float32
+    fresh = NVFP4Linear(64, 32, packed=True)
+    fresh.load_state_dict(state)
+    assert fresh.input_calibrated
+    x = torch.randn(3, 64)
+    assert torch.equal(fresh(x), layer(x))
+
+
+def test_gradients_reach_master_weight_through_ste():
+    layer = _layer(True)
+    x = torch.randn(4, 64)
+    grad_out = torch.randn(4, 32)
+    layer(x).backward(grad_out)
+    x_hat = ref.fake_quant(x, layer.input_global_scale)
+    assert torch.allclose(layer.weight.grad, grad_out.T @ x_hat, atol=1e-5)
+    assert torch.allclose(layer.bias.grad, grad_out.sum(0), atol=1e-6)
+
+
+def test_bf16_master_under_autocast():
+    layer = _layer(False, torch.bfloat16)
+    x = torch.randn(4, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and layer.weight.grad.dtype == torch.bfloat16
+
+
+def test_frozen_weight_is_quantized_once_until_it_changes(monkeypatch):
+    layer = _layer(False)
+    layer.weight.requires_grad_(False)
+    calls = []
+    original = functional.fake_quant
+    monkeypatch.setattr(functional, "fake_quant", lambda *a, **k: calls.append(1) or original(*a, **k))
+    x = torch.randn(2, 64)
+    first = layer(x)
+    assert torch.equal(layer(x), first) and len(calls) == 1
+    with torch.no_grad():
+        layer.weight.mul_(2)  # an in-place change must invalidate the cache
+    assert not torch.equal(layer(x), first) and len(calls) == 2
+
+
+@pytest.mark.parametrize("cast", ["to_bf16", "half", "float", "double"])
+def test_dtype_casts_never_touch_packed_buffers_or_scales(cast):
+    layer = _layer(True).pack()
+    before = {k: v.clone() for k, v in layer.state_dict().items() if k != "bias"}
+    {"to_bf16": lambda m: m.to(torch.bfloat16), "half": lambda m: m.half(),
+     "float": lambda m: m.float(), "double": lambda m: m.double()}[cast](layer)
+    for name, value in before.items():
+        buffer = getattr(layer, name)
+        assert buffer.dtype == value.dtype
+        assert torch.equal(buffer.view(torch.uint8), value.view(torch.uint8))
+
+
+def test_fake_mode_cast_keeps_float32_input_scale():
+    layer = _layer(True).to(torch.bfloat16)
+    assert layer.weight.dtype == torch.bfloat16 and layer.input_global_scale.dtype == torch.float32
+
+
+def test_shared_global_scale_uses_the_largest_amax_and_packs_losslessly():
+    q, k, v = (_layer(False, seed=s) for s in range(3))
+    with torch.no_grad():
+        k.weight.mul_(10)
+    NVFP4Linear.share_weight_global_scale([q, k, v])
+    expected = ref.global_scale_from_amax(k.weight.abs().amax())
+    for layer in (q, k, v):
+        assert torch.equal(layer.quantized_weight().global_scale, expected)
+    x = torch.randn(3, 64)
+    before = q(x)
+    q_weight = q.quantized_weight()
+    assert torch.equal(q(x), F.linear(x, ref.dequantize(*q_weight, dtype=torch.float32), q.bias))
+    assert torch.equal(q.pack()(x), before)
+
+
+def test_uncalibrated_w4a4_warns_once_and_uses_per_batch_scale():
+    layer = NVFP4Linear(64, 32)
+    x = torch.randn(4, 64)
+    with pytest.warns(UserWarning, match="not calibrated"):
+        y = layer(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(x)
+    gs = ref.global_scale_from_amax(x.abs().amax())
+    assert torch.equal(y, F.linear(ref.fake_quant(x, gs), ref.fake_quant(layer.weight.detach()), layer.bias))
+
+
+def test_in_features_not_multiple_of_16_is_refused():
+    with pytest.raises(ValueError, match="multiple of 16"):
+        NVFP4Linear(24, 8)
+
+
+def test_nan_weight_error_names_the_module():
+    layer = _layer(False)
+    layer.module_name = "model.layers.0.mlp.down_proj"
+    with torch.no_grad():
+        layer.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="model.layers.0.mlp.down_proj"):
+        layer(torch.randn(1, 64))
