@@ -1,0 +1,48 @@
+"""Student-versus-teacher metrics."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hf_qad.evaluation import chunk_token_ids, compare_to_teacher
+
+
+def _model(seed):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2)
+    return LlamaForCausalLM(cfg)
+
+
+def test_metrics_match_a_direct_computation():
+    student, teacher = _model(0), _model(1)
+    ids = torch.randint(0, 64, (3, 12))
+    result = compare_to_teacher(student, teacher, [ids[:2], ids[2:]])
+    with torch.no_grad():
+        s = F.log_softmax(student(ids).logits[:, :-1], -1)
+        t = F.log_softmax(teacher(ids).logits[:, :-1], -1)
+    target = ids[:, 1:]
+    assert result.tokens == 3 * 11
+    assert result.kl == pytest.approx(float((t.exp() * (t - s)).sum(-1).mean()), rel=1e-5)
+    assert result.top1_agreement == pytest.approx(float((s.argmax(-1) == t.argmax(-1)).float().mean()))
+    assert result.student_ppl == pytest.approx(math.exp(float(-s.gather(-1, target[..., None]).mean())), rel=1e-5)
+    assert result.teacher_ppl == pytest.approx(math.exp(float(-t.gather(-1, target[..., None]).mean())), rel=1e-5)
+    assert student.training and teacher.training  # modes restored
+
+
+def test_identical_models_have_zero_kl():
+    model = _model(0)
+    result = compare_to_teacher(model, model, [torch.randint(0, 64, (2, 8))])
+    assert result.kl == 0.0 and result.top1_agreement == 1.0
+
+
+def test_chunking_and_errors():
+    assert chunk_token_ids(list(range(10)), 4).tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert chunk_token_ids(list(range(10)), 2, max_tokens=4).shape == (2, 2)
+    with pytest.raises(ValueError, match="at least"):
+        chunk_token_ids([1, 2], 4)
+    with pytest.raises(ValueError, match="no tokens"):
+        compare_to_teacher(_model(0), _model(0), [])
