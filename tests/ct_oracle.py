@@ -1,7 +1,8 @@
 """compressed-tensors' own NVFP4 pipeline, used as the oracle in tests.
 
 Global scale from ``generate_gparam``, block scales from ``calculate_qparams`` (the
-functions llm-compressor's min-max observers call, fed float32 min/max), packing
+functions llm-compressor's min-max observers and compressed-tensors' run-time
+activation quantization call, fed min/max in the tensor's own dtype), packing
 from ``NVFP4PackedCompressor.compress`` and dequantization from its ``decompress``.
 """
 
@@ -31,7 +32,7 @@ def ct_global_scale(x: torch.Tensor) -> torch.Tensor:
 
 
 def ct_block_scales(x: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
-    blocks = x.float().unflatten(-1, (-1, 16))
+    blocks = x.unflatten(-1, (-1, 16))
     scale, _ = calculate_qparams(
         blocks.amin(-1), blocks.amax(-1), NVFP4_ARGS, global_scale=global_scale
     )

@@ -22,7 +22,10 @@ every path follows compressed-tensors' NVFP4 order exactly:
    *reciprocal* form as ``weight_global_scale``; the encode scale of the paper is
    ``s2 = 1 / gs = A / 2688``.
 2. ``sb = e4m3(clamp(gs * (amax_block / 6), -448, 448))`` rounded to nearest even
-   by PyTorch's float8 conversion. A block scale that is exactly zero (an all-zero
+   by PyTorch's float8 conversion, where ``amax_block / 6`` is computed in the
+   input's own dtype (rounded to bf16 for bf16 inputs) before the float32 product,
+   as compressed-tensors does both for weights observed in their dtype and for
+   activations quantized at run time. A block scale that is exactly zero (an all-zero
    block, or one so small the scale underflows e4m3) is stored as ``0.125``, the
    value compressed-tensors substitutes to avoid dividing by zero; its codes are
    all zero, so the block still dequantizes to zero.
@@ -152,9 +155,14 @@ def block_amax(x: torch.Tensor) -> torch.Tensor:
     return blocks.abs().amax(dim=-1)
 
 
-def block_scales(amax: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
-    """E4M3 block scales ``e4m3(clamp(gs * (amax / 6)))``; zero scales become 0.125."""
-    scale = global_scale.float() * (amax.float() / E2M1_MAX)
+def block_scales(
+    amax: torch.Tensor, global_scale: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """E4M3 block scales ``e4m3(clamp(gs * (amax / 6)))``; zero scales become 0.125.
+
+    ``amax / 6`` is rounded to ``dtype``, the dtype of the quantized tensor.
+    """
+    scale = global_scale.float() * (amax.to(dtype) / E2M1_MAX).float()
     scale = torch.clamp(scale, -E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     zero = scale.float() == 0
     return torch.where(zero, torch.tensor(ZERO_BLOCK_SCALE, dtype=scale.dtype), scale)
@@ -208,13 +216,16 @@ def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
 
 
 def _codes_and_scales(
-    x: torch.Tensor, global_scale: torch.Tensor | None, name: str | None
+    x: torch.Tensor,
+    global_scale: torch.Tensor | None,
+    name: str | None,
+    block_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     check_quantizable(x, name)
     if global_scale is None:
         global_scale = global_scale_from_amax(x.detach().abs().amax())
     global_scale = global_scale.detach().float().reshape(1).to(x.device)
-    scale_b = block_scales(block_amax(x), global_scale)
+    scale_b = block_scales(block_amax(x), global_scale, x.dtype) if block_scale is None else block_scale
     scale = effective_scales(scale_b, global_scale)
     y = x.detach().float().unflatten(-1, (-1, BLOCK_SIZE)) / scale.unsqueeze(-1)
     codes = round_to_e2m1_codes(y).flatten(-2)
@@ -222,7 +233,10 @@ def _codes_and_scales(
 
 
 def quantize(
-    x: torch.Tensor, global_scale: torch.Tensor | None = None, name: str | None = None
+    x: torch.Tensor,
+    global_scale: torch.Tensor | None = None,
+    name: str | None = None,
+    block_scale: torch.Tensor | None = None,
 ) -> NVFP4Quantized:
     """Quantize ``x`` to packed NVFP4.
 
@@ -231,6 +245,8 @@ def quantize(
         global_scale: a fixed global scale (``2688 / amax``, e.g. calibrated for
             activations or shared by fused q/k/v); computed from ``x`` when ``None``.
         name: how to call ``x`` in error messages.
+        block_scale: chosen e4m3 block scales (e.g. by an MSE search, see
+            :mod:`hf_qad.nvfp4.scale_search`); ``e4m3(gs * amax / 6)`` when ``None``.
 
     Example:
         >>> import torch
@@ -242,7 +258,7 @@ def quantize(
         >>> dequantize(*q, dtype=torch.float32).shape
         torch.Size([8, 32])
     """
-    codes, scale_b, global_scale = _codes_and_scales(x, global_scale, name)
+    codes, scale_b, global_scale = _codes_and_scales(x, global_scale, name, block_scale)
     return NVFP4Quantized(pack_codes(codes), scale_b, global_scale)
 
 
@@ -259,15 +275,18 @@ def dequantize(
 
 
 def fake_quant(
-    x: torch.Tensor, global_scale: torch.Tensor | None = None, name: str | None = None
+    x: torch.Tensor,
+    global_scale: torch.Tensor | None = None,
+    name: str | None = None,
+    block_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Quantize and dequantize ``x`` in one step; same shape and dtype as ``x``.
 
-    Equal, bit for bit, to ``dequantize(*quantize(x, global_scale), dtype=x.dtype)``.
+    Equal, bit for bit, to ``dequantize(*quantize(x, global_scale, name, block_scale), dtype=x.dtype)``.
     No gradient flows through this reference; see :mod:`hf_qad.nvfp4.functional`
     for the straight-through version used in training.
     """
-    codes, scale_b, global_scale = _codes_and_scales(x, global_scale, name)
+    codes, scale_b, global_scale = _codes_and_scales(x, global_scale, name, block_scale)
     values = codes_to_values(codes).unflatten(-1, (-1, BLOCK_SIZE))
     scale = effective_scales(scale_b, global_scale)
     return (values * scale.unsqueeze(-1)).flatten(-2).to(x.dtype)

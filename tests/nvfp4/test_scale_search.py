@@ -1,0 +1,56 @@
+"""Weight block-scale selection."""
+
+import pytest
+import torch
+
+from ct_oracle import ct_compress
+from hf_qad.nvfp4 import format as ref
+from hf_qad.nvfp4.scale_search import SCALE_METHODS, search_block_scales
+
+
+def _weight():
+    torch.manual_seed(0)
+    return torch.distributions.StudentT(3.0).sample((128, 256))
+
+
+def _block_error(w, method):
+    gs = ref.global_scale_from_amax(w.abs().amax())
+    w_hat = ref.fake_quant(w, gs, block_scale=search_block_scales(w, gs, method))
+    return (w_hat - w).pow(2).unflatten(-1, (-1, 16)).sum(-1)
+
+
+def test_amax_method_is_the_default_scale():
+    w = _weight()
+    gs = ref.global_scale_from_amax(w.abs().amax())
+    assert torch.equal(search_block_scales(w, gs, "amax").view(torch.uint8), ref.quantize(w).block_scale.view(torch.uint8))
+
+
+@pytest.mark.parametrize("method", ["four_over_six", "mse"])
+def test_search_never_increases_any_block_error_and_lowers_the_total(method):
+    w = _weight()
+    base, searched = _block_error(w, "amax"), _block_error(w, method)
+    assert torch.all(searched <= base)
+    assert searched.sum() < 0.97 * base.sum()
+
+
+def test_mse_is_at_least_as_good_as_four_over_six():
+    w = _weight()
+    assert torch.all(_block_error(w, "mse") <= _block_error(w, "four_over_six"))
+
+
+def test_searched_scales_pack_exactly_like_compressed_tensors():
+    """compressed-tensors packs any given block scale; our codes must agree with it."""
+    from compressed_tensors.compressors.nvfp4.helpers import quantize_and_pack_fp4
+
+    w = _weight().to(torch.bfloat16)
+    gs = ref.global_scale_from_amax(w.float().abs().amax())
+    scale = search_block_scales(w, gs, "mse")
+    q = ref.quantize(w, gs, block_scale=scale)
+    assert torch.equal(q.packed, quantize_and_pack_fp4(w, scale.to(torch.bfloat16), global_scale=gs))
+    assert ct_compress is not None
+
+
+def test_unknown_method():
+    with pytest.raises(ValueError, match="unknown scale method"):
+        search_block_scales(torch.randn(2, 16), torch.ones(1), "best")
+    assert set(SCALE_METHODS) == {"amax", "four_over_six", "mse"}
