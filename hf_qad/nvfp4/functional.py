@@ -34,7 +34,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from hf_qad.nvfp4 import cpu
+from hf_qad.nvfp4 import cpu, format
 from hf_qad.nvfp4.format import NVFP4Quantized
 
 __all__ = ["dequantize", "fake_quant", "linear", "quantize"]
@@ -51,18 +51,25 @@ def _backend(tensor: torch.Tensor) -> ModuleType:
 
 class _FakeQuantSTE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, global_scale: torch.Tensor | None, name: str | None):
+    def forward(ctx, x, global_scale, name, block_scale):
+        if block_scale is not None:
+            # Searched weight scales (hf_qad.nvfp4.scale_search): the search already costs
+            # several reference passes, so the reference math applies them.
+            return format.fake_quant(x, global_scale, name=name, block_scale=block_scale)
         if x.is_cuda:
             return _backend(x).fake_quant(x, global_scale)
         return cpu.fake_quant(x, global_scale, name=name)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        return grad_output, None, None
+        return grad_output, None, None, None
 
 
 def fake_quant(
-    x: torch.Tensor, global_scale: torch.Tensor | None = None, name: str | None = None
+    x: torch.Tensor,
+    global_scale: torch.Tensor | None = None,
+    name: str | None = None,
+    block_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Quantize-dequantize ``x`` to NVFP4 with a straight-through gradient.
 
@@ -71,17 +78,23 @@ def fake_quant(
         global_scale: static global scale ``2688 / amax`` (activations, or a scale
             shared by fused layers); computed from ``x`` when ``None``.
         name: how to call ``x`` in error messages (e.g. the module path).
+        block_scale: e4m3 block scales chosen by a search; ``amax / 6`` when ``None``.
 
     Returns:
         A tensor of ``x``'s shape and dtype holding NVFP4-representable values.
     """
-    return _FakeQuantSTE.apply(x, global_scale, name)
+    return _FakeQuantSTE.apply(x, global_scale, name, block_scale)
 
 
 def quantize(
-    x: torch.Tensor, global_scale: torch.Tensor | None = None, name: str | None = None
+    x: torch.Tensor,
+    global_scale: torch.Tensor | None = None,
+    name: str | None = None,
+    block_scale: torch.Tensor | None = None,
 ) -> NVFP4Quantized:
     """Quantize ``x`` to packed NVFP4 (see :func:`hf_qad.nvfp4.format.quantize`)."""
+    if block_scale is not None:
+        return format.quantize(x.detach(), global_scale, name=name, block_scale=block_scale)
     if x.is_cuda:
         return _backend(x).quantize(x.detach(), global_scale)
     return cpu.quantize(x.detach(), global_scale, name=name)

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from hf_qad.nvfp4 import functional
 from hf_qad.nvfp4.format import BLOCK_SIZE, NVFP4Quantized, global_scale_from_amax
+from hf_qad.nvfp4.scale_search import SCALE_METHODS, search_block_scales
 
 __all__ = ["NVFP4Linear"]
 
@@ -56,6 +57,8 @@ class NVFP4Linear(nn.Linear):
             scales, see :func:`hf_qad.nvfp4.calibration.calibrate`), W4A16 otherwise.
         packed: build the layer in packed mode (buffers, no master weight), as when
             loading a packed checkpoint.
+        scale_method: how weight block scales are chosen, one of
+            :data:`hf_qad.nvfp4.scale_search.SCALE_METHODS` (``"amax"`` by default).
         device, dtype: of the master weight and bias.
 
     Attributes:
@@ -72,6 +75,7 @@ class NVFP4Linear(nn.Linear):
         *,
         quantize_activations: bool = True,
         packed: bool = False,
+        scale_method: str = "amax",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -80,8 +84,12 @@ class NVFP4Linear(nn.Linear):
                 f"NVFP4Linear needs in_features to be a multiple of {BLOCK_SIZE}, got "
                 f"{in_features}; leave this layer unquantized (modules_to_not_convert)."
             )
+        if scale_method not in SCALE_METHODS:
+            raise ValueError(f"unknown scale_method {scale_method!r}; choose one of {', '.join(SCALE_METHODS)}.")
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.quantize_activations = quantize_activations
+        self.scale_method = scale_method
+        self.module_name: str | None = None
         self.global_scale_peers: tuple[NVFP4Linear, ...] = ()
         self.input_calibrated = False
         self._warned_uncalibrated = False
@@ -97,13 +105,16 @@ class NVFP4Linear(nn.Linear):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, quantize_activations: bool = True) -> NVFP4Linear:
+    def from_linear(
+        cls, linear: nn.Linear, *, quantize_activations: bool = True, scale_method: str = "amax"
+    ) -> NVFP4Linear:
         """A fake-mode layer sharing ``linear``'s weight and bias parameters."""
         layer = cls(
             linear.in_features,
             linear.out_features,
             bias=linear.bias is not None,
             quantize_activations=quantize_activations,
+            scale_method=scale_method,
             device="meta",
             dtype=linear.weight.dtype,
         )
@@ -117,6 +128,17 @@ class NVFP4Linear(nn.Linear):
     def is_packed(self) -> bool:
         """Whether the layer holds packed NVFP4 buffers instead of a master weight."""
         return "weight_packed" in self._buffers
+
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The packed weight buffer; absent in fake mode.
+
+        peft looks up ``qweight`` before ``weight`` to find a quantized base layer's
+        device, so LoRA can wrap a packed layer (which has no ``weight``).
+        """
+        if not self.is_packed:
+            raise AttributeError("qweight: NVFP4Linear in fake mode has a master `weight` instead.")
+        return self.weight_packed
 
     def _become_packed(self, packed: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor) -> None:
         if "weight" in self._parameters:
@@ -133,11 +155,19 @@ class NVFP4Linear(nn.Linear):
         amax = torch.stack([w.detach().abs().amax().float() for w in weights]).amax()
         return global_scale_from_amax(amax)
 
+    def _weight_scales(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Global scale and, for a searched scale method, the chosen block scales."""
+        global_scale = self.weight_global_scale_from_master()
+        if self.scale_method == "amax":
+            return global_scale, None
+        return global_scale, search_block_scales(self.weight, global_scale, self.scale_method)
+
     def quantized_weight(self) -> NVFP4Quantized:
         """The weight as packed NVFP4 (what :meth:`pack` stores and exporters write)."""
         if self.is_packed:
             return NVFP4Quantized(self.weight_packed, self.weight_scale, self.weight_global_scale)
-        return functional.quantize(self.weight, self.weight_global_scale_from_master(), name=self._name())
+        global_scale, block_scale = self._weight_scales()
+        return functional.quantize(self.weight, global_scale, name=self._name(), block_scale=block_scale)
 
     def fake_quantized_weight(self) -> torch.Tensor:
         """The fake-quantized master weight, differentiable through the STE.
@@ -148,19 +178,40 @@ class NVFP4Linear(nn.Linear):
         weight = self.weight
         if weight.requires_grad:
             self._frozen_cache = None
-            return functional.fake_quant(weight, self.weight_global_scale_from_master(), name=self._name())
+            return functional.fake_quant(weight, *self._weight_scales_for_fake_quant())
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.device,
                tuple(p.weight._version for p in self.global_scale_peers))
         if self._frozen_cache is None or self._frozen_cache[0] != key:
-            value = functional.fake_quant(weight, self.weight_global_scale_from_master(), name=self._name())
+            with torch.no_grad():
+                value = functional.fake_quant(weight, *self._weight_scales_for_fake_quant())
             self._frozen_cache = (key, value)
         return self._frozen_cache[1]
+
+    def _weight_scales_for_fake_quant(self) -> tuple[torch.Tensor, str | None, torch.Tensor | None]:
+        global_scale, block_scale = self._weight_scales()
+        return global_scale, self._name(), block_scale
 
     @torch.no_grad()
     def pack(self) -> NVFP4Linear:
         """Convert to packed mode in place (drops the master weight) and return ``self``."""
         if not self.is_packed:
             self._become_packed(*self.quantized_weight())
+        return self
+
+    @torch.no_grad()
+    def unpack(self, dtype: torch.dtype = torch.bfloat16) -> NVFP4Linear:
+        """Convert packed mode to fake mode in place, with the dequantized weight as master.
+
+        Used to continue QAD from a packed checkpoint. With the ``amax`` scale method
+        the dequantized master reproduces the stored scales and codes (tested), except
+        that a stored negative zero comes back as positive zero (same value); searched
+        scales may be chosen differently on the next search.
+        """
+        if self.is_packed:
+            weight = functional.dequantize(*self.quantized_weight(), dtype=dtype)
+            for name in ("weight_packed", "weight_scale", "weight_global_scale"):
+                del self._buffers[name]
+            self.weight = nn.Parameter(weight)
         return self
 
     # ------------------------------------------------------------------ activations
@@ -207,12 +258,15 @@ class NVFP4Linear(nn.Linear):
         return self
 
     def _name(self) -> str | None:
-        return getattr(self, "module_name", None)
+        return self.module_name
 
     def extra_repr(self) -> str:
         mode = "packed" if self.is_packed else "fake"
         scheme = "W4A4" if self.quantize_activations else "W4A16"
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {scheme}, {mode}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, {scheme}, {mode}, scale_method={self.scale_method}"
+        )
 
     @staticmethod
     def share_weight_global_scale(layers: Sequence[NVFP4Linear]) -> None:

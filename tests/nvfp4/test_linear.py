@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from hf_qad.nvfp4 import format as ref
 from hf_qad.nvfp4 import functional
 from hf_qad.nvfp4.calibration import calibrate
+from hf_qad.nvfp4.format import unpack_codes
 from hf_qad.nvfp4.linear import NVFP4Linear
 
 
@@ -144,3 +145,40 @@ def test_nan_weight_error_names_the_module():
         layer.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="model.layers.0.mlp.down_proj"):
         layer(torch.randn(1, 64))
+
+
+@pytest.mark.parametrize("scale_method", ["four_over_six", "mse"])
+def test_searched_scales_lower_weight_error_and_pack_losslessly(scale_method):
+    torch.manual_seed(0)
+    base = torch.nn.Linear(64, 32)
+    amax_layer = NVFP4Linear.from_linear(base, quantize_activations=False)
+    searched = NVFP4Linear.from_linear(base, quantize_activations=False, scale_method=scale_method)
+    err = lambda layer: (layer.fake_quantized_weight() - base.weight).pow(2).sum()  # noqa: E731
+    assert err(searched) < err(amax_layer)
+    x = torch.randn(3, 64)
+    before = searched(x)
+    assert torch.equal(searched.pack()(x), before)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_unpacked_master_reproduces_the_packed_codes(dtype):
+    layer = _layer(True, dtype, seed=3).pack()
+    stored = [t.clone() for t in layer.quantized_weight()]
+    layer.unpack(dtype)
+    assert not layer.is_packed and layer.weight.requires_grad
+    packed, block_scale, global_scale = layer.quantized_weight()
+    assert torch.equal(global_scale, stored[2])
+    assert torch.equal(block_scale.view(torch.uint8), stored[1].view(torch.uint8))
+    # Codes agree except that a stored negative zero (code 8) comes back as +0: the
+    # dequantized master holds -0.0, and compressed-tensors' rounding gives -0.0 code 0.
+    assert torch.equal(_positive_zero(unpack_codes(packed)), _positive_zero(unpack_codes(stored[0])))
+
+
+def _positive_zero(codes):
+    return torch.where(codes == 8, torch.zeros_like(codes), codes)
+
+
+def test_qweight_only_in_packed_mode():
+    layer = _layer(False)
+    assert not hasattr(layer, "qweight")
+    assert layer.pack().qweight is layer.weight_packed
