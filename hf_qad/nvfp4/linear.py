@@ -94,6 +94,7 @@ class NVFP4Linear(nn.Linear):
         self.input_calibrated = False
         self._warned_uncalibrated = False
         self._frozen_cache: tuple[tuple, torch.Tensor] | None = None
+        self._unpacked_global_scale: tuple[int, torch.Tensor] | None = None
         if quantize_activations:
             self.register_buffer("input_global_scale", torch.zeros(1, dtype=torch.float32, device=device))
         if packed:
@@ -150,8 +151,16 @@ class NVFP4Linear(nn.Linear):
 
     # ------------------------------------------------------------------ weight quantization
     def weight_global_scale_from_master(self) -> torch.Tensor:
-        """``2688 / amax`` over this layer's master weight and its global-scale peers."""
-        weights = [self.weight, *(peer.weight for peer in self.global_scale_peers)]
+        """``2688 / amax`` over this layer's master weight and its global-scale peers.
+
+        Right after :meth:`unpack`, and until any weight of the group changes, the
+        checkpoint's stored global scale is returned instead: recomputing it from the
+        dequantized amax can land one float32 ulp away and shift block scales.
+        """
+        group = (self, *self.global_scale_peers)
+        if all(layer._unpacked_weight_unchanged() for layer in group):
+            return self._unpacked_global_scale[1]
+        weights = [layer.weight for layer in group]
         amax = torch.stack([w.detach().abs().amax().float() for w in weights]).amax()
         return global_scale_from_amax(amax)
 
@@ -209,10 +218,16 @@ class NVFP4Linear(nn.Linear):
         """
         if self.is_packed:
             weight = functional.dequantize(*self.quantized_weight(), dtype=dtype)
+            global_scale = self.weight_global_scale
             for name in ("weight_packed", "weight_scale", "weight_global_scale"):
                 del self._buffers[name]
             self.weight = nn.Parameter(weight)
+            self._unpacked_global_scale = (self.weight._version, global_scale)
         return self
+
+    def _unpacked_weight_unchanged(self) -> bool:
+        record = self._unpacked_global_scale
+        return record is not None and "weight" in self._parameters and self.weight._version == record[0]
 
     # ------------------------------------------------------------------ activations
     def _input_global_scale(self, x: torch.Tensor) -> torch.Tensor:

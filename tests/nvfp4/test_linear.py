@@ -172,6 +172,9 @@ def test_unpacked_master_reproduces_the_packed_codes(dtype):
     # Codes agree except that a stored negative zero (code 8) comes back as +0: the
     # dequantized master holds -0.0, and compressed-tensors' rounding gives -0.0 code 0.
     assert torch.equal(_positive_zero(unpack_codes(packed)), _positive_zero(unpack_codes(stored[0])))
+    with torch.no_grad():
+        layer.weight.mul_(2)  # once trained, the global scale follows the master again
+    assert torch.equal(layer.quantized_weight().global_scale, ref.global_scale_from_amax(layer.weight.abs().amax()))
 
 
 def _positive_zero(codes):
