@@ -1,0 +1,168 @@
+"""The fast CPU path against the reference math, bit for bit (signed zeros included)."""
+
+import pytest
+import torch
+
+from hf_qad.nvfp4 import cpu, format
+from nvfp4_cases import _cases
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+CASES = _cases()
+NAME = "model.layers.0.mlp.up_proj.weight"
+_INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits, so that -0.0 != 0.0 and NaN == NaN."""
+    return t.contiguous().view(_INT_OF_WIDTH[t.element_size()])
+
+
+def assert_bit_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert actual.dtype == expected.dtype
+    assert actual.shape == expected.shape
+    assert torch.equal(_bits(actual), _bits(expected))
+
+
+def assert_same_as_reference(x: torch.Tensor, global_scale: torch.Tensor | None = None) -> None:
+    """fake_quant, quantize and dequantize of ``x`` equal the reference's bits."""
+    expected = format.quantize(x, global_scale)
+    q = cpu.quantize(x, global_scale)
+    for actual_part, expected_part in zip(q, expected):
+        assert_bit_equal(actual_part, expected_part)
+    assert_bit_equal(cpu.fake_quant(x, global_scale), format.fake_quant(x, global_scale))
+    for dtype in DTYPES:
+        assert_bit_equal(cpu.dequantize(*q, dtype=dtype), format.dequantize(*expected, dtype=dtype))
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 3 blocks, so that small tensors cross many chunk boundaries."""
+    monkeypatch.setattr(cpu, "CHUNK", 3 * format.BLOCK_SIZE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_matches_reference(case, dtype):
+    assert_same_as_reference(CASES[case].to(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_static_global_scale_with_saturation_matches_reference(case, dtype):
+    """A calibrated scale for a quarter of the amax: the largest blocks saturate at 448 * 6."""
+    x = CASES[case].to(dtype)
+    amax = x.float().abs().amax()
+    global_scale = format.global_scale_from_amax(amax / 4)
+    assert_same_as_reference(x, global_scale)
+
+
+def test_static_global_scale_leaves_the_scale_untouched():
+    x = torch.randn(4, 32)
+    global_scale = torch.tensor([100.0])
+    assert torch.equal(cpu.quantize(x, global_scale).global_scale, global_scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_signed_zeros_follow_the_reference(dtype):
+    """The code's sign is ``y < 0``: -0.0 inputs give +0, small negatives give -0."""
+    x = torch.zeros(2, 16)
+    x[0, :4] = torch.tensor([-0.0, 0.0, -0.1, 0.1])
+    x[0, 15] = 6.0  # block scale 1 after the global scale below
+    x[1, 0] = 2688.0
+    x = x.to(dtype)
+    assert_same_as_reference(x, torch.tensor([1.0]))
+    assert torch.signbit(cpu.fake_quant(x, torch.tensor([1.0]))[0, :3]).tolist() == [False, False, True]
+
+
+def test_negative_value_underflowing_the_division_is_positive_zero():
+    """``-1e-40 / 1.4e34`` underflows to -0.0 in float32, which the reference codes as +0."""
+    x = torch.zeros(1, 32)
+    x[0, 0] = 3e38  # gs = 2688 / 3e38, so the zero-scale block below gets sb / gs ~ 1.4e34
+    x[0, 16] = -1e-40
+    for dtype in (torch.bfloat16, torch.float32):
+        assert_same_as_reference(x.to(dtype))
+
+
+@pytest.mark.usefixtures("small_chunks")
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7])
+def test_rows_that_are_not_a_multiple_of_the_chunk(rows):
+    x = torch.randn(rows, 48, dtype=torch.bfloat16)  # 3 blocks per row, 3 per chunk
+    x[-1, -1] = 20.0  # the amax in the last, partial chunk
+    assert_same_as_reference(x)
+    assert_same_as_reference(x, format.global_scale_from_amax(torch.tensor(5.0)))
+
+
+def test_several_default_chunks():
+    x = torch.randn(2 * cpu.CHUNK // 256 + 3, 256)
+    assert_same_as_reference(x)
+
+
+@pytest.mark.usefixtures("small_chunks")
+def test_three_dimensional_input():
+    x = torch.randn(3, 5, 64, dtype=torch.bfloat16)
+    assert_same_as_reference(x)
+    assert cpu.quantize(x).packed.shape == (3, 5, 32)
+    assert cpu.quantize(x).block_scale.shape == (3, 5, 4)
+
+
+@pytest.mark.usefixtures("small_chunks")
+@pytest.mark.parametrize(
+    "x",
+    [torch.randn(32, 48).t(), torch.randn(8, 64)[:, ::2], torch.randn(4, 6, 32).transpose(0, 1)],
+    ids=["transposed", "strided", "permuted"],
+)
+def test_non_contiguous_input(x):
+    assert not x.is_contiguous()
+    assert_same_as_reference(x)
+
+
+def test_float64_input():
+    assert_same_as_reference(CASES["wide_range"].double())
+
+
+def test_empty_input_with_static_global_scale():
+    x = torch.zeros(0, 32, dtype=torch.bfloat16)
+    global_scale = torch.tensor([10.0])
+    assert_same_as_reference(x, global_scale)
+
+
+def test_input_is_left_alone_and_output_has_no_history():
+    x = torch.randn(8, 32, requires_grad=True)
+    before = x.detach().clone()
+    out = cpu.fake_quant(x)
+    assert torch.equal(x.detach(), before)
+    assert not out.requires_grad
+    assert out.dtype == x.dtype and out.shape == x.shape
+
+
+def test_fake_quant_is_dequantize_of_quantize():
+    x = CASES["heavy_tailed"].to(torch.bfloat16)
+    assert_bit_equal(cpu.fake_quant(x), cpu.dequantize(*cpu.quantize(x), dtype=x.dtype))
+
+
+@pytest.mark.usefixtures("small_chunks")
+@pytest.mark.parametrize("function", [cpu.quantize, cpu.fake_quant], ids=["quantize", "fake_quant"])
+@pytest.mark.parametrize(
+    "x, match",
+    [
+        (torch.randn(4, 24), "multiple of 16"),
+        (torch.tensor(1.0), "multiple of 16"),
+        (torch.ones(4, 16, dtype=torch.int32), "floating-point"),
+        (torch.tensor([[float("nan")] + [0.0] * 15]), "NaN or Inf"),
+        (torch.tensor([[float("inf")] + [0.0] * 15]), "NaN or Inf"),
+        (torch.tensor([[-float("inf")] + [0.0] * 15]), "NaN or Inf"),
+        (torch.zeros(9, 64).index_fill_(0, torch.tensor([8]), float("nan")), "NaN or Inf"),
+        (torch.full((2, 16), -float("nan"), dtype=torch.bfloat16), "NaN or Inf"),
+    ],
+    ids=["k24", "scalar", "int32", "nan", "inf", "-inf", "nan_last_chunk", "-nan_bf16"],
+)
+@pytest.mark.parametrize("global_scale", [None, torch.tensor([1.0])], ids=["dynamic", "static"])
+def test_bad_input_errors_name_the_tensor(function, x, match, global_scale):
+    with pytest.raises(ValueError, match=match) as info:
+        function(x, global_scale, name=NAME)
+    assert NAME in str(info.value)
+
+
+def test_dequantize_refuses_non_uint8():
+    with pytest.raises(ValueError, match="uint8"):
+        cpu.dequantize(torch.zeros(2, 8, dtype=torch.int8), torch.ones(2, 1), torch.ones(1))
