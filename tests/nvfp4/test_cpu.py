@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from hf_qad.nvfp4 import cpu, format
+from hf_qad.nvfp4.scale_search import search_block_scales
 from nvfp4_cases import _cases
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -23,13 +24,18 @@ def assert_bit_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
     assert torch.equal(_bits(actual), _bits(expected))
 
 
-def assert_same_as_reference(x: torch.Tensor, global_scale: torch.Tensor | None = None) -> None:
+def assert_same_as_reference(
+    x: torch.Tensor, global_scale: torch.Tensor | None = None, block_scale: torch.Tensor | None = None
+) -> None:
     """fake_quant, quantize and dequantize of ``x`` equal the reference's bits."""
-    expected = format.quantize(x, global_scale)
-    q = cpu.quantize(x, global_scale)
+    expected = format.quantize(x, global_scale, block_scale=block_scale)
+    q = cpu.quantize(x, global_scale, block_scale=block_scale)
     for actual_part, expected_part in zip(q, expected):
         assert_bit_equal(actual_part, expected_part)
-    assert_bit_equal(cpu.fake_quant(x, global_scale), format.fake_quant(x, global_scale))
+    assert_bit_equal(
+        cpu.fake_quant(x, global_scale, block_scale=block_scale),
+        format.fake_quant(x, global_scale, block_scale=block_scale),
+    )
     for dtype in DTYPES:
         assert_bit_equal(cpu.dequantize(*q, dtype=dtype), format.dequantize(*expected, dtype=dtype))
 
@@ -54,6 +60,42 @@ def test_static_global_scale_with_saturation_matches_reference(case, dtype):
     amax = x.float().abs().amax()
     global_scale = format.global_scale_from_amax(amax / 4)
     assert_same_as_reference(x, global_scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["random", "heavy_tailed", "subnormal_scales", "zero_blocks"])
+def test_given_block_scales_match_reference(case, dtype):
+    x = CASES[case].to(dtype)
+    global_scale = format.global_scale_from_amax(x.abs().amax())
+    block_scale = search_block_scales(x, global_scale, "mse")
+    assert_same_as_reference(x, global_scale, block_scale)
+    assert cpu.quantize(x, global_scale, block_scale=block_scale).block_scale is block_scale
+
+
+def _midpoints_and_neighbours(grid: torch.Tensor) -> torch.Tensor:
+    """Every midpoint of a sorted float32 grid, with the float32 values just below and above."""
+    midpoints = (grid[1:] + grid[:-1]) / 2
+    below = torch.nextafter(midpoints, torch.tensor(0.0))
+    above = torch.nextafter(midpoints, torch.tensor(float("inf")))
+    return torch.cat([grid, midpoints, below, above])
+
+
+def test_rounding_constant_matches_float8_conversion_at_every_e4m3_midpoint():
+    """The block-scale rounding against PyTorch's own float8 conversion (ties to even)."""
+    grid = torch.arange(0, 0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # 0 .. 448
+    values = _midpoints_and_neighbours(grid)
+    rounded = values.clone()
+    constant = torch.empty_like(values)
+    cpu._add_rounding_constant(rounded, constant, cpu._E4M3_SMALLEST_NORMAL, cpu._E4M3_MANTISSA_BITS)
+    assert torch.equal(rounded - constant, values.to(torch.float8_e4m3fn).float())
+
+
+def test_rounding_constant_matches_reference_at_every_e2m1_midpoint():
+    values = _midpoints_and_neighbours(torch.tensor(format.E2M1_VALUES))
+    expected_codes = format.round_to_e2m1_codes(values)
+    signed, magnitude, magic = values.clone(), values.clone(), torch.empty_like(values)
+    cpu._add_rounding_constant(magnitude, magic, cpu._E2M1_SMALLEST_NORMAL, cpu._E2M1_MANTISSA_BITS)
+    assert torch.equal(cpu._codes(signed, magnitude, magic).to(torch.uint8), expected_codes)
 
 
 def test_static_global_scale_leaves_the_scale_untouched():
