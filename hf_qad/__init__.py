@@ -1,3 +1,26 @@
-"""hf_qad: quantization-aware distillation to NVFP4 for Hugging Face transformers and TRL."""
+"""hf_qad: quantization-aware distillation to NVFP4 for Hugging Face transformers and TRL.
+
+Importing hf_qad registers :class:`NVFP4Config` with transformers:
+
+    >>> import hf_qad  # doctest: +SKIP
+    >>> model = AutoModelForCausalLM.from_pretrained(path, quantization_config=hf_qad.NVFP4Config())  # doctest: +SKIP
+"""
+
+from hf_qad.nvfp4.calibration import calibrate
+from hf_qad.nvfp4.linear import NVFP4Linear
+from hf_qad.quantizer import NVFP4Config, NVFP4HfQuantizer, register
+from hf_qad.quantizer.checkpoints import MasterWeightCheckpointCallback, master_weight_checkpoint, unpack_model
 
 __version__ = "0.1.0.dev0"
+
+register()
+
+__all__ = [
+    "MasterWeightCheckpointCallback",
+    "NVFP4Config",
+    "NVFP4HfQuantizer",
+    "NVFP4Linear",
+    "calibrate",
+    "master_weight_checkpoint",
+    "unpack_model",
+]

@@ -1,0 +1,1 @@
+"""Writing NVFP4 checkpoints that serving engines load."""

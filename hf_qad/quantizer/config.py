@@ -1,0 +1,126 @@
+"""``NVFP4Config``: the ``quantization_config`` that turns a model into NVFP4.
+
+How a config is written into ``config.json`` depends on what is being saved:
+
+* the **packed export** (``model.save_pretrained``, ``push_to_hub``, the default):
+  compressed-tensors' ``nvfp4-pack-quantized`` config, so vLLM and plain
+  transformers + compressed-tensors load it without hf_qad. An ``"hf_qad"`` entry
+  records our settings; compressed-tensors ignores it, and with hf_qad imported it
+  routes the checkpoint back to our quantizer.
+* a **master-weight training checkpoint** (:func:`hf_qad.master_weight_checkpoint`,
+  used for Trainer ``save_steps``): ``quant_method: "hf_qad_nvfp4"`` with the
+  high-precision master weights and calibrated scales, so training resumes exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from hf_qad.nvfp4.scale_search import SCALE_METHODS
+
+__all__ = ["QUANT_METHOD", "NVFP4Config"]
+
+QUANT_METHOD = "hf_qad_nvfp4"
+"""Our quant-method name (transformers already owns ``nvfp4``)."""
+
+SCHEMES = ("w4a4", "w4a16")
+WEIGHTS_FORMATS = ("master", "packed")
+
+
+class NVFP4Config(QuantizationConfigMixin):
+    """Quantize a model's Linear layers to NVFP4 for quantization-aware distillation.
+
+    Args:
+        scheme: ``"w4a4"`` (weights and activations, the default, as in the QAD paper
+            and what Blackwell FP4 tensor cores run) or ``"w4a16"`` (weights only).
+        scale_method: how weight block scales are chosen: ``"amax"`` (``amax / 6``,
+            compressed-tensors' default), ``"four_over_six"`` or ``"mse"`` (a per-block
+            search with lower error; see :mod:`hf_qad.nvfp4.scale_search`).
+        modules_to_not_convert: module-name patterns kept in high precision. ``None``
+            keeps the output embedding / ``lm_head``, tied weights and MoE routers.
+            Linear layers whose ``in_features`` is not a multiple of 16 are always
+            kept (and listed in one log line).
+        share_fused_global_scales: give q/k/v and gate/up projections of a block one
+            weight global scale (from their largest amax), as vLLM's fused kernels need.
+        weights_format: what the model holds: ``"master"`` (trainable high-precision
+            weights, fake-quantized in the forward) or ``"packed"`` (NVFP4 buffers, for
+            inference). Set by hf_qad when a checkpoint is loaded; users leave it.
+
+    Example:
+        >>> from hf_qad import NVFP4Config
+        >>> config = NVFP4Config(scheme="w4a16", scale_method="mse")
+        >>> config.quantize_activations
+        False
+
+        Then ``AutoModelForCausalLM.from_pretrained(path, quantization_config=config)``.
+    """
+
+    def __init__(
+        self,
+        scheme: str = "w4a4",
+        scale_method: str = "amax",
+        modules_to_not_convert: list[str] | None = None,
+        share_fused_global_scales: bool = True,
+        weights_format: str = "master",
+        quant_method: str = QUANT_METHOD,
+    ) -> None:
+        if quant_method != QUANT_METHOD:
+            raise ValueError(f"NVFP4Config is for quant_method {QUANT_METHOD!r}, got {quant_method!r}.")
+        scheme = scheme.lower()
+        if scheme not in SCHEMES:
+            raise ValueError(f"unknown scheme {scheme!r}; choose 'w4a4' (weights and activations) or 'w4a16'.")
+        if scale_method not in SCALE_METHODS:
+            raise ValueError(f"unknown scale_method {scale_method!r}; choose one of {', '.join(SCALE_METHODS)}.")
+        if weights_format not in WEIGHTS_FORMATS:
+            raise ValueError(f"unknown weights_format {weights_format!r}; choose one of {', '.join(WEIGHTS_FORMATS)}.")
+        if modules_to_not_convert is not None and (
+            isinstance(modules_to_not_convert, str) or not all(isinstance(m, str) for m in modules_to_not_convert)
+        ):
+            raise ValueError("modules_to_not_convert must be a list of module-name patterns (strings).")
+        self.quant_method = QUANT_METHOD
+        self.scheme = scheme
+        self.scale_method = scale_method
+        self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert is not None else None
+        self.share_fused_global_scales = share_fused_global_scales
+        self.weights_format = weights_format
+        # Filled in while loading: the exact names of the Linear layers left unconverted
+        # (compressed-tensors' `ignore` must list every one of them).
+        self.unconverted_linears: list[str] = []
+        # Switched by hf_qad.master_weight_checkpoint() for the duration of one save.
+        self.save_master_weights = False
+
+    @property
+    def quantize_activations(self) -> bool:
+        """Whether activations are quantized (W4A4)."""
+        return self.scheme == "w4a4"
+
+    def settings(self) -> dict[str, Any]:
+        """The user-facing settings, as recorded in any checkpoint we write."""
+        return {
+            "scheme": self.scheme,
+            "scale_method": self.scale_method,
+            "modules_to_not_convert": self.modules_to_not_convert,
+            "share_fused_global_scales": self.share_fused_global_scales,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.save_master_weights:
+            return {"quant_method": QUANT_METHOD, **self.settings(), "weights_format": "master"}
+        from hf_qad.export.compressed_tensors import compressed_tensors_config
+
+        return compressed_tensors_config(self)
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        return self.to_dict()
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs):
+        known = {"scheme", "scale_method", "modules_to_not_convert", "share_fused_global_scales",
+                 "weights_format", "quant_method"}
+        unknown = sorted(set(config_dict) - known)
+        if unknown:
+            raise ValueError(f"unknown NVFP4Config options: {', '.join(unknown)}; known: {', '.join(sorted(known))}.")
+        config = cls(**config_dict)
+        return (config, kwargs) if return_unused_kwargs else config
