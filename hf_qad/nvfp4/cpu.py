@@ -108,8 +108,8 @@ def _block_amax(blocks: torch.Tensor) -> torch.Tensor:
     """Absolute maximum of each block in float32, as :func:`~hf_qad.nvfp4.format.block_amax`."""
     bits = blocks.view(_INT_OF_WIDTH[blocks.element_size()])
     sign_off = torch.iinfo(bits.dtype).max
-    amax_bits = torch.empty(bits.shape[0], dtype=bits.dtype)
-    scratch = torch.empty(_chunk_rows(bits.shape[0], CHUNK), BLOCK_SIZE, dtype=bits.dtype)
+    amax_bits = bits.new_empty(bits.shape[0])
+    scratch = bits.new_empty(_chunk_rows(bits.shape[0], CHUNK), BLOCK_SIZE)
     for rows in _slices(bits.shape[0], scratch.shape[0]):
         magnitude = scratch[: rows.stop - rows.start]
         torch.bitwise_and(bits[rows], sign_off, out=magnitude)
@@ -125,7 +125,7 @@ def _global_scale(
     _check_finite(tensor_amax.item(), x, name)
     if global_scale is None:
         global_scale = global_scale_from_amax(tensor_amax)
-    return global_scale.detach().float().reshape(1).cpu()
+    return global_scale.detach().float().reshape(1).to(x.device)
 
 
 def _add_rounding_constant(
@@ -184,7 +184,7 @@ def _rounded_chunks(
     The buffers are reused: consume each chunk before asking for the next.
     """
     chunk_rows = _chunk_rows(blocks.shape[0], CHUNK)
-    buffers = torch.empty(3, chunk_rows, BLOCK_SIZE).unbind(0)
+    buffers = blocks.new_empty(3, chunk_rows, BLOCK_SIZE, dtype=torch.float32).unbind(0)
     for rows in _slices(blocks.shape[0], chunk_rows):
         signed, magnitude, magic = (buffer[: rows.stop - rows.start] for buffer in buffers)
         _round_chunk(blocks[rows], scale[rows], signed, magnitude, magic)
@@ -235,7 +235,7 @@ def fake_quant(
         [0.0, -0.5, 6.0]
     """
     blocks, _, scale, _ = _prepare(x, global_scale, name, block_scale)
-    out = torch.empty(blocks.shape, dtype=x.dtype)
+    out = torch.empty_like(blocks)
     for rows, signed, magnitude, magic in _rounded_chunks(blocks, scale):
         magnitude.sub_(magic)  # exact: the E2M1 magnitude
         sign = signed.view(torch.int32).bitwise_and_(_SIGN_BIT)
@@ -287,7 +287,7 @@ def quantize(
         ('0xf1', [[448.0]], [448.0])
     """
     blocks, scale_b, scale, global_scale = _prepare(x, global_scale, name, block_scale)
-    packed = torch.empty(blocks.shape[0], BLOCK_SIZE // 2, dtype=torch.uint8)
+    packed = blocks.new_empty(blocks.shape[0], BLOCK_SIZE // 2, dtype=torch.uint8)
     for rows, signed, magnitude, magic in _rounded_chunks(blocks, scale):
         _pack(_codes(signed, magnitude, magic), packed[rows])
     return NVFP4Quantized(
@@ -334,14 +334,15 @@ def dequantize(
         raise ValueError(f"packed NVFP4 data must be uint8, got {packed.dtype}.")
     pairs = packed.contiguous().view(-1, BLOCK_SIZE // 2)
     scale = effective_scales(block_scale.reshape(-1, 1), global_scale.reshape(1))
-    out = torch.empty(pairs.shape[0], BLOCK_SIZE, dtype=dtype)
+    out = pairs.new_empty(pairs.shape[0], BLOCK_SIZE, dtype=dtype)
     chunk_rows = _chunk_rows(pairs.shape[0], CHUNK)
-    index = torch.empty(chunk_rows * BLOCK_SIZE // 2, dtype=torch.int32)
-    values = torch.empty(chunk_rows, BLOCK_SIZE)
+    index = pairs.new_empty(chunk_rows * BLOCK_SIZE // 2, dtype=torch.int32)
+    values = pairs.new_empty(chunk_rows, BLOCK_SIZE, dtype=torch.float32)
+    table = _BYTE_TABLE.to(pairs.device)
     for rows in _slices(pairs.shape[0], chunk_rows):
         count = rows.stop - rows.start
         chunk_index = index[: count * BLOCK_SIZE // 2]
         chunk_index.copy_(pairs[rows].view(-1))  # index_select wants int32/int64 indices
-        torch.index_select(_BYTE_TABLE, 0, chunk_index, out=values[:count].view(-1, 2))
+        torch.index_select(table, 0, chunk_index, out=values[:count].view(-1, 2))
         torch.mul(values[:count], scale[rows], out=out[rows])  # float32, then one rounding
     return out.view(*packed.shape[:-1], packed.shape[-1] * 2)
