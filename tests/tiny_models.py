@@ -34,3 +34,48 @@ def save_tiny_llama(path: Path, seed: int = 0, dtype: torch.dtype = torch.bfloat
 def token_batches(n: int = 2, batch: int = 2, seq: int = 16, seed: int = 1) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, VOCAB, (batch, seq), generator=g) for _ in range(n)]
+
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<s>{{ message['role'] }}: "
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] }}</s>{% endgeneration %}"
+    "{% else %}{{ message['content'] }}</s>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant: {% endif %}"
+)
+
+
+def tiny_tokenizer():
+    """A character-level tokenizer (printable ASCII) built with the tokenizers library."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    vocab = {token: i for i, token in enumerate(specials + [chr(c) for c in range(32, 127)])}
+    assert len(vocab) <= VOCAB
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.decoder = decoders.BPEDecoder()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def save_tiny_llama_with_tokenizer(path: Path, seed: int = 0, **overrides) -> Path:
+    tokenizer = tiny_tokenizer()
+    save_tiny_llama(path, seed=seed, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id, **overrides)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+TEXTS = [
+    "the quick brown fox jumps over the lazy dog",
+    "a stitch in time saves nine",
+    "all that glitters is not gold",
+    "the early bird catches the worm",
+    "actions speak louder than words",
+    "practice makes perfect every day",
+    "knowledge is power and time is money",
+    "better late than never they say",
+]

@@ -1,0 +1,102 @@
+"""``QADConfig``: ``SFTConfig`` plus the settings of quantization-aware distillation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl import SFTConfig
+
+from hf_qad.quantizer.config import NVFP4Config
+from hf_qad.trainer.losses import DIVERGENCES
+
+__all__ = ["QADConfig"]
+
+
+@dataclass
+class QADConfig(SFTConfig):
+    r"""Configuration for :class:`~hf_qad.QADTrainer`: every ``SFTConfig`` field, plus these.
+
+    Parameters:
+        teacher_model_name_or_path (`str` or `None`, defaults to `None`):
+            The BF16 teacher, when ``QADTrainer`` gets no ``teacher=``. ``None``: the
+            student's own high-precision checkpoint (the usual QAD setup), or, with a
+            ``peft_config``, the student model itself with adapters and quantizers off.
+        teacher_model_init_kwargs (`dict` or `None`, defaults to `None`):
+            Keyword arguments for ``from_pretrained`` when the teacher is loaded from a path.
+        nvfp4_scheme (`str`, defaults to `"w4a4"`):
+            ``"w4a4"`` or ``"w4a16"``; used when the student is given as a path.
+        nvfp4_scale_method (`str`, defaults to `"amax"`):
+            Weight block-scale method (``"amax"``, ``"four_over_six"``, ``"mse"``); student given as a path.
+        nvfp4_modules_to_not_convert (`list[str]` or `None`, defaults to `None`):
+            Modules kept in high precision; student given as a path. ``None``: NVFP4Config's defaults.
+        divergence (`str`, defaults to `"forward_kl"`):
+            ``"forward_kl"`` (KL(teacher || student), the QAD paper's loss), ``"reverse_kl"`` or ``"jsd"``.
+        beta (`float`, defaults to `0.5`):
+            Mixture weight of the generalized JSD (teacher share), used when ``divergence="jsd"``.
+        temperature (`float`, defaults to `1.0`):
+            Softmax temperature of both models in the divergence; the divergence is multiplied by
+            ``temperature**2`` so gradient scales stay comparable.
+        kl_weight (`float`, defaults to `1.0`):
+            Weight of the divergence term.
+        ce_weight (`float`, defaults to `0.0`):
+            Weight of the data's cross-entropy. ``kl_weight=0, ce_weight=1`` is plain QAT on the
+            task loss, so QAD and QAT can be compared with one trainer.
+        loss_chunk_size (`int`, defaults to `1024`):
+            Tokens per chunk of the loss; peak loss memory is about ``3 * chunk * vocab * 4`` bytes,
+            independent of the sequence length.
+        calibration_batches (`int`, defaults to `8`):
+            Training batches used to calibrate W4A4 activation scales before training, when the
+            student is not calibrated yet. ``0`` skips calibration (per-batch scales, with a warning).
+        lmbda (`float`, defaults to `0.0`):
+            For prompt-only datasets: probability that a batch's completions are generated on-policy
+            by the quantized student rather than by the teacher (as in GKD).
+        max_new_tokens (`int`, defaults to `128`):
+            Completion length generated for prompt-only datasets.
+        generation_temperature (`float`, defaults to `1.0`):
+            Sampling temperature for generated completions (prompt-only datasets).
+    """
+
+    teacher_model_name_or_path: str | None = field(default=None, metadata={"help": "BF16 teacher path or hub id."})
+    teacher_model_init_kwargs: dict[str, Any] | None = field(
+        default=None, metadata={"help": "from_pretrained kwargs for the teacher."}
+    )
+    nvfp4_scheme: str = field(default="w4a4", metadata={"help": "w4a4 or w4a16."})
+    nvfp4_scale_method: str = field(default="amax", metadata={"help": "amax, four_over_six or mse."})
+    nvfp4_modules_to_not_convert: list[str] | None = field(
+        default=None, metadata={"help": "Modules kept in high precision."}
+    )
+    divergence: str = field(default="forward_kl", metadata={"help": "forward_kl, reverse_kl or jsd."})
+    beta: float = field(default=0.5, metadata={"help": "Teacher share of the JSD mixture."})
+    temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the divergence."})
+    kl_weight: float = field(default=1.0, metadata={"help": "Weight of the divergence."})
+    ce_weight: float = field(default=0.0, metadata={"help": "Weight of the data cross-entropy (QAT)."})
+    loss_chunk_size: int = field(default=1024, metadata={"help": "Tokens per loss chunk."})
+    calibration_batches: int = field(default=8, metadata={"help": "Batches to calibrate W4A4 scales."})
+    lmbda: float = field(default=0.0, metadata={"help": "On-policy (student) generation probability."})
+    max_new_tokens: int = field(default=128, metadata={"help": "Generated completion length."})
+    generation_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"unknown divergence {self.divergence!r}; choose one of {', '.join(DIVERGENCES)}.")
+        if self.divergence == "jsd" and not 0.0 < self.beta < 1.0:
+            raise ValueError(f"divergence='jsd' needs 0 < beta < 1, got {self.beta}.")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}.")
+        if self.kl_weight < 0 or self.ce_weight < 0 or self.kl_weight + self.ce_weight == 0:
+            raise ValueError("kl_weight and ce_weight must be >= 0 and not both 0.")
+        if not 0.0 <= self.lmbda <= 1.0:
+            raise ValueError(f"lmbda is a probability, got {self.lmbda}.")
+        if self.loss_chunk_size < 1:
+            raise ValueError(f"loss_chunk_size must be positive, got {self.loss_chunk_size}.")
+        self.nvfp4_config()  # validates the NVFP4 options early
+
+    def nvfp4_config(self) -> NVFP4Config:
+        """The NVFP4Config used when the student is given as a path."""
+        return NVFP4Config(
+            scheme=self.nvfp4_scheme,
+            scale_method=self.nvfp4_scale_method,
+            modules_to_not_convert=self.nvfp4_modules_to_not_convert,
+        )

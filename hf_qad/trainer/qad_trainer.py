@@ -1,0 +1,262 @@
+"""``QADTrainer``: TRL's ``SFTTrainer`` with a BF16 teacher and a distillation loss.
+
+An SFT script becomes an NVFP4 QAD run by two changes::
+
+    trainer = SFTTrainer(model=..., args=SFTConfig(...), train_dataset=ds)
+    # becomes
+    trainer = QADTrainer(model=..., teacher=bf16_path, args=QADConfig(...), train_dataset=ds)
+
+Everything SFTTrainer does with the data (text, conversational, prompt/completion,
+pre-tokenized; packing and padding-free; completion/assistant-only masks) is unchanged:
+the loss is taken over exactly the tokens SFT would train on (``labels != -100`` after
+the shift), with SFT's normalization (tokens across gradient accumulation and processes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from itertools import islice
+from typing import Any
+
+import torch
+import torch.nn as nn
+from transformers import AutoModelForCausalLM, PreTrainedModel, TrainingArguments
+from trl import SFTTrainer
+from trl.models import prepare_deepspeed, prepare_fsdp
+from trl.models.utils import _ForwardRedirection
+
+from hf_qad.nvfp4.calibration import calibrate
+from hf_qad.quantizer.checkpoints import MasterWeightCheckpointCallback
+from hf_qad.quantizer.config import NVFP4Config
+from hf_qad.quantizer.conversion import nvfp4_modules
+from hf_qad.trainer.losses import chunked_distillation_loss
+from hf_qad.trainer.qad_config import QADConfig
+
+__all__ = ["QADTrainer"]
+
+logger = logging.getLogger("hf_qad")
+
+# Inputs the SFT collators produce that are not model arguments.
+_NON_MODEL_KEYS = {"labels", "shift_labels", "completion_mask", "assistant_masks", "num_items_in_batch"}
+
+
+def _is_peft(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _causal_lm(model: nn.Module) -> PreTrainedModel:
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    return model.base_model.model if _is_peft(model) else model
+
+
+def _backbone_hidden(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    """Final hidden states of a causal LM's backbone, without applying its head."""
+    return _causal_lm(model).base_model(**inputs, use_cache=False).last_hidden_state
+
+
+class QADTrainer(SFTTrainer):
+    """Quantization-aware distillation of an NVFP4 student from its BF16 teacher.
+
+    Args:
+        model: an NVFP4 fake-quant model (``from_pretrained(..., quantization_config=NVFP4Config())``)
+            or a path / hub id, loaded with ``args.nvfp4_config()``.
+        teacher: the BF16 teacher: a model or a path. ``None``: ``args.teacher_model_name_or_path``,
+            else the student's own checkpoint; with ``peft_config`` (LoRA QAD) the student itself with
+            adapters and quantizers switched off, so one copy of the base weights is in memory.
+        args: a :class:`QADConfig` (a plain ``SFTConfig``/``TrainingArguments`` is converted).
+        **kwargs: everything else ``SFTTrainer`` takes (train/eval datasets, processing_class,
+            data_collator, peft_config, callbacks, formatting_func, ...), unchanged.
+
+    The teacher runs in eval mode, frozen and without gradients, gets the same inputs as the
+    student (position ids included, ``use_cache=False``) and is never saved. Periodic
+    checkpoints hold master weights (resumable); ``save_model``/``push_to_hub`` write the
+    packed NVFP4 export.
+    """
+
+    _tag_names = ["trl", "sft", "hf_qad", "qad", "nvfp4"]
+    _name = "QAD"
+
+    def __init__(
+        self,
+        model: str | nn.Module,
+        teacher: str | nn.Module | None = None,
+        args: QADConfig | TrainingArguments | None = None,
+        *sft_args: Any,
+        callbacks: list | None = None,
+        peft_config: Any = None,
+        **sft_kwargs: Any,
+    ) -> None:
+        args = self._as_qad_config(model, args)
+        teacher_source = teacher if teacher is not None else args.teacher_model_name_or_path
+        lora = peft_config is not None or (not isinstance(model, str) and _is_peft(model))
+        if isinstance(model, str):
+            sft_kwargs.setdefault("quantization_config", args.nvfp4_config())
+        if teacher_source is None and not lora:
+            # The usual QAD setup: the student's own high-precision checkpoint is the teacher.
+            teacher_source = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "")
+            if not teacher_source:
+                raise ValueError("pass teacher= (the BF16 model or its path): the student has no checkpoint path.")
+        callbacks = [MasterWeightCheckpointCallback(), *(callbacks or [])]
+        super().__init__(model, args, *sft_args, callbacks=callbacks, peft_config=peft_config, **sft_kwargs)
+        self._check_student()
+        self.shared_teacher = teacher_source is None
+        self.teacher_model = None if self.shared_teacher else self._prepare_teacher(teacher_source)
+        self._check_vocabulary()
+        if not hasattr(self, "_forward_redirection"):
+            self._forward_redirection = _ForwardRedirection()
+
+    # ------------------------------------------------------------------ setup
+    @staticmethod
+    def _as_qad_config(model: str | nn.Module, args: Any) -> QADConfig:
+        if isinstance(args, QADConfig):
+            return args
+        if args is None:
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
+            return QADConfig(f"{str(name).rstrip('/').split('/')[-1]}-QAD")
+        if isinstance(args, TrainingArguments):
+            values = args.to_dict()
+            values["hub_token"] = args.hub_token
+            known = QADConfig.__dataclass_fields__
+            return QADConfig(**{k: v for k, v in values.items() if k in known and known[k].init})
+        raise TypeError(f"args must be a QADConfig, SFTConfig or TrainingArguments, got {type(args).__name__}.")
+
+    def _check_student(self) -> None:
+        if not nvfp4_modules(self.model):
+            logger.warning(
+                "QADTrainer: the student has no NVFP4 layers, so this is plain distillation, not QAD. "
+                "Load it with from_pretrained(..., quantization_config=hf_qad.NVFP4Config())."
+            )
+
+    def _prepare_teacher(self, teacher: str | nn.Module) -> nn.Module:
+        if isinstance(teacher, str):
+            kwargs = dict(self.args.teacher_model_init_kwargs or {})
+            kwargs.setdefault("dtype", _causal_lm(self.model).dtype)
+            teacher = AutoModelForCausalLM.from_pretrained(teacher, **kwargs)
+        quantization = getattr(getattr(teacher, "config", None), "quantization_config", None)
+        if isinstance(quantization, NVFP4Config) or nvfp4_modules(teacher):
+            raise ValueError(
+                "the teacher is NVFP4-quantized; QAD distills from the high-precision (BF16) model. "
+                "Pass the BF16 checkpoint as teacher=."
+            )
+        teacher.eval()
+        teacher.requires_grad_(False)
+        if self.is_deepspeed_enabled:
+            return prepare_deepspeed(teacher, self.accelerator)
+        if self.is_fsdp_enabled:
+            return prepare_fsdp(teacher, self.accelerator)
+        return self.accelerator.prepare_model(teacher, evaluation_mode=True)
+
+    def _check_vocabulary(self) -> None:
+        if self.teacher_model is None:
+            return
+        student_vocab = _causal_lm(self.model).get_output_embeddings().weight.shape[0]
+        teacher_model = self.accelerator.unwrap_model(self.teacher_model)
+        teacher_vocab = teacher_model.get_output_embeddings().weight.shape[0]
+        if student_vocab != teacher_vocab:
+            raise ValueError(
+                f"teacher and student vocabularies differ ({teacher_vocab} vs {student_vocab} logits): QAD "
+                "compares their token distributions, so both must use the same tokenizer."
+            )
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        for name in ("bos_token_id", "eos_token_id"):
+            s, t = getattr(tokenizer, name, None), getattr(teacher_model.config, name, None)
+            if s is not None and t is not None and s != t and not (isinstance(t, list) and s in t):
+                raise ValueError(
+                    f"teacher config {name}={t} differs from the student tokenizer's {s}: the teacher "
+                    "was trained with another tokenizer."
+                )
+
+    # ------------------------------------------------------------------ calibration
+    def train(self, *args: Any, **kwargs: Any):
+        self._calibrate_if_needed()
+        return super().train(*args, **kwargs)
+
+    def _calibrate_if_needed(self) -> None:
+        layers = [m for m in nvfp4_modules(self.model).values() if m.quantize_activations]
+        if not layers or all(m.input_calibrated for m in layers) or self.args.calibration_batches == 0:
+            return
+        model_keys = None
+        batches = []
+        for batch in islice(self.get_train_dataloader(), self.args.calibration_batches):
+            model_keys = model_keys or [k for k in batch if k not in _NON_MODEL_KEYS]
+            batches.append({k: batch[k] for k in model_keys})
+        amax = calibrate(self.model, batches, num_batches=None)
+        logger.info("hf_qad: calibrated %d W4A4 layers on %d batches", len(amax), len(batches))
+
+    # ------------------------------------------------------------------ loss
+    @contextlib.contextmanager
+    def _teacher(self) -> Iterator[nn.Module]:
+        """The module that computes teacher hidden states (and its head), in teacher mode."""
+        if not self.shared_teacher:
+            yield self.teacher_model
+            return
+        from hf_qad.quantizer.peft import teacher_mode
+
+        with teacher_mode(self.model):
+            yield self.model
+
+    def _teacher_head(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        head = _causal_lm(self.accelerator.unwrap_model(self.teacher_model or self.model)).get_output_embeddings()
+
+        def apply(hidden: torch.Tensor) -> torch.Tensor:
+            with self._teacher():
+                return head(hidden)
+
+        return apply
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        labels = inputs["shift_labels"] if "shift_labels" in inputs else inputs["labels"][:, 1:]
+        model_inputs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS and k != "use_cache"}
+        unwrapped = self.accelerator.unwrap_model(model)
+        student_hidden = self._forward_redirection(model, unwrapped, _backbone_hidden, unwrapped, model_inputs)
+        with torch.no_grad(), self._teacher() as teacher:
+            unwrapped_teacher = self.accelerator.unwrap_model(teacher)
+            teacher_hidden = self._forward_redirection(
+                teacher, unwrapped_teacher, _backbone_hidden, unwrapped_teacher, model_inputs
+            )
+        if "shift_labels" not in inputs:
+            student_hidden, teacher_hidden = student_hidden[:, :-1], teacher_hidden[:, :-1]
+        mask = labels != -100
+        sums = chunked_distillation_loss(
+            student_hidden[mask],
+            _causal_lm(unwrapped).get_output_embeddings(),
+            teacher_hidden[mask].to(student_hidden.device),
+            self._teacher_head(),
+            labels[mask],
+            divergence=self.args.divergence,
+            beta=self.args.beta,
+            temperature=self.args.temperature,
+            chunk_size=self.args.loss_chunk_size,
+        )
+        total = self.args.kl_weight * sums.divergence + self.args.ce_weight * sums.student_nll
+        tokens = torch.as_tensor(num_items_in_batch if num_items_in_batch is not None else sums.tokens)
+        loss = total / tokens.to(total.device).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"QAD loss is {loss.item()} at step {self.state.global_step}: the student produced "
+                "NaN/Inf. Lower the learning rate, check the data, or resume from the last checkpoint."
+            )
+        self._log_distillation_metrics(mode, sums)
+        return (loss, None) if return_outputs else loss
+
+    def _log_distillation_metrics(self, mode: str, sums) -> None:
+        gathered = self.accelerator.gather_for_metrics(
+            torch.stack(
+                [sums.kl, sums.top1_agreement, sums.student_nll.detach(), sums.teacher_nll,
+                 torch.tensor(float(sums.tokens), device=sums.kl.device)]
+            )[None]
+        ).sum(0)
+        count = gathered[4].item()
+        if count == 0:
+            return
+        for name, value in zip(("kl", "top1_agreement", "student_ce", "teacher_ce"), gathered[:4]):
+            self._metrics[mode][name].append(value.item() / count)
