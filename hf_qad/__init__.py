@@ -15,11 +15,24 @@ __version__ = "0.1.0.dev0"
 
 register()
 
+
+def __getattr__(name: str):
+    # The trainer pulls in TRL; import it only when asked for, so that loading and
+    # serving NVFP4 models does not pay for it.
+    if name in ("QADConfig", "QADTrainer"):
+        from hf_qad import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'hf_qad' has no attribute {name!r}")
+
+
 __all__ = [
     "MasterWeightCheckpointCallback",
     "NVFP4Config",
     "NVFP4HfQuantizer",
     "NVFP4Linear",
+    "QADConfig",
+    "QADTrainer",
     "calibrate",
     "master_weight_checkpoint",
     "unpack_model",
