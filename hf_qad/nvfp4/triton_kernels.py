@@ -1,0 +1,618 @@
+"""NVFP4 Triton kernels for CUDA tensors, bit for bit equal to :mod:`hf_qad.nvfp4.format`.
+
+Kernels
+-------
+* :func:`fake_quant` — one fused pass per tile of 16-element blocks: block amax, e4m3
+  block scale, effective scale, E2M1 rounding, dequantization and the store.
+* :func:`quantize` / :func:`dequantize` — the same math writing (reading) the packed
+  ``nvfp4-pack-quantized`` layout.
+* :func:`w4a16_linear` — a tiled matmul that dequantizes packed weights in registers;
+  :func:`w4a4_linear` fake-quantizes the activations first (vLLM's NVFP4 emulation).
+
+Exactness
+---------
+Every step follows the order of operations of :mod:`hf_qad.nvfp4.format`: divisions
+use ``tl.div_rn`` (Triton's ``/`` on float32 is approximate on GPUs) and no float
+addition follows a multiplication, so no FMA contraction can change a rounding. The
+two conversions whose rounding matters are done with integer arithmetic on the float32
+bits instead of casts, because Triton's CPU interpreter (which the tests run on)
+truncates float32 -> bfloat16 and rounds float8 differently from PyTorch:
+
+* the block scale's rounding to e4m3 (:func:`_round_to_e4m3`), and
+* the output's rounding to bfloat16 (:func:`_round_to_bf16`); its result is exactly
+  representable, so the cast of the store is exact on the interpreter and on GPUs.
+  (float32 -> float16 casts round to nearest even on both and are left to the store.)
+
+Scales are read and written as uint8 bits, so the kernels need no float8 support from
+the GPU (they run on Ampere too).
+
+Example (on CPU tensors this needs ``TRITON_INTERPRET=1`` set before importing triton):
+    >>> import torch
+    >>> from hf_qad.nvfp4 import format, triton_kernels
+    >>> device = "cuda" if torch.cuda.is_available() else "cpu"
+    >>> w = torch.randn(64, 128, dtype=torch.bfloat16, device=device)
+    >>> torch.equal(triton_kernels.fake_quant(w), format.fake_quant(w))
+    True
+    >>> q = triton_kernels.quantize(w)
+    >>> torch.equal(q.packed, format.quantize(w).packed)
+    True
+    >>> x = torch.randn(2, 128, dtype=torch.bfloat16, device=device)
+    >>> triton_kernels.w4a16_linear(x, *q).shape
+    torch.Size([2, 64])
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from hf_qad.nvfp4.format import (
+    BLOCK_SIZE,
+    E2M1_MAX,
+    E4M3_MAX,
+    ZERO_BLOCK_SCALE,
+    NVFP4Quantized,
+    global_scale_from_amax,
+)
+
+__all__ = ["dequantize", "fake_quant", "quantize", "w4a16_linear", "w4a4_linear"]
+
+# The format's constants, made visible to compiled kernels (which only read constexpr globals).
+_E2M1_MAX = tl.constexpr(E2M1_MAX)
+_E4M3_MAX = tl.constexpr(E4M3_MAX)
+_ZERO_BLOCK_SCALE = tl.constexpr(ZERO_BLOCK_SCALE)
+
+_BLOCKS_PER_PROGRAM = 64
+"""16-element blocks per program of the elementwise kernels (1024 elements)."""
+
+_TARGET_PROGRAMS = 256
+"""Programs the matmul aims for, splitting K when the output has fewer tiles: about two
+per SM of an H100 (132 SMs), so that small-M (decode) matmuls keep every SM streaming."""
+
+
+# --------------------------------------------------------------------------- bit helpers
+
+
+@triton.jit
+def _exp2i(k):
+    """``2.0 ** k`` in float32 for an integer tensor ``k`` in the normal range."""
+    return ((k + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _round_to_e4m3(v):
+    """Round float32 ``v`` (``|v| <= 448``) to the nearest e4m3 value, ties to even.
+
+    Works on the 24-bit significand ``M`` of ``|v|``: e4m3 keeps 4 significant bits in its
+    normal range (exponent >= -6) and a fixed step of 2**-9 below it, so ``d`` low bits of
+    ``M`` are dropped with round-to-nearest-even and the result is rebuilt as a float.
+    """
+    bits = tl.abs(v).to(tl.int32, bitcast=True)
+    exponent = (bits >> 23) - 127
+    # 20 = 23 - 3 mantissa bits; below 2**-6 one more bit per binade (subnormals). Capping at
+    # 25 drops all 24 bits plus the half-way bit, which rounds zero and float32 subnormals
+    # (whose missing implicit bit we do not restore) to zero.
+    drop = tl.minimum(20 + tl.maximum(-6 - exponent, 0), 25)
+    significand = (bits & 0x7FFFFF) | 0x800000
+    half_minus_one = (1 << (drop - 1)) - 1
+    rounded = (significand + half_minus_one + ((significand >> drop) & 1)) >> drop
+    magnitude = rounded.to(tl.float32) * _exp2i(tl.maximum(exponent, -6) - 3)
+    return tl.where(v < 0, -magnitude, magnitude)
+
+
+@triton.jit
+def _e4m3_bits(scale):
+    """The e4m3 byte (as int32) of a float32 ``scale`` that is exactly an e4m3 value."""
+    magnitude = tl.abs(scale)
+    bits = magnitude.to(tl.int32, bitcast=True)
+    normal = (((bits >> 23) - 120) << 3) | ((bits >> 20) & 7)  # rebias 127 -> 7, keep 3 bits
+    subnormal = (magnitude * 512.0).to(tl.int32)  # multiples of 2**-9
+    byte = tl.where(magnitude >= 0.015625, normal, subnormal)
+    return tl.where(scale < 0, byte | 0x80, byte)
+
+
+@triton.jit
+def _e4m3_value(byte):
+    """Float32 value of e4m3 bits (uint8 or int32 tensor); NaN encodings are not expected."""
+    byte = byte.to(tl.int32)
+    exponent = (byte >> 3) & 0xF
+    mantissa = byte & 7
+    normal = (((exponent + 120) << 23) | (mantissa << 20)).to(tl.float32, bitcast=True)
+    subnormal = mantissa.to(tl.float32) * 0.001953125  # 2**-9
+    magnitude = tl.where(exponent == 0, subnormal, normal)
+    return tl.where((byte & 0x80) != 0, -magnitude, magnitude)
+
+
+@triton.jit
+def _round_to_bf16(v):
+    """Round float32 ``v`` to the nearest bfloat16 (ties to even), returned as float32."""
+    bits = v.to(tl.int32, bitcast=True)
+    bits += 0x7FFF + ((bits >> 16) & 1)  # carries into the exponent like a real rounding
+    return (bits & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _round_to(v, dtype: tl.constexpr):
+    """Float32 ``v`` rounded to nearest even in ``dtype``, returned as float32.
+
+    bfloat16 rounds on the bits (see the module docstring); float16 casts round to nearest
+    even on GPUs and on the interpreter alike. Stores of the result are exact casts.
+    """
+    if dtype == tl.bfloat16:
+        return _round_to_bf16(v)
+    if dtype == tl.float16:
+        return v.to(tl.float16).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _e2m1_codes(y):
+    """4-bit codes (int32, ``sign << 3 | index``) of float32 ``y`` rounded to E2M1.
+
+    The thresholds of :func:`hf_qad.nvfp4.format.round_to_e2m1_codes`: ``>`` versus ``>=``
+    encodes ties to the even mantissa; magnitudes above 6 saturate at index 7.
+    """
+    m = tl.abs(y)
+    index = (
+        (m > 0.25).to(tl.int32)
+        + (m >= 0.75).to(tl.int32)
+        + (m > 1.25).to(tl.int32)
+        + (m >= 1.75).to(tl.int32)
+        + (m > 2.5).to(tl.int32)
+        + (m >= 3.5).to(tl.int32)
+        + (m > 5.0).to(tl.int32)
+    )
+    return ((y < 0).to(tl.int32) << 3) | index
+
+
+@triton.jit
+def _e2m1_value(code):
+    """Float32 value of 4-bit E2M1 codes (any integer tensor, bits above 3 ignored).
+
+    E2M1 ``s ee m`` moved into a float16's sign, exponent LSBs and mantissa MSB is a float16
+    ``2**-14`` times the value (exponent 0 lands on float16 subnormals, as E2M1's does), so
+    one multiply by ``2**14`` finishes the decode without a table.
+    """
+    code = code.to(tl.int32)
+    half_bits = ((code & 7) << 9) | ((code & 8) << 12)
+    return half_bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * 16384.0
+
+
+@triton.jit
+def _block_scales(amax, global_scale, dtype: tl.constexpr):
+    """Stored block scale ``e4m3(clamp(gs * (amax / 6)))`` (zero -> 0.125) and ``sb / gs``.
+
+    ``amax / 6`` is rounded to ``dtype``, the input's dtype, as PyTorch's division of a
+    bf16/fp16 tensor (float32 math, one rounding back) does in the reference.
+    """
+    scale = global_scale * _round_to(tl.div_rn(amax, _E2M1_MAX), dtype)
+    scale = _round_to_e4m3(tl.minimum(tl.maximum(scale, -_E4M3_MAX), _E4M3_MAX))
+    scale = tl.where(scale == 0, _ZERO_BLOCK_SCALE, scale)
+    return scale, tl.div_rn(scale, global_scale)
+
+
+# ----------------------------------------------------------------- elementwise kernels
+
+
+@triton.jit
+def _load_blocks(x_ptr, n_blocks, blocks_per_row, row_stride, BLOCKS: tl.constexpr):
+    """This program's blocks of x as float32 ``[BLOCKS, 16]``, with their indices and mask.
+
+    Blocks are numbered over the flattened ``[rows, K]`` input, so a program may span rows;
+    rows may be strided (a view), each row itself is contiguous.
+    """
+    block = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
+    mask = block < n_blocks
+    row = block // blocks_per_row
+    start = row * row_stride + (block - row * blocks_per_row) * 16
+    x = tl.load(x_ptr + start[:, None] + tl.arange(0, 16)[None, :], mask=mask[:, None], other=0.0)
+    return x.to(tl.float32), block, mask
+
+
+@triton.jit
+def _quantize_blocks(x, global_scale, dtype: tl.constexpr):
+    """E2M1 codes ``[BLOCKS, 16]``, stored and effective block scales of blocks ``x``."""
+    block_scale, scale = _block_scales(tl.max(tl.abs(x), axis=1), global_scale, dtype)
+    return _e2m1_codes(tl.div_rn(x, scale[:, None])), block_scale, scale
+
+
+@triton.jit
+def _fake_quant_kernel(
+    x_ptr, gs_ptr, out_ptr, n_blocks, blocks_per_row, row_stride, BLOCKS: tl.constexpr
+):
+    x, block, mask = _load_blocks(x_ptr, n_blocks, blocks_per_row, row_stride, BLOCKS)
+    codes, _, scale = _quantize_blocks(x, tl.load(gs_ptr), x_ptr.dtype.element_ty)
+    x_hat = _round_to(_e2m1_value(codes) * scale[:, None], out_ptr.dtype.element_ty)
+    offsets = block[:, None] * 16 + tl.arange(0, 16)[None, :]
+    tl.store(out_ptr + offsets, x_hat, mask=mask[:, None])
+
+
+@triton.jit
+def _quantize_kernel(
+    x_ptr, gs_ptr, packed_ptr, scale_ptr, n_blocks, blocks_per_row, row_stride,
+    BLOCKS: tl.constexpr,
+):  # fmt: skip
+    x, block, mask = _load_blocks(x_ptr, n_blocks, blocks_per_row, row_stride, BLOCKS)
+    codes, block_scale, _ = _quantize_blocks(x, tl.load(gs_ptr), x_ptr.dtype.element_ty)
+    low, high = tl.split(tl.reshape(codes, (BLOCKS, 8, 2)))  # element 2i: low nibble of byte i
+    offsets = block[:, None] * 8 + tl.arange(0, 8)[None, :]
+    tl.store(packed_ptr + offsets, (low | (high << 4)).to(tl.uint8), mask=mask[:, None])
+    tl.store(scale_ptr + block, _e4m3_bits(block_scale).to(tl.uint8), mask=mask)
+
+
+@triton.jit
+def _dequantize_kernel(packed_ptr, scale_ptr, gs_ptr, out_ptr, n_blocks, BLOCKS: tl.constexpr):
+    block = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
+    mask = block < n_blocks
+    bytes_offsets = block[:, None] * 8 + tl.arange(0, 8)[None, :]
+    packed = tl.load(packed_ptr + bytes_offsets, mask=mask[:, None], other=0)
+    sb = _e4m3_value(tl.load(scale_ptr + block, mask=mask, other=0))
+    scale = tl.div_rn(sb, tl.load(gs_ptr))[:, None]
+    values = tl.reshape(tl.join(_e2m1_value(packed), _e2m1_value(packed >> 4)), (BLOCKS, 16))
+    x_hat = _round_to(values * scale, out_ptr.dtype.element_ty)
+    offsets = block[:, None] * 16 + tl.arange(0, 16)[None, :]
+    tl.store(out_ptr + offsets, x_hat, mask=mask[:, None])
+
+
+# ---------------------------------------------------------------------- matmul kernels
+
+
+@triton.jit
+def _weight_tile(packed_ptr, scale_ptr, global_scale, offs_n, n_mask, k_block0, n_k_blocks,
+                 stride_pn, stride_sn, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Dequantized float32 weight tile ``W[offs_n, K-tile]``, ``[BLOCK_N, BLOCK_K]``.
+
+    Built as ``[BLOCK_N, blocks, 8 bytes, 2 nibbles]``, whose row-major order is the order
+    of K (element ``2i`` is the low nibble of byte ``i``), so each block's scale broadcasts
+    over its bytes and the flattening is free. Blocks past K (and rows past N) get zero.
+    """
+    k_blocks: tl.constexpr = BLOCK_K // 16
+    blk = k_block0 + tl.arange(0, k_blocks)
+    mask = n_mask[:, None] & (blk < n_k_blocks)[None, :]
+    n_offsets = offs_n.to(tl.int64)[:, None]
+    sb = tl.load(scale_ptr + n_offsets * stride_sn + blk[None, :], mask=mask, other=0)
+    scale = tl.div_rn(_e4m3_value(sb), global_scale)[:, :, None]
+    byte = blk[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
+    packed = tl.load(packed_ptr + n_offsets[:, :, None] * stride_pn + byte,
+                     mask=mask[:, :, None], other=0)  # fmt: skip
+    w = tl.join(_e2m1_value(packed) * scale, _e2m1_value(packed >> 4) * scale)
+    return tl.reshape(w, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _dot_acc(x, w, acc, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc + x @ w`` with ``w`` (float32) rounded to ``x``'s dtype first, as the reference."""
+    if INTERPRET:
+        # The interpreter multiplies bfloat16 tiles as raw integers and truncates casts:
+        # round like a GPU cast and multiply in float32 (16-bit products are exact there).
+        w = _round_to(w, x.dtype)
+        return tl.dot(x.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
+    return tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Output tile of program ``pid``, grouped GROUP_M tiles down M so a wave reuses W in L2."""
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * tiles_n
+    first_m = (pid // group_size) * GROUP_M
+    rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    return first_m + (pid % group_size) % rows, (pid % group_size) // rows
+
+
+@triton.jit
+def _w4a16_kernel(
+    x_ptr, packed_ptr, scale_ptr, gs_ptr, bias_ptr, out_ptr,
+    M, N, K, stride_xm, stride_pn, stride_sn, k_tiles_per_split,
+    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``out = x @ W^T (+ bias)``; with SPLIT_K > 1, float32 partial sums ``[SPLIT_K, M, N]``."""
+    tile_m, tile_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    split = tl.program_id(1)
+    offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    global_scale = tl.load(gs_ptr)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    first_tile = split * k_tiles_per_split
+    for tile in range(first_tile, tl.minimum(first_tile + k_tiles_per_split, tl.cdiv(K, BLOCK_K))):
+        w = _weight_tile(packed_ptr, scale_ptr, global_scale, offs_n, n_mask,
+                         tile * (BLOCK_K // 16), K // 16, stride_pn, stride_sn,
+                         BLOCK_K, BLOCK_N)  # fmt: skip
+        offs_k = tile * BLOCK_K + tl.arange(0, BLOCK_K)
+        x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :],
+                    other=0.0)  # fmt: skip
+        acc = _dot_acc(x, w, acc, INTERPRET, PRECISION)
+    out_offsets = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        out = _round_to(acc, out_ptr.dtype.element_ty)
+        tl.store(out_ptr + out_offsets, out, mask=out_mask)
+    else:
+        tl.store(out_ptr + split.to(tl.int64) * M * N + out_offsets, acc, mask=out_mask)
+
+
+@triton.jit
+def _sum_splits_kernel(partial_ptr, bias_ptr, out_ptr, numel, N,
+                       HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    """``out = sum(partials, 0) (+ bias)`` in a fixed order, so results are deterministic."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for split in range(SPLIT_K):
+        acc += tl.load(partial_ptr + split * numel + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, _round_to(acc, out_ptr.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------ host wrappers
+
+
+def _check_blocks(x: torch.Tensor) -> None:
+    """Refuse what the kernels cannot take (cheap checks only: no NaN scan, no sync)."""
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"NVFP4 kernels take bf16, fp16 or fp32 tensors, got {x.dtype}.")
+    if x.dim() == 0 or x.shape[-1] % BLOCK_SIZE != 0:
+        raise ValueError(
+            f"NVFP4 needs the last dimension to be a multiple of {BLOCK_SIZE}, "
+            f"got shape {tuple(x.shape)}."
+        )
+
+
+def _check_packed(packed: torch.Tensor, block_scale: torch.Tensor) -> None:
+    if packed.dtype != torch.uint8 or block_scale.dtype != torch.float8_e4m3fn:
+        raise ValueError(
+            "packed NVFP4 data must be uint8 and block scales float8_e4m3fn, "
+            f"got {packed.dtype} and {block_scale.dtype}."
+        )
+    if packed.shape[:-1] != block_scale.shape[:-1] or packed.shape[-1] != block_scale.shape[-1] * 8:
+        raise ValueError(
+            f"packed {tuple(packed.shape)} and block_scale {tuple(block_scale.shape)} do not "
+            "describe the same tensor (expected [..., K / 2] and [..., K / 16])."
+        )
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as ``[rows, last dim]`` with contiguous rows (a view when possible)."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _scale_on(global_scale: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A global scale as the kernels read it: float32 ``[1]`` on ``device``."""
+    return global_scale.detach().float().reshape(1).to(device)
+
+
+def _global_scale(x: torch.Tensor, global_scale: torch.Tensor | None) -> torch.Tensor:
+    """The given global scale, or ``x``'s own (a device-side reduction, no sync)."""
+    if global_scale is None:
+        return global_scale_from_amax(x.detach().abs().amax())
+    return _scale_on(global_scale, x.device)
+
+
+def _grid(n_blocks: int) -> tuple[int]:
+    return (triton.cdiv(n_blocks, _BLOCKS_PER_PROGRAM),)
+
+
+def fake_quant(x: torch.Tensor, global_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantize-dequantize ``x`` to NVFP4; equal bit for bit to :func:`format.fake_quant`.
+
+    Args:
+        x: bf16, fp16 or fp32 tensor whose last dimension is a multiple of 16 (finite:
+            unlike the reference, NaN and Inf are not checked, which would cost a sync).
+        global_scale: static global scale ``2688 / amax``; computed from ``x`` when ``None``.
+
+    Returns:
+        A contiguous tensor of ``x``'s shape and dtype.
+    """
+    _check_blocks(x)
+    rows = _rows(x)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    n_blocks = rows.numel() // BLOCK_SIZE
+    _fake_quant_kernel[_grid(n_blocks)](
+        rows, _global_scale(x, global_scale), out,
+        n_blocks, rows.shape[1] // BLOCK_SIZE, rows.stride(0), BLOCKS=_BLOCKS_PER_PROGRAM,
+    )  # fmt: skip
+    return out
+
+
+def quantize(x: torch.Tensor, global_scale: torch.Tensor | None = None) -> NVFP4Quantized:
+    """Quantize ``x`` to packed NVFP4; the same bytes as :func:`format.quantize`.
+
+    Args:
+        x: bf16, fp16 or fp32 tensor whose last dimension is a multiple of 16 (finite).
+        global_scale: static global scale ``2688 / amax``; computed from ``x`` when ``None``.
+
+    Returns:
+        ``packed`` uint8 ``[..., K / 2]``, ``block_scale`` float8_e4m3fn ``[..., K / 16]``
+        and the float32 ``[1]`` global scale used.
+    """
+    _check_blocks(x)
+    rows = _rows(x)
+    gs = _global_scale(x, global_scale)
+    leading, k = x.shape[:-1], x.shape[-1]
+    packed = torch.empty((*leading, k // 2), dtype=torch.uint8, device=x.device)
+    scale_bits = torch.empty((*leading, k // BLOCK_SIZE), dtype=torch.uint8, device=x.device)
+    n_blocks = rows.numel() // BLOCK_SIZE
+    _quantize_kernel[_grid(n_blocks)](
+        rows, gs, packed, scale_bits,
+        n_blocks, k // BLOCK_SIZE, rows.stride(0), BLOCKS=_BLOCKS_PER_PROGRAM,
+    )  # fmt: skip
+    return NVFP4Quantized(packed, scale_bits.view(torch.float8_e4m3fn), gs)
+
+
+def dequantize(
+    packed: torch.Tensor,
+    block_scale: torch.Tensor,
+    global_scale: torch.Tensor,
+    dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """Dequantize packed NVFP4 to ``dtype``; equal bit for bit to :func:`format.dequantize`.
+
+    Args:
+        packed: ``uint8 [..., K / 2]``, element ``2i`` in the low nibble.
+        block_scale: ``float8_e4m3fn [..., K / 16]``.
+        global_scale: ``float32 [1]``, ``2688 / amax``.
+        dtype: bf16, fp16 or fp32.
+    """
+    _check_packed(packed, block_scale)
+    out = torch.empty((*packed.shape[:-1], packed.shape[-1] * 2), dtype=dtype, device=packed.device)
+    n_blocks = block_scale.numel()
+    _dequantize_kernel[_grid(n_blocks)](
+        packed.contiguous(), block_scale.contiguous().view(torch.uint8),
+        _scale_on(global_scale, packed.device), out, n_blocks, BLOCKS=_BLOCKS_PER_PROGRAM,
+    )  # fmt: skip
+    return out
+
+
+class _MatmulConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def _matmul_config(m: int, dtype: torch.dtype) -> _MatmulConfig:
+    """Tiles by the number of rows.
+
+    Decode (small M) is bound by reading the weights: it takes the smallest M tile tensor
+    cores allow, and split-K supplies the parallelism. Prefill (large M) takes big tiles to
+    reuse each dequantized weight tile. float32 inputs (no tensor cores unless TF32 is
+    allowed) take half the K tile and two stages, so shared memory fits ~100 KiB GPUs too.
+    """
+    if m <= 16:
+        config = _MatmulConfig(16, 64, 128, num_warps=4, num_stages=4)
+    elif m <= 64:
+        config = _MatmulConfig(64, 64, 128, num_warps=4, num_stages=3)
+    else:
+        config = _MatmulConfig(128, 128, 64, num_warps=8, num_stages=3)
+    if dtype == torch.float32:
+        return config._replace(block_k=config.block_k // 2, num_stages=2)
+    return config
+
+
+def _k_tiles_per_split(tiles: int, k_tiles: int) -> int:
+    """K tiles per program, splitting K only when the output has too few tiles."""
+    split_k = max(1, min(k_tiles, _TARGET_PROGRAMS // tiles))
+    return triton.cdiv(k_tiles, split_k)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """float32 inputs follow PyTorch's TF32 switch, as ``F.linear`` does; 16-bit ignore it."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _check_linear(
+    x: torch.Tensor, packed: torch.Tensor, block_scale: torch.Tensor, bias: torch.Tensor | None
+) -> None:
+    _check_blocks(x)
+    _check_packed(packed, block_scale)
+    if packed.dim() != 2 or packed.shape[1] * 2 != x.shape[-1]:
+        raise ValueError(
+            f"packed weight {tuple(packed.shape)} does not match input {tuple(x.shape)}: "
+            "expected [N, K / 2] with K the input's last dimension."
+        )
+    if bias is not None and bias.shape != packed.shape[:1]:
+        raise ValueError(f"bias {tuple(bias.shape)} does not match N = {packed.shape[0]}.")
+
+
+def _matmul(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale_bits: torch.Tensor,
+    global_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+) -> None:
+    """Launch the W4A16 kernel on ``x [M, K]`` into ``out [M, N]`` (M > 0).
+
+    With split-K the programs write float32 partial sums that a second kernel adds up in
+    a fixed order (deterministic, unlike atomics), adding the bias and rounding once.
+    """
+    (m, k), n = x.shape, packed.shape[0]
+    config = _matmul_config(m, x.dtype)
+    tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+    per_split = _k_tiles_per_split(tiles, triton.cdiv(k, config.block_k))
+    split_k = triton.cdiv(triton.cdiv(k, config.block_k), per_split)
+    target = out if split_k == 1 else torch.empty((split_k, m, n), device=x.device)
+    bias_arg = out if bias is None else bias.contiguous()  # any pointer when there is none
+    _w4a16_kernel[(tiles, split_k)](
+        x, packed, scale_bits, global_scale, bias_arg, target,
+        m, n, k, x.stride(0), packed.stride(0), scale_bits.stride(0), per_split,
+        HAS_BIAS=bias is not None, SPLIT_K=split_k,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=8,
+        INTERPRET=x.device.type != "cuda", PRECISION=_dot_precision(x.dtype),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    if split_k > 1:
+        _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](
+            target, bias_arg, out, m * n, n,
+            HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK=1024,
+        )  # fmt: skip
+
+
+def w4a16_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    block_scale: torch.Tensor,
+    global_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` with ``W = dequantize(packed, block_scale, global_scale, x.dtype)``.
+
+    The weight is dequantized tile by tile in registers (never materialized), multiplied
+    with float32 accumulation, and the result is rounded once to ``x``'s dtype.
+
+    Args:
+        x: ``[..., K]`` activations (bf16, fp16 or fp32).
+        packed: ``uint8 [N, K / 2]``.
+        block_scale: ``float8_e4m3fn [N, K / 16]``.
+        global_scale: ``float32 [1]``.
+        bias: optional ``[N]``.
+
+    Returns:
+        ``[..., N]`` in ``x.dtype``.
+    """
+    _check_linear(x, packed, block_scale, bias)
+    rows = _rows(x)
+    out = torch.empty((*x.shape[:-1], packed.shape[0]), dtype=x.dtype, device=x.device)
+    if rows.shape[0] > 0:
+        scale_bits = _rows(block_scale).view(torch.uint8)
+        gs = _scale_on(global_scale, x.device)
+        _matmul(rows, _rows(packed), scale_bits, gs, bias, out.view(-1, packed.shape[0]))
+    return out
+
+
+def w4a4_linear(
+    x: torch.Tensor,
+    input_global_scale: torch.Tensor,
+    packed: torch.Tensor,
+    block_scale: torch.Tensor,
+    global_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`w4a16_linear` of ``fake_quant(x, input_global_scale)``: NVFP4 weights and
+    activations, what vLLM's NVFP4 emulation computes.
+
+    Args:
+        x: ``[..., K]`` activations (bf16, fp16 or fp32).
+        input_global_scale: the calibrated static activation global scale, ``float32 [1]``.
+        packed, block_scale, global_scale: the packed weight (see :func:`w4a16_linear`).
+        bias: optional ``[N]``.
+    """
+    x_hat = fake_quant(x, input_global_scale)
+    return w4a16_linear(x_hat, packed, block_scale, global_scale, bias)

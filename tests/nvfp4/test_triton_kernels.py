@@ -1,0 +1,252 @@
+"""The Triton kernels against the reference math, bit for bit.
+
+They run on CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1``, set by
+conftest), which is slow: shapes are kept small. The interpreter is not a GPU, so these
+tests check the kernels' arithmetic; the interpreter's own rounding quirks (float32 ->
+bfloat16 truncation, its float8 conversion) are exactly what the kernels avoid relying on.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from hf_qad.nvfp4 import format as ref
+from hf_qad.nvfp4 import triton_kernels as tk
+from hf_qad.nvfp4.triton_kernels import _round_to_bf16
+from nvfp4_cases import _cases
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+CASES = _cases()  # shared with the reference tests: ties, subnormal and zero scales, ...
+
+
+def _scale_bits(q: ref.NVFP4Quantized) -> torch.Tensor:
+    return q.block_scale.view(torch.uint8)
+
+
+def _assert_same_bytes(got: ref.NVFP4Quantized, want: ref.NVFP4Quantized) -> None:
+    assert torch.equal(got.packed, want.packed)
+    assert torch.equal(_scale_bits(got), _scale_bits(want))
+    assert torch.equal(got.global_scale, want.global_scale)
+
+
+def _assert_bits_equal(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Equal including the sign of zero (torch.equal treats -0.0 == 0.0)."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert torch.equal(got, want)
+    assert torch.equal(torch.signbit(got), torch.signbit(want))
+
+
+def _strided_views() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    wide = torch.randn(9, 80, generator=g)
+    return {
+        "row_stride": wide[:, 16:64],  # contiguous rows, row stride 80: read in place
+        "transposed": torch.randn(48, 7, generator=g).t(),  # last-dim stride 7: copied
+        "3d": torch.randn(2, 5, 32, generator=g) * 4,
+        "k16": torch.randn(70, 16, generator=g),  # 70 blocks: a partial second program
+    }
+
+
+# --------------------------------------------------------------------- fake_quant
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fake_quant_is_bit_exact(case, dtype):
+    x = CASES[case].to(dtype)
+    _assert_bits_equal(tk.fake_quant(x), ref.fake_quant(x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", sorted(_strided_views()))
+def test_fake_quant_strided_and_odd_shapes(case, dtype):
+    x = _strided_views()[case].to(dtype)
+    _assert_bits_equal(tk.fake_quant(x), ref.fake_quant(x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_static_global_scale_saturates_like_the_reference(dtype):
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(24, 64, generator=g) * 3).to(dtype)
+    gs = ref.global_scale_from_amax(torch.tensor(2.0))  # |x| reaches ~10: blocks saturate
+    _assert_bits_equal(tk.fake_quant(x, gs), ref.fake_quant(x, gs))
+    _assert_same_bytes(tk.quantize(x, gs), ref.quantize(x, gs))
+
+
+# -------------------------------------------------------------- quantize, dequantize
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_quantize_bytes_and_dequantize_are_exact(case, dtype):
+    x = CASES[case].to(dtype)
+    q = tk.quantize(x)
+    want = ref.quantize(x)
+    _assert_same_bytes(q, want)
+    _assert_bits_equal(tk.dequantize(*want, dtype=dtype), ref.dequantize(*want, dtype=dtype))
+
+
+@pytest.mark.parametrize("case", sorted(_strided_views()))
+def test_quantize_strided_and_odd_shapes(case):
+    x = _strided_views()[case].to(torch.bfloat16)
+    q = tk.quantize(x)
+    _assert_same_bytes(q, ref.quantize(x))
+    _assert_bits_equal(tk.dequantize(*q), ref.dequantize(*q))
+
+
+def _e4m3_midpoints() -> torch.Tensor:
+    """Every midpoint between adjacent positive e4m3 values, and the floats either side."""
+    values = torch.arange(0, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    mid = (values[:-1] + values[1:]) / 2
+    above = torch.nextafter(mid, torch.tensor(float("inf")))
+    below = torch.nextafter(mid, torch.tensor(0.0))
+    beyond = torch.tensor([448.0, 460.0, 464.0, 500.0, 1e4])  # saturation at 448
+    return torch.cat([mid, above, below, values, beyond])
+
+
+def test_block_scales_round_to_e4m3_like_pytorch_at_every_midpoint():
+    """With gs = 1 a block of amax ``6 s`` asks for block scale ``s`` exactly."""
+    scales = _e4m3_midpoints()
+    x = torch.zeros(scales.numel(), 16)
+    x[:, 5] = scales * 6
+    gs = torch.ones(1)
+    assert torch.equal(x[:, 5] / 6, scales)  # the request reaches the rounding unchanged
+    _assert_same_bytes(tk.quantize(x, gs), ref.quantize(x, gs))
+    _assert_bits_equal(tk.fake_quant(x, gs), ref.fake_quant(x, gs))
+
+
+def test_dequantize_every_code_pair_and_scale_byte():
+    """Every finite scale byte (254 rows of 2 blocks), all 256 bytes (code pairs) among them."""
+    scale_bytes = torch.cat([torch.arange(0, 127), torch.arange(128, 255)]).to(torch.uint8)
+    rows = scale_bytes.numel()
+    packed = (torch.arange(rows * 16) % 256).to(torch.uint8).reshape(rows, 16)
+    block_scale = scale_bytes[:, None].repeat(1, 2).view(torch.float8_e4m3fn)
+    gs = torch.tensor([0.37])  # an arbitrary scale: sb / gs has a full float32 mantissa
+    for dtype in DTYPES:
+        want = ref.dequantize(packed, block_scale, gs, dtype=dtype)
+        _assert_bits_equal(tk.dequantize(packed, block_scale, gs, dtype=dtype), want)
+
+
+@triton.jit
+def _round_to_bf16_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(out_ptr + offs, _round_to_bf16(tl.load(x_ptr + offs, mask=mask)), mask=mask)
+
+
+def test_bf16_rounding_is_nearest_even_where_the_interpreter_truncates():
+    ties = torch.tensor([0x3F808000, 0x3F818000, 0xBF808000, 0x3F7F8000, 0x7F7F8000],
+                        dtype=torch.int64).to(torch.int32).view(torch.float32)  # fmt: skip
+    g = torch.Generator().manual_seed(3)
+    x = torch.cat([ties, torch.randn(400, generator=g) * 1e3, torch.tensor([1e-40, -0.0])])
+    out = torch.empty_like(x)
+    _round_to_bf16_kernel[(1,)](x, out, x.numel(), BLOCK=512)
+    _assert_bits_equal(out.to(torch.bfloat16), x.to(torch.bfloat16))
+    assert torch.equal(out, out.to(torch.bfloat16).float())  # exactly representable
+
+
+# ------------------------------------------------------------------------- linear
+
+
+def _weight(n: int, k: int, seed: int) -> ref.NVFP4Quantized:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * torch.logspace(-2, 1, k)  # varied block scales
+    return ref.quantize(w)
+
+
+def _assert_linear_close(y, x, w, bias):
+    """``y`` is ``F.linear(x, w, bias)`` accumulated in float32 in some order, rounded once.
+
+    Its distance to the float32 result is at most the final rounding (half an ulp of the
+    output dtype) plus K float32 roundings of partial sums bounded by ``|x| @ |w|^T``.
+    """
+    assert y.dtype == x.dtype
+    bias32 = None if bias is None else bias.float()
+    expected = F.linear(x.float(), w.float(), bias32).double()
+    assert y.shape == expected.shape
+    magnitude = x.double().abs() @ w.double().abs().T
+    if bias is not None:
+        magnitude = magnitude + bias.double().abs()
+    rounding = torch.finfo(x.dtype).eps / 2 * expected.abs()
+    order = x.shape[-1] * torch.finfo(torch.float32).eps * magnitude
+    assert torch.all((y.double() - expected).abs() <= rounding + order)
+
+
+LINEAR_SHAPES = {
+    "decode_split_k": (1, 48, 512),  # small M: GEMV tiles, K split over 4 programs
+    "decode_k16": (3, 20, 16),
+    "mid_m": (40, 48, 256),
+    "prefill_tiles": (130, 136, 64),  # 2 x 2 tiles of 128, both partial; no split
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("shape", sorted(LINEAR_SHAPES))
+def test_w4a16_linear_matches_dequantized_matmul(shape, with_bias, dtype):
+    m, n, k = LINEAR_SHAPES[shape]
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    q = _weight(n, k, seed=5)
+    bias = torch.randn(n, generator=g).to(dtype) if with_bias else None
+    y = tk.w4a16_linear(x, *q, bias=bias)
+    _assert_linear_close(y, x, ref.dequantize(*q, dtype=dtype), bias)
+
+
+@pytest.mark.parametrize("case", ["3d", "row_stride", "transposed"])
+def test_w4a16_linear_takes_leading_dims_and_strided_input(case):
+    x = _strided_views()[case].to(torch.bfloat16)
+    q = _weight(24, x.shape[-1], seed=6)
+    y = tk.w4a16_linear(x, *q)
+    assert y.shape == (*x.shape[:-1], 24)
+    _assert_linear_close(y, x, ref.dequantize(*q), None)
+
+
+def test_w4a16_linear_reads_a_strided_weight_view():
+    """Columns of a wider packed weight: its rows are strided in packed and scale bytes."""
+    q = _weight(24, 96, seed=11)
+    packed, block_scale = q.packed[:, 8:40], q.block_scale[:, 1:5]  # K positions 16 .. 80
+    x = torch.randn(5, 64).to(torch.bfloat16)
+    y = tk.w4a16_linear(x, packed, block_scale, q.global_scale)
+    w = ref.dequantize(packed, block_scale, q.global_scale)
+    _assert_linear_close(y, x, w, None)
+
+
+def test_w4a16_linear_zero_rows():
+    q = _weight(16, 32, seed=7)
+    assert tk.w4a16_linear(torch.zeros(0, 32), *q).shape == (0, 16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ["decode_split_k", "prefill_tiles"])
+def test_w4a4_linear_matches_fake_quantized_matmul(shape, dtype):
+    m, n, k = LINEAR_SHAPES[shape]
+    g = torch.Generator().manual_seed(8)
+    x = (torch.randn(m, k, generator=g) * 2).to(dtype)
+    input_gs = ref.global_scale_from_amax(torch.tensor(3.0))  # some activations saturate
+    q = _weight(n, k, seed=9)
+    bias = torch.randn(n, generator=g).to(dtype)
+    y = tk.w4a4_linear(x, input_gs, *q, bias=bias)
+    x_hat = ref.fake_quant(x, input_gs)
+    _assert_linear_close(y, x_hat, ref.dequantize(*q, dtype=dtype), bias)
+
+
+# ------------------------------------------------------------------------- errors
+
+
+def test_bad_shapes_and_dtypes_are_refused():
+    with pytest.raises(ValueError, match="multiple of 16"):
+        tk.fake_quant(torch.randn(4, 24))
+    with pytest.raises(ValueError, match="bf16, fp16 or fp32"):
+        tk.quantize(torch.ones(4, 16, dtype=torch.float64))
+    q = _weight(16, 32, seed=10)
+    with pytest.raises(ValueError, match="does not match input"):
+        tk.w4a16_linear(torch.randn(2, 64), *q)
+    with pytest.raises(ValueError, match="same tensor"):
+        tk.dequantize(q.packed, q.block_scale[:, :1], q.global_scale)
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        tk.dequantize(q.packed, q.block_scale.float(), q.global_scale)
+    with pytest.raises(ValueError, match="bias"):
+        tk.w4a16_linear(torch.randn(2, 32), *q, bias=torch.zeros(3))
