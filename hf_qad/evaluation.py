@@ -25,13 +25,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ComparisonResult", "chunk_token_ids", "compare_to_teacher"]
+__all__ = [
+    "ComparisonResult",
+    "chunk_token_ids",
+    "compare_to_teacher",
+    "layer_quantization_errors",
+    "multiple_choice_accuracy",
+]
 
 
 @dataclass
@@ -43,8 +49,10 @@ class ComparisonResult:
     student_ppl: float
     teacher_ppl: float
     tokens: int
+    kl_by_position: list[float] = field(default_factory=list)
+    """Mean KL at each position of the rows (position 0 predicts token 1)."""
 
-    def as_dict(self) -> dict[str, float]:
+    def as_dict(self) -> dict[str, float | list[float]]:
         return asdict(self)
 
 
@@ -83,12 +91,19 @@ def compare_to_teacher(
     teacher_device = next(teacher.parameters()).device
     kl = agree = nll_s = nll_t = 0.0
     count = 0
+    kl_positions: torch.Tensor | None = None
+    rows = 0
     try:
         for input_ids in batches:
             s_logp = F.log_softmax(_logits(student, input_ids.to(device))[:, :-1], dim=-1)
             t_logp = F.log_softmax(_logits(teacher, input_ids.to(teacher_device))[:, :-1], dim=-1).to(device)
             target = input_ids[:, 1:].to(device).unsqueeze(-1)
-            kl += float((t_logp.exp() * (t_logp - s_logp)).sum(-1).double().sum())
+            token_kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+            kl += float(token_kl.double().sum())
+            if kl_positions is None or kl_positions.shape[0] == token_kl.shape[1]:
+                position_sum = token_kl.double().sum(0).cpu()
+                kl_positions = position_sum if kl_positions is None else kl_positions + position_sum
+                rows += token_kl.shape[0]
             agree += float((s_logp.argmax(-1) == t_logp.argmax(-1)).sum())
             nll_s -= float(s_logp.gather(-1, target).double().sum())
             nll_t -= float(t_logp.gather(-1, target).double().sum())
@@ -104,4 +119,52 @@ def compare_to_teacher(
         student_ppl=math.exp(nll_s / count),
         teacher_ppl=math.exp(nll_t / count),
         tokens=count,
+        kl_by_position=(kl_positions / rows).clamp(min=0).tolist() if kl_positions is not None else [],
     )
+
+
+@torch.no_grad()
+def multiple_choice_accuracy(model: nn.Module, tokenizer, rows: Iterable[dict]) -> float:
+    """Accuracy on ARC-style multiple-choice rows by the log-likelihood of each choice.
+
+    Each row has ``question``, ``choices`` (``{"text": [...], "label": [...]}``) and
+    ``answerKey``. The model scores ``" " + choice`` after ``"Question: ...\nAnswer:"``
+    by the sum of its token log-probabilities (the ``acc`` metric of common harnesses).
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct = total = 0
+    try:
+        for row in rows:
+            prompt_ids = tokenizer(f"Question: {row['question']}\nAnswer:", add_special_tokens=True)["input_ids"]
+            scores = []
+            for choice in row["choices"]["text"]:
+                choice_ids = tokenizer(" " + choice, add_special_tokens=False)["input_ids"]
+                ids = torch.tensor([prompt_ids + choice_ids], device=device)
+                logp = F.log_softmax(model(input_ids=ids, use_cache=False).logits[0, :-1].float(), -1)
+                targets = ids[0, 1:]
+                token_logp = logp.gather(-1, targets[:, None])[-len(choice_ids):]
+                scores.append(float(token_logp.sum()))
+            predicted = row["choices"]["label"][max(range(len(scores)), key=scores.__getitem__)]
+            correct += predicted == row["answerKey"]
+            total += 1
+    finally:
+        model.train(was_training)
+    if total == 0:
+        raise ValueError("multiple_choice_accuracy() got no rows.")
+    return correct / total
+
+
+@torch.no_grad()
+def layer_quantization_errors(model: nn.Module) -> dict[str, float]:
+    """Relative weight error ``||W_hat - W|| / ||W||`` of every fake-quant NVFP4 layer."""
+    from hf_qad.quantizer.conversion import nvfp4_modules
+
+    errors = {}
+    for name, layer in nvfp4_modules(model).items():
+        if layer.is_packed:
+            continue
+        weight = layer.weight.float()
+        errors[name] = float((layer.fake_quantized_weight().float() - weight).norm() / weight.norm().clamp(min=1e-30))
+    return errors

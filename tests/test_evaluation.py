@@ -46,3 +46,35 @@ def test_chunking_and_errors():
         chunk_token_ids([1, 2], 4)
     with pytest.raises(ValueError, match="no tokens"):
         compare_to_teacher(_model(0), _model(0), [])
+
+
+def test_kl_by_position_averages_rows():
+    student, teacher = _model(0), _model(1)
+    ids = torch.randint(0, 64, (3, 10))
+    result = compare_to_teacher(student, teacher, [ids])
+    assert len(result.kl_by_position) == 9
+    assert sum(result.kl_by_position) / 9 == pytest.approx(result.kl, rel=1e-5)
+
+
+def test_multiple_choice_accuracy_picks_the_most_likely_choice():
+    from hf_qad.evaluation import multiple_choice_accuracy
+    from tiny_models import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    model = _model(0)
+    model.resize_token_embeddings(len(tokenizer)) if len(tokenizer) > 64 else None
+    rows = [{"question": "sky?", "choices": {"text": ["blue", "red", "x"], "label": ["A", "B", "C"]}, "answerKey": key}
+            for key in "ABC"]
+    accuracy = multiple_choice_accuracy(model, tokenizer, rows)
+    assert accuracy == pytest.approx(1 / 3)  # one fixed prediction, one of three keys right
+    with pytest.raises(ValueError, match="no rows"):
+        multiple_choice_accuracy(model, tokenizer, [])
+
+
+def test_layer_quantization_errors():
+    from hf_qad.evaluation import layer_quantization_errors
+    from hf_qad.nvfp4.linear import NVFP4Linear
+
+    model = torch.nn.Sequential(NVFP4Linear(32, 16, quantize_activations=False))
+    errors = layer_quantization_errors(model)
+    assert list(errors) == ["0"] and 0.05 < errors["0"] < 0.2
