@@ -6,10 +6,12 @@ Importing hf_qad registers :class:`NVFP4Config` with transformers:
     >>> model = AutoModelForCausalLM.from_pretrained(path, quantization_config=hf_qad.NVFP4Config())  # doctest: +SKIP
 """
 
+from hf_qad.export import save_modelopt_checkpoint
 from hf_qad.nvfp4.calibration import calibrate
 from hf_qad.nvfp4.linear import NVFP4Linear
 from hf_qad.quantizer import NVFP4Config, NVFP4HfQuantizer, register
 from hf_qad.quantizer.checkpoints import MasterWeightCheckpointCallback, master_weight_checkpoint, unpack_model
+from hf_qad.quantizer.peft import teacher_mode
 
 __version__ = "0.1.0.dev0"
 
@@ -35,5 +37,7 @@ __all__ = [
     "QADTrainer",
     "calibrate",
     "master_weight_checkpoint",
+    "save_modelopt_checkpoint",
+    "teacher_mode",
     "unpack_model",
 ]
