@@ -11,20 +11,31 @@ Kernels
 
 Exactness
 ---------
-Every step follows the order of operations of :mod:`hf_qad.nvfp4.format`: divisions
-use ``tl.div_rn`` (Triton's ``/`` on float32 is approximate on GPUs) and no float
+Every step follows the order of operations of :mod:`hf_qad.nvfp4.format` (its docstring
+lists them): divisions use ``tl.div_rn`` (Triton's ``/`` on float32 is approximate on
+GPUs), ``amax / 6`` is rounded to the input's dtype as in the reference, and no float
 addition follows a multiplication, so no FMA contraction can change a rounding. The
-two conversions whose rounding matters are done with integer arithmetic on the float32
-bits instead of casts, because Triton's CPU interpreter (which the tests run on)
-truncates float32 -> bfloat16 and rounds float8 differently from PyTorch:
+conversions whose rounding matters are done with integer arithmetic on the float32 bits
+rather than casts, because Triton's CPU interpreter (which the tests run on) truncates
+float32 -> bfloat16 and rounds float8 differently from PyTorch:
 
 * the block scale's rounding to e4m3 (:func:`_round_to_e4m3`), and
-* the output's rounding to bfloat16 (:func:`_round_to_bf16`); its result is exactly
-  representable, so the cast of the store is exact on the interpreter and on GPUs.
-  (float32 -> float16 casts round to nearest even on both and are left to the store.)
+* rounding to bfloat16 (:func:`_round_to_bf16`); the result is exactly representable, so
+  the store's cast is exact on the interpreter and on GPUs alike. (float32 -> float16
+  casts round to nearest even on both.)
 
-Scales are read and written as uint8 bits, so the kernels need no float8 support from
-the GPU (they run on Ampere too).
+Scales are read and written as uint8 bits, so no kernel needs float8 support from the
+GPU (Ampere works).
+
+The matmul
+----------
+:func:`w4a16_linear` never materializes W: each program loads packed bytes and scale
+bytes (3.5x fewer bytes than bf16 weights), decodes them to float32, rounds to the
+activation dtype (the weight :func:`format.dequantize` would give) and feeds ``tl.dot``
+with float32 accumulation. Small M (decode) uses 16-row tiles and splits K until there
+are about :data:`_TARGET_PROGRAMS` programs, so that reading the weights, the bound at
+batch 1, uses the whole GPU; the split partial sums are added in a fixed order
+(deterministic, no atomics).
 
 Example (on CPU tensors this needs ``TRITON_INTERPRET=1`` set before importing triton):
     >>> import torch
@@ -185,8 +196,10 @@ def _e2m1_value(code):
 def _block_scales(amax, global_scale, dtype: tl.constexpr):
     """Stored block scale ``e4m3(clamp(gs * (amax / 6)))`` (zero -> 0.125) and ``sb / gs``.
 
-    ``amax / 6`` is rounded to ``dtype``, the input's dtype, as PyTorch's division of a
-    bf16/fp16 tensor (float32 math, one rounding back) does in the reference.
+    ``amax / 6`` is the correctly rounded float32 quotient rounded to ``dtype`` (the
+    input's), as the reference computes it on CPU. (PyTorch on CUDA turns a division by a
+    Python scalar into a multiplication by its rounded reciprocal, so the reference run on
+    a GPU can differ from itself on CPU in rare blocks; we follow the CPU definition.)
     """
     scale = global_scale * _round_to(tl.div_rn(amax, _E2M1_MAX), dtype)
     scale = _round_to_e4m3(tl.minimum(tl.maximum(scale, -_E4M3_MAX), _E4M3_MAX))
@@ -284,7 +297,8 @@ def _weight_tile(packed_ptr, scale_ptr, global_scale, offs_n, n_mask, k_block0, 
 
 @triton.jit
 def _dot_acc(x, w, acc, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
-    """``acc + x @ w`` with ``w`` (float32) rounded to ``x``'s dtype first, as the reference."""
+    """``acc + x @ w^T`` for a float32 tile ``w`` rounded to ``x``'s dtype, as the reference
+    dequantizes to the activation dtype before multiplying."""
     if INTERPRET:
         # The interpreter multiplies bfloat16 tiles as raw integers and truncates casts:
         # round like a GPU cast and multiply in float32 (16-bit products are exact there).
