@@ -1,0 +1,75 @@
+"""Pieces shared by the ``hf-qad`` subcommands: loading, token batches, printing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from hf_qad.data import load_text_dataset
+from hf_qad.evaluation import chunk_token_ids
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class CommandError(SystemExit):
+    """A user error: printed as one line, exit status 2, no traceback."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"hf-qad: error: {message}")
+
+
+def existing_path(value: str) -> str:
+    """argparse type: a file or folder that exists."""
+    if not Path(value).expanduser().exists():
+        raise argparse.ArgumentTypeError(f"{value} does not exist")
+    return str(Path(value).expanduser())
+
+
+def text_token_rows(source: str, tokenizer, seq_len: int, max_tokens: int | None) -> torch.Tensor:
+    """``[n, seq_len]`` token rows from a text file or dataset (its ``text`` column)."""
+    try:
+        dataset = load_text_dataset(source)
+    except (FileNotFoundError, ValueError) as error:
+        raise CommandError(str(error)) from error
+    if "text" not in dataset.column_names:
+        raise CommandError(f"{source} has no 'text' column (columns: {', '.join(dataset.column_names)}).")
+    ids: list[int] = []
+    for text in dataset["text"]:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
+    try:
+        return chunk_token_ids(ids, seq_len, max_tokens)
+    except ValueError as error:
+        raise CommandError(f"{source}: {error}") from error
+
+
+def batches(rows: torch.Tensor, batch_size: int, desc: str) -> Iterable[torch.Tensor]:
+    """Row batches with a progress bar."""
+    starts = range(0, rows.shape[0], batch_size)
+    for start in tqdm(starts, desc=desc, unit="batch"):
+        yield rows[start : start + batch_size]
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """A markdown table of ``rows`` (floats to 4 significant digits), printed and returned."""
+
+    def cell(value: Any) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+    table = "\n".join(lines)
+    print(table)
+    return table
+
+
+def write_json(path: Path, content: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(content, indent=2) + "\n")

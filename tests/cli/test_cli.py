@@ -1,0 +1,93 @@
+"""The hf-qad command on tiny models: quantize, export, eval, train, demo, and bad input."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import hf_qad
+from hf_qad.cli.main import main
+from tiny_models import TEXTS, save_tiny_llama_with_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return save_tiny_llama_with_tokenizer(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "text.txt"
+    path.write_text("\n\n".join(TEXTS * 6))
+    return path
+
+
+def test_quantize_writes_a_calibrated_packed_checkpoint(tiny, text_file, tmp_path, capsys):
+    main(["quantize", "--model", str(tiny), "--output_dir", str(tmp_path / "ptq"), "--calibration_data",
+          str(text_file), "--seq_len", "32", "--batch_size", "2", "--calibration_batches", "2"])
+    assert "wrote packed NVFP4 (w4a4" in capsys.readouterr().out
+    config = json.loads((tmp_path / "ptq" / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "nvfp4-pack-quantized"
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ptq")
+    assert model.model.layers[0].mlp.up_proj.is_packed and model.model.layers[0].mlp.up_proj.input_calibrated
+    assert (tmp_path / "ptq" / "tokenizer.json").exists()
+
+
+def test_quantize_w4a4_without_calibration_data_is_a_clear_error(tiny, tmp_path):
+    with pytest.raises(SystemExit, match="W4A4 needs --calibration_data"):
+        main(["quantize", "--model", str(tiny), "--output_dir", str(tmp_path / "x")])
+
+
+def test_bad_path_is_reported_by_argparse(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--student", str(tmp_path / "nope"), "--teacher", str(tmp_path), "--data", str(tmp_path)])
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_eval_prints_a_table_and_writes_json_and_png(tiny, text_file, tmp_path, capsys):
+    main(["quantize", "--model", str(tiny), "--output_dir", str(tmp_path / "ptq"), "--scheme", "w4a16"])
+    main(["eval", "--student", str(tmp_path / "ptq"), "--teacher", str(tiny), "--data", str(text_file),
+          "--tokens", "256", "--seq_len", "32", "--output_dir", str(tmp_path / "eval")])
+    out = capsys.readouterr().out
+    assert "| model | perplexity | kl | top1_agreement |" in out
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert result["tokens"] == 8 * 31 and result["student"]["kl"] > 0
+    assert (tmp_path / "eval" / "eval.png").stat().st_size > 1000
+
+
+def test_train_from_flags_and_yaml_then_export(tiny, text_file, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model_name_or_path: {tiny}\ndataset_name: {text_file}\nnvfp4_scheme: w4a16\n"
+                      "max_steps: 2\nper_device_train_batch_size: 2\nuse_cpu: true\nreport_to: []\n"
+                      "save_steps: 1\nlogging_steps: 1\n")
+    main(["train", "--config", str(config), "--output_dir", str(tmp_path / "run"), "--max_length", "48"])
+    final = json.loads((tmp_path / "run" / "config.json").read_text())["quantization_config"]
+    assert final["format"] == "nvfp4-pack-quantized" and final["hf_qad"]["scheme"] == "w4a16"
+    checkpoint = tmp_path / "run" / "checkpoint-1"
+    assert json.loads((checkpoint / "config.json").read_text())["quantization_config"]["weights_format"] == "master"
+    main(["export", "--checkpoint", str(checkpoint), "--output_dir", str(tmp_path / "exported")])
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
+    assert exported.model.layers[0].mlp.up_proj.is_packed
+
+
+def test_export_refuses_a_plain_model(tiny, tmp_path):
+    with pytest.raises(SystemExit, match="not an hf_qad NVFP4 checkpoint"):
+        main(["export", "--checkpoint", str(tiny), "--output_dir", str(tmp_path / "x")])
+
+
+def test_demo_on_a_tiny_model(tiny, tmp_path, capsys):
+    main(["demo", "--model", str(tiny), "--output_dir", str(tmp_path / "demo"), "--train_prompts", "4",
+          "--eval_prompts", "2", "--new_tokens", "8", "--steps", "2", "--batch_size", "2"])
+    out = capsys.readouterr().out
+    assert "NVFP4 w4a4 PTQ" in out and "NVFP4 w4a4 QAD" in out
+    rows = json.loads((tmp_path / "demo" / "demo.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["BF16 teacher", "NVFP4 w4a4 PTQ", "NVFP4 w4a4 QAD"]
+    assert (tmp_path / "demo" / "nvfp4" / "model.safetensors").exists()
+    assert hf_qad.NVFP4Linear is not None and torch.isfinite(torch.tensor(rows[1]["kl"]))
+
+
+def test_no_command_prints_help(capsys):
+    with pytest.raises(SystemExit):
+        main([])
+    assert "hf-qad demo" in capsys.readouterr().out
