@@ -29,7 +29,7 @@ Example:
     >>> head = torch.nn.Linear(8, 32, bias=False)
     >>> h = torch.randn(5, 8, requires_grad=True)
     >>> out = chunked_distillation_loss(h, head, h.detach(), head, torch.randint(0, 32, (5,)))
-    >>> round(float(out.divergence), 6), float(out.top1_agreement), out.tokens
+    >>> round(out.divergence.item(), 6), out.top1_agreement.item(), out.tokens
     (0.0, 5.0, 5)
 """
 
