@@ -6,7 +6,7 @@ Importing hf_qad registers :class:`NVFP4Config` with transformers:
     >>> model = AutoModelForCausalLM.from_pretrained(path, quantization_config=hf_qad.NVFP4Config())  # doctest: +SKIP
 """
 
-from hf_qad.export import save_modelopt_checkpoint
+from hf_qad.export import attach_model_card, save_modelopt_checkpoint
 from hf_qad.nvfp4.calibration import calibrate
 from hf_qad.nvfp4.linear import NVFP4Linear
 from hf_qad.quantizer import NVFP4Config, NVFP4HfQuantizer, register
@@ -34,6 +34,7 @@ __all__ = [
     "NVFP4Linear",
     "QADConfig",
     "QADTrainer",
+    "attach_model_card",
     "calibrate",
     "master_weight_checkpoint",
     "save_modelopt_checkpoint",

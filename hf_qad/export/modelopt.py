@@ -60,6 +60,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hf_qad.nvfp4.format import BLOCK_SIZE
+from hf_qad.quantizer.checkpoints import _nvfp4_config
 from hf_qad.quantizer.config import NVFP4Config
 
 if TYPE_CHECKING:
@@ -208,9 +209,7 @@ def save_modelopt_checkpoint(
     Example:
         >>> # save_modelopt_checkpoint(model, "out/llama-nvfp4-trtllm", tokenizer=tokenizer)
     """
-    config = getattr(model.config, "quantization_config", None)
-    if not isinstance(config, NVFP4Config):
-        raise ValueError("save_modelopt_checkpoint needs a model loaded with hf_qad's NVFP4Config.")
+    config = _nvfp4_config(model)
     if config.save_master_weights:
         raise ValueError("a ModelOpt checkpoint holds packed weights; call it outside master_weight_checkpoint().")
     directory = Path(save_directory)
