@@ -65,6 +65,11 @@ class NVFP4Linear(nn.Linear):
         input_global_scale: ``2688 / amax`` of calibrated inputs; 0 until calibrated.
         global_scale_peers: other layers that must share this layer's weight global
             scale (fused q/k/v or gate/up in serving engines); empty by default.
+        quantization_enabled: ``True`` by default. ``False`` makes a fake-mode layer a
+            plain high-precision Linear (no weight or activation quantization), so a
+            frozen base computes its original logits, e.g. as the distillation teacher
+            (:func:`hf_qad.teacher_mode`). A packed layer has no high-precision weight
+            and refuses to run with it off.
     """
 
     def __init__(
@@ -92,6 +97,7 @@ class NVFP4Linear(nn.Linear):
         self.module_name: str | None = None
         self.global_scale_peers: tuple[NVFP4Linear, ...] = ()
         self.input_calibrated = False
+        self.quantization_enabled = True
         self._warned_uncalibrated = False
         self._frozen_cache: tuple[tuple, torch.Tensor] | None = None
         self._unpacked_global_scale: tuple[int, torch.Tensor] | None = None
@@ -135,15 +141,16 @@ class NVFP4Linear(nn.Linear):
         """The packed weight buffer; absent in fake mode.
 
         peft looks up ``qweight`` before ``weight`` to find a quantized base layer's
-        device, so LoRA can wrap a packed layer (which has no ``weight``).
+        device, so LoRA can wrap a packed layer (whose ``weight`` is ``None``).
         """
         if not self.is_packed:
             raise AttributeError("qweight: NVFP4Linear in fake mode has a master `weight` instead.")
         return self.weight_packed
 
     def _become_packed(self, packed: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor) -> None:
-        if "weight" in self._parameters:
-            del self._parameters["weight"]
+        # `weight` stays an attribute, set to None (no parameter, nothing in the state
+        # dict): peft reads `layer.weight` of every nn.Linear it wraps.
+        self.register_parameter("weight", None)
         self._frozen_cache = None
         self.register_buffer("weight_packed", packed)
         self.register_buffer("weight_scale", block_scale)
@@ -225,9 +232,21 @@ class NVFP4Linear(nn.Linear):
             self._unpacked_global_scale = (self.weight._version, global_scale)
         return self
 
+    def mark_weight_changed(self) -> None:
+        """Forget everything derived from the master weight; call after writing it through ``.data``.
+
+        Writes through ``weight.data`` (peft's LoRA merge and unmerge use them) bypass
+        PyTorch's version counter, which the frozen-weight cache and the stored global
+        scale of :meth:`unpack` rely on. The global-scale peers share the weight global
+        scale, so their caches go too.
+        """
+        for layer in (self, *self.global_scale_peers):
+            layer._frozen_cache = None
+        self._unpacked_global_scale = None
+
     def _unpacked_weight_unchanged(self) -> bool:
         record = self._unpacked_global_scale
-        return record is not None and "weight" in self._parameters and self.weight._version == record[0]
+        return record is not None and self.weight is not None and self.weight._version == record[0]
 
     # ------------------------------------------------------------------ activations
     def _input_global_scale(self, x: torch.Tensor) -> torch.Tensor:
@@ -245,6 +264,13 @@ class NVFP4Linear(nn.Linear):
         return global_scale_from_amax(x.detach().abs().amax())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.quantization_enabled:
+            if self.is_packed:
+                raise RuntimeError(
+                    f"NVFP4Linear {self._name() or ''} is packed: it holds no high-precision weight, "
+                    "so its quantization cannot be turned off."
+                )
+            return F.linear(x, self.weight, self.bias)
         input_scale = self._input_global_scale(x) if self.quantize_activations else None
         if self.is_packed:
             return functional.linear(x, self.quantized_weight(), self.bias, input_scale)
