@@ -11,6 +11,7 @@ from hf_qad.nvfp4.calibration import calibrate
 from hf_qad.nvfp4.linear import NVFP4Linear
 from hf_qad.quantizer import NVFP4Config, NVFP4HfQuantizer, register
 from hf_qad.quantizer.checkpoints import MasterWeightCheckpointCallback, master_weight_checkpoint, unpack_model
+from hf_qad.quantizer.peft import teacher_mode
 
 __version__ = "0.1.0.dev0"
 
@@ -38,5 +39,6 @@ __all__ = [
     "calibrate",
     "master_weight_checkpoint",
     "save_modelopt_checkpoint",
+    "teacher_mode",
     "unpack_model",
 ]

@@ -1,0 +1,169 @@
+"""LoRA (peft) on NVFP4 models, and the frozen base as its own BF16 teacher.
+
+``peft.get_peft_model`` works on a model loaded with ``NVFP4Config`` as is:
+:class:`~hf_qad.nvfp4.linear.NVFP4Linear` subclasses ``nn.Linear``, so peft's stock
+LoRA ``Linear`` wraps it and calls its forward. Nothing has to be registered with
+peft, and ``PeftModel.from_pretrained(base, adapter_dir)`` restores the adapters on
+a base loaded with hf_qad. The frozen base is fake-quantized once and cached.
+
+* **Adapters** stay in high precision; the forward is ``quant(W) x + B A x``.
+* **Export**: ``peft_model.merge_and_unload()`` adds ``B A`` into the master weights;
+  ``save_pretrained`` on the result writes the packed NVFP4 checkpoint. The merged
+  weight is quantized as a whole, so the exported model is close to, not equal to,
+  the unmerged one (as with QLoRA).
+* **Packed base** (a packed checkpoint loaded for inference): adapters train on it,
+  but there is no master weight to merge into; merging raises and says to
+  ``hf_qad.unpack_model`` first, or to merge into the master-weight model.
+* **Teacher**: within :func:`teacher_mode`, adapters and quantization are off, so
+  the same model computes the original BF16 model's logits.
+
+peft writes merges through ``weight.data``, which PyTorch does not version; importing
+hf_qad wraps peft's LoRA ``Linear.merge``/``unmerge`` so NVFP4 bases drop their cached
+quantized weights afterwards (and packed bases refuse to merge).
+
+Example:
+    >>> import tempfile, torch, hf_qad
+    >>> from peft import LoraConfig, get_peft_model
+    >>> from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    >>> path = tempfile.mkdtemp()
+    >>> LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+    ...     num_hidden_layers=1, num_attention_heads=2)).save_pretrained(path)
+    >>> base = AutoModelForCausalLM.from_pretrained(
+    ...     path, quantization_config=hf_qad.NVFP4Config(scheme="w4a16"))
+    >>> model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear"))
+    >>> ids = torch.randint(0, 64, (1, 8))
+    >>> model(ids, labels=ids).loss.backward()  # only the adapters get gradients
+    >>> with hf_qad.teacher_mode(model):
+    ...     teacher_logits = model(ids).logits  # the BF16 model's logits
+    >>> merged = model.merge_and_unload()
+    >>> merged.save_pretrained(tempfile.mkdtemp())  # packed NVFP4, adapters included
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from peft import PeftModel
+from peft.tuners.lora.layer import Linear as LoraLinear
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from hf_qad.nvfp4.linear import NVFP4Linear
+from hf_qad.quantizer.conversion import nvfp4_modules
+
+__all__ = ["teacher_mode"]
+
+
+def _list(names: list[str], limit: int = 3) -> str:
+    return ", ".join(names[:limit]) + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
+
+
+@contextmanager
+def teacher_mode(model: PeftModel) -> Iterator[PeftModel]:
+    """Within this block, ``model`` computes its BF16 base model's outputs: the teacher.
+
+    Disables the adapters (peft's ``disable_adapter``) and turns NVFP4 quantization
+    of weights and activations off, so a LoRA student shares its weights with its
+    teacher. Call the model under ``torch.no_grad()`` for teacher logits.
+
+    Args:
+        model: a peft model on a master-weight NVFP4 base whose weights are frozen.
+
+    Raises:
+        TypeError: if ``model`` is not a ``PeftModel``.
+        ValueError: if the base is packed (no BF16 weights left), if some base
+            weights of the NVFP4 layers are trainable (the base then drifts from the
+            teacher), or if adapters are merged into the base.
+
+    Example:
+        >>> # with torch.no_grad(), hf_qad.teacher_mode(peft_model):
+        >>> #     teacher_logits = peft_model(**batch).logits
+    """
+    if not isinstance(model, PeftModel):
+        raise TypeError(f"teacher_mode needs a peft PeftModel, got {type(model).__name__}.")
+    layers = nvfp4_modules(model)
+
+    def named(selected: list[str]) -> str:  # the base model's names, not peft's base_model.model...
+        return _list([layers[name].module_name or name for name in selected])
+
+    packed = [name for name, layer in layers.items() if layer.is_packed]
+    if packed:
+        raise ValueError(
+            f"teacher_mode: the base layers {named(packed)} are packed NVFP4 and hold no BF16 weights; "
+            "load the high-precision checkpoint with NVFP4Config() as the base instead."
+        )
+    # Trainable copies in modules_to_save are fine: disabled adapters use the originals.
+    trainable = [
+        name
+        for name, layer in layers.items()
+        if ".modules_to_save." not in name and any(p.requires_grad for p in layer.parameters())
+    ]
+    if trainable:
+        raise ValueError(
+            f"teacher_mode: base weights of {named(trainable)} are trainable, so the base is no longer "
+            "the teacher; keep them frozen (e.g. LoraConfig(bias='none'))."
+        )
+    if any(isinstance(m, BaseTunerLayer) and m.merged for m in model.modules()):
+        raise ValueError("teacher_mode: adapters are merged into the base weights; call unmerge_adapter() first.")
+    with model.disable_adapter():
+        for layer in layers.values():
+            layer.quantization_enabled = False
+        try:
+            yield model
+        finally:
+            for layer in layers.values():
+                layer.quantization_enabled = True
+
+
+def _guard_merge(merge: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(merge)
+    def guarded(self: LoraLinear, *args: Any, **kwargs: Any) -> Any:
+        base = self.get_base_layer()
+        if not isinstance(base, NVFP4Linear):
+            return merge(self, *args, **kwargs)
+        if base.is_packed:
+            raise ValueError(
+                f"cannot merge LoRA adapters into {base.module_name or 'this layer'}: it holds packed NVFP4 "
+                "weights, not master weights. Call hf_qad.unpack_model(model) first, or load the "
+                "high-precision checkpoint with NVFP4Config() and PeftModel.from_pretrained(base, "
+                "adapter_dir) on it, then merge."
+            )
+        try:
+            return merge(self, *args, **kwargs)
+        finally:
+            base.mark_weight_changed()
+
+    guarded.hf_qad_guarded = True
+    return guarded
+
+
+def _guard_unmerge(unmerge: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(unmerge)
+    def guarded(self: LoraLinear, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return unmerge(self, *args, **kwargs)
+        finally:
+            base = self.get_base_layer()
+            if isinstance(base, NVFP4Linear) and not base.is_packed:
+                base.mark_weight_changed()
+
+    guarded.hf_qad_guarded = True
+    return guarded
+
+
+def _install_merge_guards() -> None:
+    """Wrap peft's LoRA ``Linear.merge``/``unmerge`` for NVFP4 bases (idempotent).
+
+    peft adds and subtracts ``B A`` through ``weight.data``, invisible to the cache
+    of the frozen base's quantized weight: without this, a merged model would keep
+    running on the pre-merge quantized weights.
+    """
+    for name, guard in (("merge", _guard_merge), ("unmerge", _guard_unmerge)):
+        method = getattr(LoraLinear, name)
+        if not getattr(method, "hf_qad_guarded", False):
+            setattr(LoraLinear, name, guard(method))
+
+
+_install_merge_guards()
