@@ -32,7 +32,10 @@ keeps the codes those scales were trained with, so both exports hold the same we
 ``weight_scale_2`` is the float32 reciprocal of our stored ``weight_global_scale``, not
 ``amax / 2688`` recomputed from a master weight: vLLM computes this same reciprocal
 when it loads a compressed-tensors NVFP4 checkpoint, so an engine multiplies by the
-same number whichever of our two exports it reads.
+same number whichever of our two exports it reads. For W4A4 activations vLLM divides by
+``input_scale`` (it quantizes with ``1 / input_scale``), which can be one float32 ulp away
+from our ``input_global_scale``: an activation exactly at a rounding boundary may then
+round the other way.
 
 Scheme names (``quant_algo``): ``"NVFP4"`` for W4A4 and ``"W4A16_NVFP4"`` for weight
 only, the names ModelOpt's ``process_layer_quant_config`` writes (``NVFP4_AWQ`` is a
