@@ -62,7 +62,7 @@ def compressed_tensors_config(config: NVFP4Config) -> dict[str, Any]:
     activations = _quantization_args("local", "static_minmax") if config.quantize_activations else None
     from hf_qad import __version__
 
-    ignore = sorted(set(config.unconverted_linears)) or ["lm_head"]
+    ignore = sorted(set(config.unconverted_linears))
     return {
         "config_groups": {
             "group_0": {

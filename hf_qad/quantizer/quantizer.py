@@ -78,6 +78,9 @@ class NVFP4HfQuantizer(HfQuantizer):
             model._keys_to_ignore_on_load_missing = ignored + [r"\.input_global_scale$"]
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        from hf_qad.export.model_card import attach_model_card  # the card names this quantizer's settings
+
+        attach_model_card(model)
         for layer in nvfp4_modules(model).values():
             if not layer.quantize_activations:
                 continue

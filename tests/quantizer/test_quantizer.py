@@ -70,6 +70,7 @@ def test_packed_export_round_trips_with_hf_qad(bf16_path, tmp_path, scheme):
     assert quant_config["quant_method"] == "compressed-tensors"
     assert quant_config["format"] == "nvfp4-pack-quantized"
     assert quant_config["ignore"] == ["lm_head"]
+    assert "nvfp4-pack-quantized" in (tmp_path / "README.md").read_text()  # the model card comes with it
     with safe_open(tmp_path / "model.safetensors", "pt") as f:
         keys = set(f.keys())
         name = "model.layers.0.mlp.up_proj"
