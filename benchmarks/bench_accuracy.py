@@ -20,7 +20,7 @@ Rows (``--methods``):
   teacher's top-k log-probabilities, built once; no teacher in memory during training).
 
 Data and budget. Every trained method sees the same rows in the same order (same seed):
-``--train-tokens`` tokens (default 131,072 = 256 rows of 512) cut from two public texts
+``--train-tokens`` tokens (default 102,400 = 200 rows of 512, 50 steps of 4 rows) cut from two public texts
 interleaved row by row, TinyStories (simple narrative English) and TinyShakespeare (archaic
 verse and dialogue). Neither is the evaluation text, and both are far from it (encyclopedic
 WikiText, science questions), so the comparison measures how well each method keeps the
@@ -111,9 +111,12 @@ LABELS = {
 TRAIN_TEXTS = ("tinystories_val_subset.txt", "tinyshakespeare.txt")
 EVAL_TEXT = "wikitext2_valid.txt"
 ARC_FILE = "arc_easy_test.jsonl"
-# Settings that must match for --resume to reuse a stored result.
-_RESULT_KEYS = ("tiny", "train_tokens", "seq_len", "batch_size", "lr", "lora_lr", "lora_r", "eval_tokens",
-                "arc_limit", "calibration_rows", "seed", "cache_top_k", "train_scale_method")
+# Settings a row depends on: --resume reuses a stored row only if they match.
+_COMMON_KEYS = ("tiny", "seq_len", "batch_size", "eval_tokens", "arc_limit", "calibration_rows", "seed")
+_TRAIN_KEYS = ("train_tokens", "train_scale_method")
+_METHOD_KEYS = {
+    "qat": ("lr",), "qad": ("lr",), "qad_cache": ("lr", "cache_top_k"), "qad_lora": ("lora_lr", "lora_r"),
+}
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -125,7 +128,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                         help=f"comma-separated subset of {', '.join(METHODS)} (default: %(default)s)")
     parser.add_argument("--train-tokens", type=int, default=None,
-                        help="training tokens per trained method (default 131072; --tiny 2048)")
+                        help="training tokens per trained method (default 102400 = 200 rows of 512; --tiny 2048)")
     parser.add_argument("--seq-len", type=int, default=None, help="row length (default 512; --tiny 128)")
     parser.add_argument("--batch-size", type=int, default=4, help="rows per optimizer step")
     parser.add_argument("--lr", type=float, default=3e-5, help="learning rate of QAT, QAD and QAD-cache")
@@ -151,9 +154,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "whenever a peer thread is descheduled; 0 keeps torch's choice)")
     parser.add_argument("--output", default=None, help="JSON file (default benchmarks/accuracy[_tiny].json)")
     parser.add_argument("--resume", action="store_true", help="skip methods already in --output (same settings)")
+    parser.add_argument("--merge", default=None,
+                        help="comma-separated JSON files of earlier runs (e.g. two processes run side by side): "
+                             "merge their rows into --output, print the table, run nothing")
     args = parser.parse_args(argv)
     tiny = args.tiny
-    defaults = {"train_tokens": (131072, 2048), "seq_len": (512, 128), "eval_tokens": (8192, 512),
+    defaults = {"train_tokens": (102400, 2048), "seq_len": (512, 128), "eval_tokens": (8192, 512),
                 "arc_limit": (None, 4), "calibration_rows": (16, 2), "search_tokens": (16384, 1024)}
     for name, (full, small) in defaults.items():
         if getattr(args, name) is None:
@@ -345,8 +351,10 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
-def settings(args: argparse.Namespace) -> dict[str, Any]:
-    return {key: getattr(args, key) for key in _RESULT_KEYS}
+def settings(args: argparse.Namespace, method: str) -> dict[str, Any]:
+    """The settings the row of ``method`` depends on."""
+    keys = _COMMON_KEYS + ((*_TRAIN_KEYS, *_METHOD_KEYS[method]) if method in _METHOD_KEYS else ())
+    return {key: getattr(args, key) for key in keys}
 
 
 def save(path: Path, report: dict[str, Any]) -> None:
@@ -428,8 +436,32 @@ def run_lr_search(args, path, tokenizer, teacher, data, work, report, output) ->
               f"{e['held_out']['top1_agreement']:.4f} |")
 
 
+def merge(args: argparse.Namespace) -> dict[str, Any]:
+    """Rows of several result files in one report (later files win), with the table and the bar."""
+    report: dict[str, Any] = {"results": {}, "commands": [], "merged_from": []}
+    for name in args.merge.split(","):
+        part = json.loads(Path(name).read_text())
+        report["merged_from"].append(name)
+        report["commands"] += part.get("commands", [])
+        report["lr_search"] = report.get("lr_search", []) + part.get("lr_search", [])
+        for key in ("date", "machine", "model", "data"):
+            report.setdefault(key, part.get(key))
+        report["results"].update({m: r for m, r in part.get("results", {}).items() if "error" not in r}
+                                 | {m: r for m, r in part.get("results", {}).items()
+                                    if "error" in r and m not in report["results"]})
+    report["table"] = markdown_table(report["results"])
+    report["bar"] = bar_check(report["results"])
+    save(Path(args.output), report)
+    print(report["table"])
+    print()
+    print("\n".join(report["bar"]))
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.merge:
+        return merge(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     if shared_data_dir() is None:
@@ -449,16 +481,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     arc_all = [json.loads(line) for line in read_text(ARC_FILE).splitlines() if line.strip()]
     arc_rows = arc_all[: args.arc_limit] if args.arc_limit else arc_all
 
-    report: dict[str, Any] = {}
-    if args.resume and output.is_file():
-        report = json.loads(output.read_text())
-        if report.get("settings") != settings(args):
-            print(f"--resume: {output} was written with other settings; starting over", flush=True)
-            report = {}
+    report: dict[str, Any] = json.loads(output.read_text()) if args.resume and output.is_file() else {}
     report.setdefault("results", {})
+    command = "python benchmarks/bench_accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    report["commands"] = [*report.get("commands", []), command]
     report.update({
-        "settings": settings(args),
-        "command": "python benchmarks/bench_accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": machine(),
         "model": "tiny random Llama (SmolLM2 tokenizer)" if args.tiny else "SmolLM2-135M-Instruct (BF16)",
@@ -481,11 +508,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     results = report["results"]
     for method in args.methods:
-        if method in results and "error" not in results[method]:
+        kept = results.get(method)
+        if kept and "error" not in kept and kept.get("settings") == settings(args, method):
             print(f"== {method}: kept from {output}", flush=True)
             continue
         print(f"== {method}", flush=True)
-        entry: dict[str, Any] = {"label": LABELS.get(method, method)}
+        entry: dict[str, Any] = {"label": LABELS.get(method, method), "settings": settings(args, method),
+                                 "command": command,
+                                 "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
         started = time.perf_counter()
         try:
             if method == "bf16":
@@ -515,6 +545,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             entry.update(evaluate(model, teacher, tokenizer, eval_rows, arc_rows, args.batch_size))
             if method in ("qad", "qad_lora", "qad_cache", "qat"):
                 entry["held_out_train_text"] = held_out_kl(model, teacher, data, args.batch_size)
+            if method == "qad_lora":
+                # What the NVFP4 export holds: B A added into the masters, then quantized as a whole.
+                merged = freeze(model.merge_and_unload())
+                result = compare_to_teacher(merged, teacher, batches(eval_rows, args.batch_size))
+                entry["merged"] = {"perplexity": result.student_ppl, "kl": result.kl,
+                                   "top1_agreement": result.top1_agreement}
+                del merged
         except Exception as error:  # noqa: BLE001 - a failing row is reported, the others still run
             import traceback
 
