@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from transformers import AutoModelForCausalLM, PreTrainedModel, TrainingArguments
+from accelerate.utils import fsdp2_prepare_model
+from transformers import AutoModelForCausalLM, PreTrainedModel, TrainerCallback, TrainingArguments
 from trl import SFTTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.models.utils import _ForwardRedirection
@@ -58,6 +59,49 @@ def _causal_lm(model: nn.Module) -> PreTrainedModel:
 def _backbone_hidden(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
     """Final hidden states of a causal LM's backbone, without applying its head."""
     return _causal_lm(model).base_model(**inputs, use_cache=False).last_hidden_state
+
+
+@contextlib.contextmanager
+def _saving_from(model: nn.Module, full_state: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Within this block ``model.save_pretrained`` writes ``full_state``, the weights gathered from shards.
+
+    ``model.state_dict()`` returns it (the master-weight checkpoint) and the NVFP4 layers quantize
+    from its weights (the packed export), peers included; the live shards are put back afterwards.
+    """
+    layers = {name: layer for name, layer in nvfp4_modules(model).items() if "weight" in layer._parameters}
+    live = {name: (layer._parameters["weight"], layer._unpacked_global_scale) for name, layer in layers.items()}
+    model.state_dict = lambda *args, **kwargs: dict(full_state)
+    try:
+        for name, layer in layers.items():
+            layer._parameters["weight"] = nn.Parameter(full_state[f"{name}.weight"], requires_grad=False)
+            # The global scale kept from an unpacked checkpoint is keyed on the live weight's version.
+            layer._unpacked_global_scale = None
+        yield
+    finally:
+        del model.state_dict
+        for name, (weight, unpacked) in live.items():
+            layers[name]._parameters["weight"] = weight
+            layers[name]._unpacked_global_scale = unpacked
+
+
+def _vocab_rows(model: nn.Module) -> int:
+    weight = _causal_lm(model).get_output_embeddings().weight
+    # ZeRO-3 leaves an empty placeholder in a partitioned parameter; ds_shape is its real shape.
+    return getattr(weight, "ds_shape", weight.shape)[0]
+
+
+class _CalibrationCallback(TrainerCallback):
+    """Calibrates W4A4 input scales when training begins, through the prepared model.
+
+    Not before: under FSDP and ZeRO-3 the student's parameters are only usable once it is
+    sharded (ZeRO-3 partitions them at load time), and it is on its device only then.
+    """
+
+    def __init__(self, trainer: QADTrainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._calibrate_if_needed()
 
 
 class QADTrainer(SFTTrainer):
@@ -105,6 +149,9 @@ class QADTrainer(SFTTrainer):
         callbacks = [MasterWeightCheckpointCallback(), *(callbacks or [])]
         super().__init__(model, args, *sft_args, callbacks=callbacks, peft_config=peft_config, **sft_kwargs)
         self._check_student()
+        self.add_callback(_CalibrationCallback(self))
+        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            self._register_fused_peers_with_zero3()
         self.shared_teacher = teacher_source is None
         self.teacher_model = None if self.shared_teacher else self._prepare_teacher(teacher_source)
         self._check_vocabulary()
@@ -148,16 +195,30 @@ class QADTrainer(SFTTrainer):
         teacher.requires_grad_(False)
         if self.is_deepspeed_enabled:
             return prepare_deepspeed(teacher, self.accelerator)
+        if self.is_fsdp_enabled and self.accelerator.is_fsdp2:
+            # Not TRL's prepare_fsdp: it shards the teacher as one unit resharded after forward, so the head,
+            # applied after the redirected backbone forward, would meet a sharded weight. accelerate's student
+            # layout (per-layer units, final norm and head kept gathered after forward) serves the teacher too.
+            return fsdp2_prepare_model(self.accelerator, teacher).eval()
         if self.is_fsdp_enabled:
             return prepare_fsdp(teacher, self.accelerator)
         return self.accelerator.prepare_model(teacher, evaluation_mode=True)
 
+    def _register_fused_peers_with_zero3(self) -> None:
+        # ZeRO-3 gathers a module's own parameters for its forward, but an NVFP4 layer also reads the
+        # weights of its fused peers (q/k/v, gate/up) for their shared global scale.
+        import deepspeed
+
+        for layer in nvfp4_modules(self.model).values():
+            for peer in layer.global_scale_peers:
+                deepspeed.zero.register_external_parameter(layer, peer.weight)
+
     def _check_vocabulary(self) -> None:
         if self.teacher_model is None:
             return
-        student_vocab = _causal_lm(self.model).get_output_embeddings().weight.shape[0]
+        student_vocab = _vocab_rows(self.model)
         teacher_model = self.accelerator.unwrap_model(self.teacher_model)
-        teacher_vocab = teacher_model.get_output_embeddings().weight.shape[0]
+        teacher_vocab = _vocab_rows(teacher_model)
         if student_vocab != teacher_vocab:
             raise ValueError(
                 f"teacher and student vocabularies differ ({teacher_vocab} vs {student_vocab} logits): QAD "
@@ -173,10 +234,6 @@ class QADTrainer(SFTTrainer):
                 )
 
     # ------------------------------------------------------------------ calibration
-    def train(self, *args: Any, **kwargs: Any):
-        self._calibrate_if_needed()
-        return super().train(*args, **kwargs)
-
     def _calibrate_if_needed(self) -> None:
         layers = [m for m in nvfp4_modules(self.model).values() if m.quantize_activations]
         if not layers or all(m.input_calibrated for m in layers) or self.args.calibration_batches == 0:
@@ -186,8 +243,21 @@ class QADTrainer(SFTTrainer):
         for batch in islice(self.get_train_dataloader(), self.args.calibration_batches):
             model_keys = model_keys or [k for k in batch if k not in _NON_MODEL_KEYS]
             batches.append({k: batch[k] for k in model_keys})
-        amax = calibrate(self.model, batches, num_batches=None)
+        with self.accelerator.autocast():  # the precision of the training forward (see compute_loss)
+            amax = calibrate(self.model_wrapped, batches, num_batches=None)
         logger.info("hf_qad: calibrated %d W4A4 layers on %d batches", len(amax), len(batches))
+
+    # ------------------------------------------------------------------ saving
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        # An empty state_dict: ZeRO-3 without 16-bit gathering, where the Trainer writes a placeholder.
+        if not state_dict or not self.args.should_save or _is_peft(model) or not nvfp4_modules(model):
+            return super()._save(output_dir, state_dict)
+        # FSDP (FULL_STATE_DICT) and ZeRO-3 hand over the full weights gathered on this rank, but save_pretrained
+        # of a quantized model replaces them with the quantizer's state dict, read from the live parameters:
+        # shards, which only this rank would try to gather.
+        with _saving_from(model, state_dict):
+            super()._save(output_dir, state_dict)
 
     # ------------------------------------------------------------------ loss
     @contextlib.contextmanager
@@ -215,8 +285,10 @@ class QADTrainer(SFTTrainer):
         labels = inputs["shift_labels"] if "shift_labels" in inputs else inputs["labels"][:, 1:]
         model_inputs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS and k != "use_cache"}
         unwrapped = self.accelerator.unwrap_model(model)
-        student_hidden = self._forward_redirection(model, unwrapped, _backbone_hidden, unwrapped, model_inputs)
-        with torch.no_grad(), self._teacher() as teacher:
+        # The redirection replaces the forward that accelerate wrapped in its mixed-precision autocast.
+        with self.accelerator.autocast():
+            student_hidden = self._forward_redirection(model, unwrapped, _backbone_hidden, unwrapped, model_inputs)
+        with torch.no_grad(), self.accelerator.autocast(), self._teacher() as teacher:
             unwrapped_teacher = self.accelerator.unwrap_model(teacher)
             teacher_hidden = self._forward_redirection(
                 teacher, unwrapped_teacher, _backbone_hidden, unwrapped_teacher, model_inputs

@@ -1,13 +1,14 @@
 """A tiny W4A4 QAD run that gives the same result in one process or several (CPU, gloo).
 
 ``tests/trainer/test_distributed.py`` runs it in-process with a global batch of 8, and
-under ``torchrun --nproc_per_node 2`` with 4 per process, then compares the two::
+under ``torchrun --nproc_per_node 2`` with 4 per process (DDP, or FSDP2 with ``--fsdp2``)::
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 \
-        tests/trainer/distributed_qad_run.py TINY_MODEL_DIR OUT_DIR --batch-size 4
+        tests/trainer/distributed_qad_run.py TINY_MODEL_DIR OUT_DIR --batch-size 4 [--fsdp2]
 
 Each rank writes ``rank<r>.json`` (logged losses and metrics, calibrated input global
-scales) and ``master_rank<r>.pt`` (its final master weights) to ``OUT_DIR``;
+scales); ``master_rank<r>.pt`` holds the final master weights as
+``accelerator.get_state_dict`` gives them (every rank under DDP, rank 0 under FSDP2);
 ``trainer.save_model`` writes the packed export to ``OUT_DIR/final``.
 """
 
@@ -20,6 +21,8 @@ import sys
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
@@ -34,18 +37,45 @@ GLOBAL_BATCH = 8
 STEPS = 4
 
 
+class FSDP2OnCPUTrainer(QADTrainer):
+    """QADTrainer under FSDP2 on CPU processes.
+
+    accelerate only enables FSDP on accelerators (on CPU it silently runs DDP), while torch's
+    ``fully_shard`` also shards over a gloo CPU mesh. This switches accelerate's state to FSDP2
+    once it is set up, with the layout of ``examples/accelerate/fsdp2.yaml``, so the real FSDP2
+    code paths run: accelerate's student preparation, the teacher's, and the gathered save.
+    """
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        # accelerate keeps the type in both shared states: a later AcceleratorState() copies PartialState's.
+        self.accelerator.state.distributed_type = DistributedType.FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        self.accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2,
+            auto_wrap_policy="transformer_based_wrap",
+            transformer_cls_names_to_wrap=["LlamaDecoderLayer"],
+            reshard_after_forward=True,
+            state_dict_type="FULL_STATE_DICT",
+            cpu_ram_efficient_loading=False,
+        )
+        self.is_fsdp_enabled = True
+
+
 def texts() -> list[str]:
     """16 texts of different lengths: two global batches, so 4 steps are 2 epochs."""
     return TEXTS + [text[: len(text) // 2] + " " + other for text, other in zip(TEXTS, reversed(TEXTS))]
 
 
-def train(model_path: str, output_dir: str, batch_size: int, accumulation: int = 1) -> dict:
-    """Train, save the packed model to ``output_dir/final`` and return this rank's record."""
+def train(model_path: str, output_dir: str, batch_size: int, accumulation: int = 1, fsdp2: bool = False) -> None:
+    """Train, save the packed model to ``output_dir/final``, write this rank's record and master weights."""
     student = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=NVFP4Config(scheme="w4a4"),
                                                    dtype=torch.float32)
     args = QADConfig(
         output_dir,
         use_cpu=True,
+        # float32 compute: under bf16 autocast the roundings depend on how samples are batched.
+        bf16=False,
         report_to=[],
         save_strategy="no",
         seed=0,
@@ -66,23 +96,26 @@ def train(model_path: str, output_dir: str, batch_size: int, accumulation: int =
         # Per-process micro-batches: 8 cover the 16 samples with any batch size used here.
         calibration_batches=8,
     )
-    trainer = QADTrainer(student, args=args, train_dataset=Dataset.from_dict({"text": texts()}),
-                         processing_class=tiny_tokenizer())
+    trainer_class = FSDP2OnCPUTrainer if fsdp2 else QADTrainer
+    trainer = trainer_class(student, args=args, train_dataset=Dataset.from_dict({"text": texts()}),
+                            processing_class=tiny_tokenizer())
     trainer.train()
     trainer.save_model(str(Path(output_dir) / "final"))
     rank = trainer.accelerator.process_index
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    torch.save({k: v.detach().clone() for k, v in model.named_parameters()}, Path(output_dir) / f"master_rank{rank}.pt")
+    master = trainer.accelerator.get_state_dict(trainer.model)  # a collective under FSDP2
+    if master:
+        torch.save({k: v.detach().clone() for k, v in master.items()}, Path(output_dir) / f"master_rank{rank}.pt")
     record = {
         "world_size": trainer.accelerator.num_processes,
+        "fsdp2": trainer.accelerator.is_fsdp2,
         "should_save": trainer.args.should_save,
         "logs": [entry for entry in trainer.state.log_history if "loss" in entry],
         "input_global_scale": {
-            name: layer.input_global_scale.item() for name, layer in nvfp4_modules(model).items()
+            name: layer.input_global_scale.item()
+            for name, layer in nvfp4_modules(trainer.accelerator.unwrap_model(trainer.model)).items()
         },
     }
     (Path(output_dir) / f"rank{rank}.json").write_text(json.dumps(record))
-    return record
 
 
 def main() -> None:
@@ -90,12 +123,13 @@ def main() -> None:
     parser.add_argument("model_path")
     parser.add_argument("output_dir")
     parser.add_argument("--batch-size", type=int, required=True)
+    parser.add_argument("--fsdp2", action="store_true", help="shard with FSDP2 instead of DDP")
     options = parser.parse_args()
     torch.set_num_threads(1)  # one core per process
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if options.batch_size * world != GLOBAL_BATCH:
         raise SystemExit(f"--batch-size x processes must be {GLOBAL_BATCH}, got {options.batch_size} x {world}")
-    train(options.model_path, options.output_dir, options.batch_size)
+    train(options.model_path, options.output_dir, options.batch_size, fsdp2=options.fsdp2)
 
 
 if __name__ == "__main__":
