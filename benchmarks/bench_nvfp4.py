@@ -1,0 +1,227 @@
+"""Throughput of hf_qad's NVFP4 paths, as markdown tables with ratios from one run.
+
+CPU: fake-quantization (quantize and dequantize) of bf16 weights, global scale from
+their amax, and of bf16 activations with a static global scale, by
+
+* hf_qad's CPU path (:mod:`hf_qad.nvfp4.cpu`),
+* compressed-tensors' own pipeline on the same tensor (``generate_gparam``,
+  ``calculate_qparams``, ``fake_quantize``, as in ``tests/ct_oracle.py``),
+* a plain tensor copy (``clone``), the memory-bound limit of any such function,
+
+with the ratios ours/CT and ours/copy and whether our result equals CT's bit for bit.
+
+CUDA, when available: the Triton fake-quant as a share of the card's measured
+device-to-device copy bandwidth (bytes read + written), and the W4A16 matmul
+against a bf16 ``torch.nn.functional.linear`` at batch 1, 16 and 256.
+
+Every number is a median over ``--repeats`` runs after one warm-up run; compare the
+ratios, not the absolute numbers, across machines.
+
+Usage:
+    python benchmarks/bench_nvfp4.py            # the shapes of a 7-8B model
+    python benchmarks/bench_nvfp4.py --quick    # small shapes, a few seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+# Runs from a checkout: the package itself, and tests/ct_oracle.py for CT's pipeline.
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(_ROOT), str(_ROOT / "tests")]
+
+from hf_qad.nvfp4 import cpu  # noqa: E402
+from hf_qad.nvfp4.format import global_scale_from_amax  # noqa: E402
+
+ACTIVATION_AMAX = 8.0
+"""Calibrated amax of the activations' static global scale (some of randn * 3 saturates)."""
+
+
+class Case(NamedTuple):
+    """A tensor to fake-quantize and how its global scale is chosen."""
+
+    label: str
+    shape: tuple[int, int]
+    static_scale: bool
+
+
+def cases(quick: bool) -> list[Case]:
+    """Weights (global scale from their amax) and activations (static global scale)."""
+    if quick:
+        return [
+            Case("weight", (1024, 1024), False),
+            Case("weight", (2048, 2048), False),
+            Case("activation", (2048, 1024), True),
+        ]
+    return [
+        Case("weight", (4096, 4096), False),
+        Case("weight", (8192, 8192), False),
+        Case("activation", (8192, 4096), True),
+    ]
+
+
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``fn`` on the CPU, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def cuda_median_seconds(fn: Callable[[], object], repeats: int, inner: int = 20) -> float:
+    """Median time of one ``fn`` call on the GPU, timed with CUDA events over ``inner`` calls."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000 / inner)
+    return statistics.median(times)
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def tensor_for(case: Case, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A bf16 tensor shaped like ``case`` and its static global scale (``None`` for weights)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    if case.static_scale:
+        x = torch.randn(case.shape, generator=g, device=device) * 3
+        return x.bfloat16(), global_scale_from_amax(torch.tensor(ACTIVATION_AMAX)).to(device)
+    return (torch.randn(case.shape, generator=g, device=device) * 0.02).bfloat16(), None
+
+
+def cpu_row(case: Case, repeats: int, ct_fake_quant: Callable | None) -> list[str]:
+    """One CPU table row: throughputs in M elements/s, the ratios, and equality with CT."""
+    x, global_scale = tensor_for(case)
+    per_second = x.numel() / 1e6
+    ours = per_second / median_seconds(lambda: cpu.fake_quant(x, global_scale), repeats)
+    copy = per_second / median_seconds(x.clone, repeats)
+    row = [case.label, "x".join(map(str, case.shape)), f"{ours:.0f}"]
+    if ct_fake_quant is None:
+        row += ["n/a", f"{copy:.0f}", "n/a", f"{ours / copy:.2f}", "n/a"]
+        return row
+    ct = per_second / median_seconds(lambda: ct_fake_quant(x, global_scale), repeats)
+    same = torch.equal(cpu.fake_quant(x, global_scale), ct_fake_quant(x, global_scale))
+    row += [f"{ct:.0f}", f"{copy:.0f}", f"{ours / ct:.1f}x", f"{ours / copy:.2f}", "yes" if same else "NO"]
+    return row
+
+
+def load_ct_fake_quant() -> Callable | None:
+    """compressed-tensors' quantize-dequantize, or ``None`` when it is not installed."""
+    try:
+        from ct_oracle import ct_fake_quant
+    except ImportError:
+        return None
+    return ct_fake_quant
+
+
+def cpu_report(quick: bool, repeats: int) -> str:
+    ct_fake_quant = load_ct_fake_quant()
+    headers = [
+        "tensor (bf16)", "shape", "hf_qad CPU", "compressed-tensors", "copy",
+        "ours/CT", "ours/copy", "= CT bits",
+    ]  # fmt: skip
+    rows = [cpu_row(case, repeats, ct_fake_quant) for case in cases(quick)]
+    title = (
+        f"### CPU fake-quant, M elements/s ({platform.machine()}, {torch.get_num_threads()} "
+        f"threads, torch {torch.__version__})"
+    )
+    return title + "\n\n" + markdown_table(headers, rows)
+
+
+def copy_bandwidth(repeats: int) -> float:
+    """The card's device-to-device copy bandwidth in bytes/s (read + written)."""
+    src = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")  # 256 MiB, beyond any L2
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / cuda_median_seconds(lambda: dst.copy_(src), repeats)
+
+
+def triton_fake_quant_rows(triton_kernels, quick: bool, repeats: int, bandwidth: float) -> list[list[str]]:
+    """Triton fake-quant per case: time, effective bandwidth and its share of the copy's."""
+    rows = []
+    for case in cases(quick):
+        x, global_scale = tensor_for(case, "cuda")
+        seconds = cuda_median_seconds(lambda: triton_kernels.fake_quant(x, global_scale), repeats)
+        moved = 2 * x.numel() * x.element_size()  # x read once, the result written once
+        rows.append([
+            case.label, "x".join(map(str, case.shape)), f"{seconds * 1e6:.0f}",
+            f"{moved / seconds / 1e9:.0f}", f"{100 * moved / seconds / bandwidth:.0f}%",
+        ])  # fmt: skip
+    return rows
+
+
+def w4a16_rows(triton_kernels, quick: bool, repeats: int) -> list[list[str]]:
+    """W4A16 matmul against a bf16 linear, per weight shape and batch size."""
+    rows = []
+    for n in (1024, 2048) if quick else (4096, 8192):
+        weight = (torch.randn(n, n, device="cuda") * 0.02).bfloat16()
+        packed, block_scale, global_scale = triton_kernels.quantize(weight)
+        for batch in (1, 16, 256):
+            x = torch.randn(batch, n, device="cuda").bfloat16()
+            bf16 = cuda_median_seconds(lambda: F.linear(x, weight), repeats)
+            w4 = cuda_median_seconds(
+                lambda: triton_kernels.w4a16_linear(x, packed, block_scale, global_scale), repeats
+            )
+            rows.append([f"{n}x{n}", str(batch), f"{bf16 * 1e6:.1f}", f"{w4 * 1e6:.1f}", f"{bf16 / w4:.2f}x"])
+    return rows
+
+
+def cuda_report(quick: bool, repeats: int) -> str:
+    from hf_qad.nvfp4 import triton_kernels  # needs a GPU driver: imported only here
+
+    bandwidth = copy_bandwidth(repeats)
+    name = torch.cuda.get_device_name()
+    fake_quant = markdown_table(
+        ["tensor (bf16)", "shape", "Triton fake-quant (us)", "GB/s", "of copy bandwidth"],
+        triton_fake_quant_rows(triton_kernels, quick, repeats, bandwidth),
+    )
+    matmul = markdown_table(
+        ["weight", "batch", "bf16 linear (us)", "W4A16 (us)", "W4A16 speed-up"],
+        w4a16_rows(triton_kernels, quick, repeats),
+    )
+    return (
+        f"### {name}: Triton fake-quant (copy bandwidth {bandwidth / 1e9:.0f} GB/s, read + written)"
+        f"\n\n{fake_quant}\n\n### {name}: W4A16 matmul vs bf16 linear\n\n{matmul}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per number (median)")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(cpu_report(args.quick, args.repeats))
+    if torch.cuda.is_available():
+        print()
+        print(cuda_report(args.quick, args.repeats))
+    else:
+        print("\n(no CUDA device: the Triton fake-quant and W4A16 matmul were not measured)")
+
+
+if __name__ == "__main__":
+    main()
