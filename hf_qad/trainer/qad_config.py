@@ -54,7 +54,11 @@ class QADConfig(SFTConfig):
         max_new_tokens (`int`, defaults to `128`):
             Completion length generated for prompt-only datasets.
         generation_temperature (`float`, defaults to `1.0`):
-            Sampling temperature for generated completions (prompt-only datasets).
+            Sampling temperature for generated completions (prompt-only datasets); ``0`` is greedy.
+        teacher_cache_path (`str` or `None`, defaults to `None`):
+            A teacher cache made by :func:`hf_qad.trainer.teacher_cache.build_teacher_cache`: the
+            teacher's top-k log-probabilities over the training set. No teacher is loaded; the loss
+            is the top-k forward KL (needs ``divergence="forward_kl"``, ``temperature=1``, no packing).
     """
 
     teacher_model_name_or_path: str | None = field(default=None, metadata={"help": "BF16 teacher path or hub id."})
@@ -75,7 +79,8 @@ class QADConfig(SFTConfig):
     calibration_batches: int = field(default=8, metadata={"help": "Batches to calibrate W4A4 scales."})
     lmbda: float = field(default=0.0, metadata={"help": "On-policy (student) generation probability."})
     max_new_tokens: int = field(default=128, metadata={"help": "Generated completion length."})
-    generation_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    generation_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (0: greedy)."})
+    teacher_cache_path: str | None = field(default=None, metadata={"help": "Offline teacher top-k cache."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -89,9 +94,20 @@ class QADConfig(SFTConfig):
             raise ValueError("kl_weight and ce_weight must be >= 0 and not both 0.")
         if not 0.0 <= self.lmbda <= 1.0:
             raise ValueError(f"lmbda is a probability, got {self.lmbda}.")
+        if self.max_new_tokens < 1 or self.generation_temperature < 0:
+            raise ValueError("max_new_tokens must be positive and generation_temperature >= 0.")
+        if self.teacher_cache_path is not None:
+            self._check_teacher_cache_options()
         if self.loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size must be positive, got {self.loss_chunk_size}.")
         self.nvfp4_config()  # validates the NVFP4 options early
+
+    def _check_teacher_cache_options(self) -> None:
+        # The cache holds the teacher's top-k at temperature 1 for rows as prepared without packing.
+        if self.divergence != "forward_kl" or self.temperature != 1.0:
+            raise ValueError("teacher_cache_path supports divergence='forward_kl' at temperature=1.0 only.")
+        if self.packing:
+            raise ValueError("teacher_cache_path does not support packing: set packing=False (padding_free works).")
 
     def nvfp4_config(self) -> NVFP4Config:
         """The NVFP4Config used when the student is given as a path."""

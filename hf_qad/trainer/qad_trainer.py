@@ -10,12 +10,23 @@ Everything SFTTrainer does with the data (text, conversational, prompt/completio
 pre-tokenized; packing and padding-free; completion/assistant-only masks) is unchanged:
 the loss is taken over exactly the tokens SFT would train on (``labels != -100`` after
 the shift), with SFT's normalization (tokens across gradient accumulation and processes).
+
+Two more kinds of run take the same swap:
+
+* **Prompt-only datasets** (a ``prompt`` column only, text or messages, as GRPO uses): the
+  completions are generated during training, by the teacher or, with probability
+  ``args.lmbda`` per batch, on-policy by the quantized student, and the loss covers the
+  generated tokens only (see :mod:`hf_qad.trainer.generation`).
+* **Offline teacher**: with ``args.teacher_cache_path`` (made by
+  :func:`hf_qad.trainer.teacher_cache.build_teacher_cache`), no teacher is loaded and the
+  loss is the top-k KL against the cached teacher log-probabilities.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import random
 from collections.abc import Callable, Iterator
 from itertools import islice
 from typing import Any
@@ -25,22 +36,39 @@ import torch.nn as nn
 from accelerate.utils import fsdp2_prepare_model
 from transformers import AutoModelForCausalLM, PreTrainedModel, TrainerCallback, TrainingArguments
 from trl import SFTTrainer
-from trl.models import prepare_deepspeed, prepare_fsdp
+from trl.models import prepare_deepspeed, prepare_fsdp, unwrap_model_for_generation
 from trl.models.utils import _ForwardRedirection
 
 from hf_qad.nvfp4.calibration import calibrate
 from hf_qad.quantizer.checkpoints import MasterWeightCheckpointCallback
 from hf_qad.quantizer.config import NVFP4Config
 from hf_qad.quantizer.conversion import nvfp4_modules
+from hf_qad.trainer.generation import (
+    PromptCollator,
+    completion_rows,
+    generate_completions,
+    is_prompt_batch,
+    is_prompt_only,
+    tokenize_prompts,
+)
 from hf_qad.trainer.losses import chunked_distillation_loss
 from hf_qad.trainer.qad_config import QADConfig
+from hf_qad.trainer.teacher_cache import (
+    CACHE_COLUMNS,
+    TeacherCacheCollator,
+    attach_teacher_cache,
+    cached_distillation_loss,
+    read_cache_info,
+)
 
 __all__ = ["QADTrainer"]
 
 logger = logging.getLogger("hf_qad")
 
 # Inputs the SFT collators produce that are not model arguments.
-_NON_MODEL_KEYS = {"labels", "shift_labels", "completion_mask", "assistant_masks", "num_items_in_batch"}
+_NON_MODEL_KEYS = {
+    "labels", "shift_labels", "completion_mask", "assistant_masks", "num_items_in_batch", *CACHE_COLUMNS
+}
 
 
 def _is_peft(model: nn.Module) -> bool:
@@ -138,23 +166,31 @@ class QADTrainer(SFTTrainer):
     ) -> None:
         args = self._as_qad_config(model, args)
         teacher_source = teacher if teacher is not None else args.teacher_model_name_or_path
+        cached = args.teacher_cache_path is not None
+        if cached and teacher_source is not None:
+            raise ValueError("teacher_cache_path replaces the teacher: pass either a teacher or the cache, not both.")
         lora = peft_config is not None or (not isinstance(model, str) and _is_peft(model))
         if isinstance(model, str):
             sft_kwargs.setdefault("quantization_config", args.nvfp4_config())
-        if teacher_source is None and not lora:
+        if teacher_source is None and not lora and not cached:
             # The usual QAD setup: the student's own high-precision checkpoint is the teacher.
             teacher_source = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "")
             if not teacher_source:
                 raise ValueError("pass teacher= (the BF16 model or its path): the student has no checkpoint path.")
         callbacks = [MasterWeightCheckpointCallback(), *(callbacks or [])]
+        self._prompt_data = False  # set by _prepare_dataset when a dataset is prompt-only
         super().__init__(model, args, *sft_args, callbacks=callbacks, peft_config=peft_config, **sft_kwargs)
         self._check_student()
         self.add_callback(_CalibrationCallback(self))
         if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
             self._register_fused_peers_with_zero3()
-        self.shared_teacher = teacher_source is None
-        self.teacher_model = None if self.shared_teacher else self._prepare_teacher(teacher_source)
+        self.shared_teacher = teacher_source is None and not cached
+        self.teacher_model = None if teacher_source is None else self._prepare_teacher(teacher_source)
         self._check_vocabulary()
+        if cached:
+            self._use_teacher_cache(args.teacher_cache_path)
+        if self._prompt_data:
+            self._use_prompt_collator()
         if not hasattr(self, "_forward_redirection"):
             self._forward_redirection = _ForwardRedirection()
 
@@ -233,6 +269,104 @@ class QADTrainer(SFTTrainer):
                     "was trained with another tokenizer."
                 )
 
+    def _use_teacher_cache(self, path: str) -> None:
+        if self.eval_dataset is not None:
+            raise ValueError(
+                "teacher_cache_path covers the training set only and no teacher is loaded to evaluate with: "
+                "drop eval_dataset (evaluate afterwards with hf_qad.evaluation) or train with a teacher."
+            )
+        self.train_dataset = attach_teacher_cache(self.train_dataset, path, vocab_size=_vocab_rows(self.model))
+        self.data_collator = TeacherCacheCollator(self.data_collator, read_cache_info(path).top_k)
+
+    # ------------------------------------------------------------------ data
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        # SFTTrainer fails on a prompt-only dataset (no completion to tokenize): tokenize its prompts instead.
+        if formatting_func is not None or not is_prompt_only(dataset, args.dataset_text_field):
+            return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        if packing or args.teacher_cache_path is not None:
+            raise ValueError(
+                f"the {dataset_name} dataset is prompt-only: its completions are generated during training, so it "
+                "can be neither packed nor cached (set packing=False and teacher_cache_path=None)."
+            )
+        max_prompt_length = None
+        if args.max_length is not None:
+            if args.max_new_tokens >= args.max_length:
+                raise ValueError(f"max_new_tokens ({args.max_new_tokens}) must be below max_length {args.max_length}.")
+            max_prompt_length = args.max_length - args.max_new_tokens
+        self._prompt_data = True
+        if hasattr(self, "data_collator"):  # a dataset given to evaluate() after __init__
+            self._use_prompt_collator()
+        return tokenize_prompts(
+            dataset, processing_class, chat_template=self.chat_template, max_prompt_length=max_prompt_length
+        )
+
+    def _use_prompt_collator(self) -> None:
+        if not isinstance(self.data_collator, PromptCollator):
+            self.data_collator = PromptCollator(self._tokenizer.pad_token_id, fallback=self.data_collator)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # Keep the prompt and cache columns when remove_unused_columns drops what the model does not take.
+        super()._set_signature_columns_if_needed()
+        extra = [c for c in ("prompt_ids", *CACHE_COLUMNS) if c not in self._signature_columns]
+        self._signature_columns = [*self._signature_columns, *extra]
+
+    # ------------------------------------------------------------------ generation (prompt-only datasets)
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        # Completions for the whole accumulation window are generated before its first backward, so that
+        # num_items_in_batch counts the generated tokens of every micro-batch (prompts have no labels to count).
+        batches, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if not any(is_prompt_batch(batch) for batch in batches):
+            return batches, num_items_in_batch
+        batches = [
+            self._complete_prompts(batch, self._on_policy(index)) if is_prompt_batch(batch) else batch
+            for index, batch in enumerate(batches)
+        ]
+        return batches, self._get_num_items_in_batch(batches, device)
+
+    def _prepare_inputs(self, inputs):
+        # Evaluation batches of a prompt-only dataset reach here as prompts: they get teacher completions.
+        if is_prompt_batch(inputs):
+            inputs = self._complete_prompts(inputs, on_policy=False)
+        return super()._prepare_inputs(inputs)
+
+    def _on_policy(self, index: int) -> bool:
+        """Whether micro-batch ``index`` of this step is generated by the student (probability ``lmbda``).
+
+        Drawn from (seed, step, index) rather than a global RNG, so every process draws the same
+        (ZeRO-3 generation runs in lockstep) and a resumed run repeats the draws.
+        """
+        return random.Random(f"{self.args.seed}:{self.state.global_step}:{index}").random() < self.args.lmbda
+
+    @contextlib.contextmanager
+    def _generator(self, on_policy: bool) -> Iterator[nn.Module]:
+        """The model that writes completions, unwrapped for ``generate``: the student, or the teacher."""
+        source = self.model_wrapped if on_policy or self.shared_teacher else self.teacher_model
+        mode = contextlib.nullcontext() if on_policy else self._teacher()  # LoRA: the base in teacher mode
+        with mode, unwrap_model_for_generation(
+            source, self.accelerator, gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
+        ) as model:
+            yield model
+
+    def _eos_token_ids(self) -> list[int]:
+        """The tokenizer's EOS and the model's generation EOS tokens (chat models often have several)."""
+        configured = _causal_lm(self.accelerator.unwrap_model(self.model)).generation_config.eos_token_id
+        configured = [] if configured is None else [configured] if isinstance(configured, int) else configured
+        return sorted({self._tokenizer.eos_token_id, *configured} - {None})
+
+    def _complete_prompts(self, batch: dict[str, Any], on_policy: bool) -> dict[str, Any]:
+        """A prompt batch turned into an SFT batch of prompt + generated completion (loss on the completion)."""
+        with self._generator(on_policy) as model:
+            completions = generate_completions(
+                model,
+                batch["input_ids"].to(model.device),
+                batch["attention_mask"].to(model.device),
+                max_new_tokens=self.args.max_new_tokens,
+                temperature=self.args.generation_temperature,
+                pad_token_id=self._tokenizer.pad_token_id,
+                eos_token_ids=self._eos_token_ids(),
+            )
+        return self.data_collator.fallback(completion_rows(batch["input_ids"], batch["attention_mask"], completions))
+
     # ------------------------------------------------------------------ calibration
     def _calibrate_if_needed(self) -> None:
         layers = [m for m in nvfp4_modules(self.model).values() if m.quantize_activations]
@@ -288,25 +422,38 @@ class QADTrainer(SFTTrainer):
         # The redirection replaces the forward that accelerate wrapped in its mixed-precision autocast.
         with self.accelerator.autocast():
             student_hidden = self._forward_redirection(model, unwrapped, _backbone_hidden, unwrapped, model_inputs)
-        with torch.no_grad(), self.accelerator.autocast(), self._teacher() as teacher:
-            unwrapped_teacher = self.accelerator.unwrap_model(teacher)
-            teacher_hidden = self._forward_redirection(
-                teacher, unwrapped_teacher, _backbone_hidden, unwrapped_teacher, model_inputs
-            )
-        if "shift_labels" not in inputs:
-            student_hidden, teacher_hidden = student_hidden[:, :-1], teacher_hidden[:, :-1]
         mask = labels != -100
-        sums = chunked_distillation_loss(
-            student_hidden[mask],
-            _causal_lm(unwrapped).get_output_embeddings(),
-            teacher_hidden[mask].to(student_hidden.device),
-            self._teacher_head(),
-            labels[mask],
-            divergence=self.args.divergence,
-            beta=self.args.beta,
-            temperature=self.args.temperature,
-            chunk_size=self.args.loss_chunk_size,
-        )
+        if CACHE_COLUMNS[0] in inputs:  # offline teacher: its cached top-k, one entry per loss token
+            if "shift_labels" not in inputs:
+                student_hidden = student_hidden[:, :-1]
+            sums = cached_distillation_loss(
+                student_hidden[mask],
+                _causal_lm(unwrapped).get_output_embeddings(),
+                *(inputs[column] for column in CACHE_COLUMNS),
+                labels[mask],
+                chunk_size=self.args.loss_chunk_size,
+            )
+        else:
+            if self.teacher_model is None and not self.shared_teacher:
+                raise ValueError("this batch has no cached teacher outputs and no teacher is loaded.")
+            with torch.no_grad(), self.accelerator.autocast(), self._teacher() as teacher:
+                unwrapped_teacher = self.accelerator.unwrap_model(teacher)
+                teacher_hidden = self._forward_redirection(
+                    teacher, unwrapped_teacher, _backbone_hidden, unwrapped_teacher, model_inputs
+                )
+            if "shift_labels" not in inputs:
+                student_hidden, teacher_hidden = student_hidden[:, :-1], teacher_hidden[:, :-1]
+            sums = chunked_distillation_loss(
+                student_hidden[mask],
+                _causal_lm(unwrapped).get_output_embeddings(),
+                teacher_hidden[mask].to(student_hidden.device),
+                self._teacher_head(),
+                labels[mask],
+                divergence=self.args.divergence,
+                beta=self.args.beta,
+                temperature=self.args.temperature,
+                chunk_size=self.args.loss_chunk_size,
+            )
         total = self.args.kl_weight * sums.divergence + self.args.ce_weight * sums.student_nll
         tokens = torch.as_tensor(num_items_in_batch if num_items_in_batch is not None else sums.tokens)
         loss = total / tokens.to(total.device).clamp(min=1)
