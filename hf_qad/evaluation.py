@@ -36,6 +36,7 @@ __all__ = [
     "chunk_token_ids",
     "compare_to_teacher",
     "layer_quantization_errors",
+    "choice_log_likelihoods",
     "multiple_choice_accuracy",
 ]
 
@@ -123,37 +124,61 @@ def compare_to_teacher(
     )
 
 
-@torch.no_grad()
-def multiple_choice_accuracy(model: nn.Module, tokenizer, rows: Iterable[dict]) -> float:
+def multiple_choice_accuracy(model: nn.Module, tokenizer, rows: Iterable[dict], batch_size: int = 8) -> float:
     """Accuracy on ARC-style multiple-choice rows by the log-likelihood of each choice.
 
     Each row has ``question``, ``choices`` (``{"text": [...], "label": [...]}``) and
     ``answerKey``. The model scores ``" " + choice`` after ``"Question: ...\nAnswer:"``
-    by the sum of its token log-probabilities (the ``acc`` metric of common harnesses).
+    by the sum of its token log-probabilities (the ``acc`` metric of common harnesses),
+    ``batch_size`` questions per forward (see :func:`choice_log_likelihoods`).
     """
+    rows = list(rows)
+    if not rows:
+        raise ValueError("multiple_choice_accuracy() got no rows.")
+    correct = 0
+    for row, scores in zip(rows, choice_log_likelihoods(model, tokenizer, rows, batch_size)):
+        predicted = row["choices"]["label"][max(range(len(scores)), key=scores.__getitem__)]
+        correct += predicted == row["answerKey"]
+    return correct / len(rows)
+
+
+@torch.no_grad()
+def choice_log_likelihoods(model: nn.Module, tokenizer, rows: list[dict], batch_size: int = 8) -> list[list[float]]:
+    """Per row, the summed log-probability of each ``" " + choice`` after its question.
+
+    The choices of ``batch_size`` questions go through the model in one right-padded
+    forward: in a causal model the padding after a sequence never reaches its tokens, and
+    NVFP4 activation blocks run along the hidden dimension of one token, so each score is
+    what a forward of that sequence alone gives, up to the matmuls' summation order.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    correct = total = 0
+    scores: list[list[float]] = []
     try:
-        for row in rows:
-            prompt_ids = tokenizer(f"Question: {row['question']}\nAnswer:", add_special_tokens=True)["input_ids"]
-            scores = []
-            for choice in row["choices"]["text"]:
-                choice_ids = tokenizer(" " + choice, add_special_tokens=False)["input_ids"]
-                ids = torch.tensor([prompt_ids + choice_ids], device=device)
-                logp = F.log_softmax(model(input_ids=ids, use_cache=False).logits[0, :-1].float(), -1)
-                targets = ids[0, 1:]
-                token_logp = logp.gather(-1, targets[:, None])[-len(choice_ids):]
-                scores.append(float(token_logp.sum()))
-            predicted = row["choices"]["label"][max(range(len(scores)), key=scores.__getitem__)]
-            correct += predicted == row["answerKey"]
-            total += 1
+        for start in range(0, len(rows), batch_size):
+            sequences, choice_lengths = [], []
+            for row in rows[start: start + batch_size]:
+                prompt = tokenizer(f"Question: {row['question']}\nAnswer:", add_special_tokens=True)["input_ids"]
+                for choice in row["choices"]["text"]:
+                    choice_ids = tokenizer(" " + choice, add_special_tokens=False)["input_ids"]
+                    sequences.append(prompt + choice_ids)
+                    choice_lengths.append(len(choice_ids))
+            width = max(len(seq) for seq in sequences)
+            ids = torch.tensor([seq + [0] * (width - len(seq)) for seq in sequences], device=device)
+            logp = F.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1)
+            token_logp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+            flat = [float(token_logp[i, len(seq) - 1 - n: len(seq) - 1].sum())
+                    for i, (seq, n) in enumerate(zip(sequences, choice_lengths))]
+            for row in rows[start: start + batch_size]:
+                count = len(row["choices"]["text"])
+                scores.append(flat[:count])
+                flat = flat[count:]
     finally:
         model.train(was_training)
-    if total == 0:
-        raise ValueError("multiple_choice_accuracy() got no rows.")
-    return correct / total
+    return scores
 
 
 @torch.no_grad()

@@ -71,6 +71,34 @@ def test_multiple_choice_accuracy_picks_the_most_likely_choice():
         multiple_choice_accuracy(model, tokenizer, [])
 
 
+def test_batched_choice_scores_equal_one_sequence_at_a_time():
+    import torch.nn.functional as F
+
+    from hf_qad.evaluation import choice_log_likelihoods
+    from tiny_models import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    model = _model(0)
+    model.resize_token_embeddings(len(tokenizer))
+    rows = [{"question": q, "choices": {"text": texts, "label": list("ABCD"[: len(texts)])}, "answerKey": "A"}
+            for q, texts in [("sky?", ["blue", "a red one", "x"]), ("why is the sea", ["salt", "b", "c d e f", "g"]),
+                             ("ok", ["yes", "no"])]]
+    batched = choice_log_likelihoods(model, tokenizer, rows, batch_size=3)
+    assert [len(s) for s in batched] == [3, 4, 2]
+    for row, row_scores in zip(rows, batched):
+        prompt = tokenizer(f"Question: {row['question']}\nAnswer:")["input_ids"]
+        for choice, score in zip(row["choices"]["text"], row_scores):
+            choice_ids = tokenizer(" " + choice, add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([prompt + choice_ids])
+            logp = F.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+            alone = float(logp.gather(-1, ids[0, 1:, None])[-len(choice_ids):].sum())
+            assert score == pytest.approx(alone, abs=1e-4)
+    one_at_a_time = choice_log_likelihoods(model, tokenizer, rows, batch_size=1)
+    assert sum(one_at_a_time, []) == pytest.approx(sum(batched, []), abs=1e-4)
+    with pytest.raises(ValueError, match="batch_size"):
+        choice_log_likelihoods(model, tokenizer, rows, batch_size=0)
+
+
 def test_layer_quantization_errors():
     from hf_qad.evaluation import layer_quantization_errors
     from hf_qad.nvfp4.linear import NVFP4Linear
