@@ -4,7 +4,13 @@ They run on CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1``, se
 conftest), which is slow: shapes are kept small. The interpreter is not a GPU, so these
 tests check the kernels' arithmetic; the interpreter's own rounding quirks (float32 ->
 bfloat16 truncation, its float8 conversion) are exactly what the kernels avoid relying on.
+
+On a GPU the same checks run compiled: ``TRITON_INTERPRET=0 HF_QAD_TEST_DEVICE=cuda pytest
+tests/nvfp4/test_triton_kernels.py``. The kernels then get CUDA copies of the inputs and
+their outputs come back to the CPU, where the reference computes what they must equal.
 """
+
+import os
 
 import pytest
 import torch
@@ -13,10 +19,37 @@ import triton
 import triton.language as tl
 
 from hf_qad.nvfp4 import format as ref
-from hf_qad.nvfp4 import triton_kernels as tk
+from hf_qad.nvfp4 import triton_kernels
 from hf_qad.nvfp4.triton_kernels import _round_to_bf16
 from nvfp4_cases import _cases
 
+DEVICE = torch.device(os.environ.get("HF_QAD_TEST_DEVICE", "cpu"))
+
+
+def _moved(obj, device: torch.device):
+    """``obj`` with every tensor in it (also inside tuples such as NVFP4Quantized) on ``device``."""
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        items = [_moved(item, device) for item in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
+    return obj
+
+
+class _KernelsOnTestDevice:
+    """``triton_kernels`` with inputs moved to DEVICE and outputs back to the CPU."""
+
+    def __getattr__(self, name: str):
+        kernel = getattr(triton_kernels, name)
+
+        def call(*args, **kwargs):
+            args, kwargs = _moved(args, DEVICE), {k: _moved(v, DEVICE) for k, v in kwargs.items()}
+            return _moved(kernel(*args, **kwargs), torch.device("cpu"))
+
+        return call
+
+
+tk = _KernelsOnTestDevice()
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 CASES = _cases()  # shared with the reference tests: ties, subnormal and zero scales, ...
 
@@ -141,8 +174,9 @@ def test_bf16_rounding_is_nearest_even_where_the_interpreter_truncates():
                         dtype=torch.int64).to(torch.int32).view(torch.float32)  # fmt: skip
     g = torch.Generator().manual_seed(3)
     x = torch.cat([ties, torch.randn(400, generator=g) * 1e3, torch.tensor([1e-40, -0.0])])
-    out = torch.empty_like(x)
-    _round_to_bf16_kernel[(1,)](x, out, x.numel(), BLOCK=512)
+    out = torch.empty_like(x, device=DEVICE)
+    _round_to_bf16_kernel[(1,)](x.to(DEVICE), out, x.numel(), BLOCK=512)
+    out = out.cpu()
     _assert_bits_equal(out.to(torch.bfloat16), x.to(torch.bfloat16))
     assert torch.equal(out, out.to(torch.bfloat16).float())  # exactly representable
 
