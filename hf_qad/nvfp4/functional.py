@@ -6,7 +6,9 @@ Three implementations compute the same bits:
 * :mod:`hf_qad.nvfp4.cpu` — the fast path for CPU tensors;
 * :mod:`hf_qad.nvfp4.triton_kernels` — fused Triton kernels for CUDA tensors.
 
-This module picks the backend from the tensor's device and adds autograd.
+This module picks the backend from the tensor's device and adds autograd. Setting the
+environment variable ``HF_QAD_DISABLE_TRITON=1`` sends CUDA tensors through the PyTorch
+path too (same bits, slower): a way to rule the kernels out when debugging a GPU run.
 
 Straight-through estimator
 --------------------------
@@ -29,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 from types import ModuleType
 
 import torch
@@ -40,9 +43,13 @@ from hf_qad.nvfp4.format import NVFP4Quantized
 __all__ = ["dequantize", "fake_quant", "linear", "quantize"]
 
 
+def _use_triton(tensor: torch.Tensor) -> bool:
+    return tensor.is_cuda and os.environ.get("HF_QAD_DISABLE_TRITON", "0") != "1"
+
+
 def _backend(tensor: torch.Tensor) -> ModuleType:
     """Triton kernels for CUDA tensors, the fast PyTorch path for everything else."""
-    if tensor.is_cuda:
+    if _use_triton(tensor):
         from hf_qad.nvfp4 import triton_kernels  # imported lazily: triton needs a GPU driver
 
         return triton_kernels
@@ -56,7 +63,7 @@ class _FakeQuantSTE(torch.autograd.Function):
             # Searched weight scales (hf_qad.nvfp4.scale_search): the search already costs
             # several reference passes, so the reference math applies them.
             return format.fake_quant(x, global_scale, name=name, block_scale=block_scale)
-        if x.is_cuda:
+        if _use_triton(x):
             return _backend(x).fake_quant(x, global_scale)
         return cpu.fake_quant(x, global_scale, name=name)
 
@@ -95,7 +102,7 @@ def quantize(
     """Quantize ``x`` to packed NVFP4 (see :func:`hf_qad.nvfp4.format.quantize`)."""
     if block_scale is not None:
         return format.quantize(x.detach(), global_scale, name=name, block_scale=block_scale)
-    if x.is_cuda:
+    if _use_triton(x):
         return _backend(x).quantize(x.detach(), global_scale)
     return cpu.quantize(x.detach(), global_scale, name=name)
 
@@ -123,7 +130,7 @@ def linear(
     is quantized (W4A16). On CUDA the weight is dequantized in registers by the Triton
     matmul; elsewhere it is dequantized to ``x``'s dtype and multiplied by PyTorch.
     """
-    if x.is_cuda:
+    if _use_triton(x):
         kernels = _backend(x)
         if input_global_scale is not None:
             return kernels.w4a4_linear(x, input_global_scale, *weight, bias=bias)

@@ -40,3 +40,16 @@ def test_linear_w4a16_and_w4a4_match_reference_composition():
     assert torch.equal(functional.linear(x, q, b), F.linear(x, w_hat, b))
     gs = ref.global_scale_from_amax(x.abs().amax())
     assert torch.equal(functional.linear(x, q, b, gs), F.linear(ref.fake_quant(x, gs), w_hat, b))
+
+
+def test_disable_triton_sends_cuda_tensors_to_the_pytorch_path(monkeypatch):
+    from types import SimpleNamespace
+
+    from hf_qad.nvfp4 import cpu, functional
+
+    cuda_like = SimpleNamespace(is_cuda=True)
+    assert functional._use_triton(cuda_like)
+    monkeypatch.setenv("HF_QAD_DISABLE_TRITON", "1")
+    assert not functional._use_triton(cuda_like)
+    assert functional._backend(cuda_like) is cpu
+    assert not functional._use_triton(SimpleNamespace(is_cuda=False))
