@@ -149,6 +149,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--search-tokens", type=int, default=None,
                         help="training tokens of each --lr-search run (default 16384; --tiny 1024)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the models run (default: cuda when available)")
+    parser.add_argument("--arc-batch-size", type=int, default=8, help="ARC questions scored per forward")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared CPU, 2+ threads stall each parallel op "
                              "whenever a peer thread is descheduled; 0 keeps torch's choice)")
@@ -230,16 +233,16 @@ def batches(rows: torch.Tensor, size: int) -> list[torch.Tensor]:
     return [rows[i: i + size] for i in range(0, rows.shape[0], size)]
 
 
-def load_teacher(path: Path) -> torch.nn.Module:
-    teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+def load_teacher(path: Path, device: str) -> torch.nn.Module:
+    teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device)
     return teacher.eval().requires_grad_(False)
 
 
-def load_student(path: Path, scale_method: str, data: TrainData, batch_size: int) -> torch.nn.Module:
+def load_student(path: Path, scale_method: str, data: TrainData, batch_size: int, device: str) -> torch.nn.Module:
     """NVFP4 W4A4 fake-quant student, float32 masters, calibrated on training rows."""
     student = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, quantization_config=hf_qad.NVFP4Config(scheme="w4a4", scale_method=scale_method)
-    )
+    ).to(device)
     calibrate(student, [{"input_ids": b} for b in batches(data.calibration, batch_size)], num_batches=None)
     return student
 
@@ -257,7 +260,7 @@ def train_config(args: argparse.Namespace, out_dir: Path, lr: float, **overrides
         weight_decay=0.0, max_grad_norm=1.0, logging_steps=max(1, args.train_tokens // args.seq_len
                                                                 // args.batch_size // 16),
         save_strategy="no", report_to=[], seed=args.seed, data_seed=args.seed,
-        use_cpu=not torch.cuda.is_available(), bf16=False, max_length=args.seq_len, packing=False,
+        use_cpu=args.device == "cpu", bf16=False, max_length=args.seq_len, packing=False,
         calibration_batches=0, dataloader_num_workers=0, disable_tqdm=True,
         nvfp4_scale_method=args.train_scale_method,
     )
@@ -277,7 +280,7 @@ def train_student(method: str, args: argparse.Namespace, path: Path, tokenizer, 
     info: dict[str, Any] = {"lr": lr}
     dataset = data.dataset(tokens)
     info["train_tokens"] = len(dataset) * args.seq_len
-    student = load_student(path, args.train_scale_method, data, args.batch_size)
+    student = load_student(path, args.train_scale_method, data, args.batch_size, args.device)
     kwargs: dict[str, Any] = dict(train_dataset=dataset, processing_class=tokenizer)
     out = work / method
     if method == "qat":
@@ -317,13 +320,13 @@ def train_student(method: str, args: argparse.Namespace, path: Path, tokenizer, 
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-def evaluate(model, teacher, tokenizer, eval_rows: torch.Tensor, arc_rows: list[dict], batch_size: int
-             ) -> dict[str, Any]:
+def evaluate(model, teacher, tokenizer, eval_rows: torch.Tensor, arc_rows: list[dict], batch_size: int,
+             arc_batch_size: int) -> dict[str, Any]:
     started = time.perf_counter()
     result = compare_to_teacher(model, teacher, batches(eval_rows, batch_size))
     wiki_s = time.perf_counter() - started
     started = time.perf_counter()
-    accuracy = multiple_choice_accuracy(model, tokenizer, arc_rows)
+    accuracy = multiple_choice_accuracy(model, tokenizer, arc_rows, arc_batch_size)
     arc_s = time.perf_counter() - started
     return {
         "perplexity": result.student_ppl, "kl": result.kl, "top1_agreement": result.top1_agreement,
@@ -348,7 +351,13 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    host = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    if torch.cuda.is_available():
+        host += f", GPU {torch.cuda.get_device_name()}"
+    import transformers
+    import triton
+
+    return f"{host}, transformers {transformers.__version__}, triton {triton.__version__}"
 
 
 def settings(args: argparse.Namespace, method: str) -> dict[str, Any]:
@@ -472,7 +481,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work = Path(tmp.name)
     path = tiny_model(work / "tiny") if args.tiny else smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    teacher = load_teacher(path)
+    teacher = load_teacher(path, args.device)
 
     held_out_rows = 2 if args.tiny else 8
     data = TrainData(tokenizer, args.train_tokens, args.seq_len, args.calibration_rows, held_out_rows)
@@ -525,7 +534,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 if scale == "best":
                     candidates = {}
                     for candidate in ("mse", "four_over_six"):
-                        model = freeze(load_student(path, candidate, data, args.batch_size))
+                        model = freeze(load_student(path, candidate, data, args.batch_size, args.device))
                         candidates[candidate] = held_out_kl(model, teacher, data, args.batch_size)
                         print(f"   {candidate}: held-out training-text KL {candidates[candidate]['kl']:.4f}",
                               flush=True)
@@ -533,7 +542,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     scale = min(candidates, key=lambda c: candidates[c]["kl"])
                     entry["selection_held_out"] = candidates
                     entry["label"] = f"PTQ ({scale}, best of mse/four_over_six)"
-                model = freeze(load_student(path, scale, data, args.batch_size))
+                model = freeze(load_student(path, scale, data, args.batch_size, args.device))
                 entry["scale_method"] = scale
                 wall = time.perf_counter() - started
             else:
@@ -542,7 +551,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 entry.update(info)
                 wall = time.perf_counter() - started
             entry["wall_s"] = wall
-            entry.update(evaluate(model, teacher, tokenizer, eval_rows, arc_rows, args.batch_size))
+            entry.update(evaluate(model, teacher, tokenizer, eval_rows, arc_rows, args.batch_size,
+                                  args.arc_batch_size))
             if method in ("qad", "qad_lora", "qad_cache", "qat"):
                 entry["held_out_train_text"] = held_out_kl(model, teacher, data, args.batch_size)
             if method == "qad_lora":
