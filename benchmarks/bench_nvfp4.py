@@ -11,8 +11,10 @@ their amax, and of bf16 activations with a static global scale, by
 with the ratios ours/CT and ours/copy and whether our result equals CT's bit for bit.
 
 CUDA, when available: the Triton fake-quant as a share of the card's measured
-device-to-device copy bandwidth (bytes read + written), and the W4A16 matmul
-against a bf16 ``torch.nn.functional.linear`` at batch 1, 16 and 256.
+device-to-device copy bandwidth (bytes read + written), against hf_qad's PyTorch path
+run on the same GPU tensors (what ``HF_QAD_DISABLE_TRITON=1`` uses) and checked equal to
+it bit for bit, and the W4A16 matmul against a bf16 ``torch.nn.functional.linear`` at
+batch 1, 16 and 256.
 
 Every number is a median over ``--repeats`` runs after one warm-up run; compare the
 ratios, not the absolute numbers, across machines.
@@ -20,6 +22,7 @@ ratios, not the absolute numbers, across machines.
 Usage:
     python benchmarks/bench_nvfp4.py            # the shapes of a 7-8B model
     python benchmarks/bench_nvfp4.py --quick    # small shapes, a few seconds
+    python benchmarks/bench_nvfp4.py --skip-cpu # the GPU tables only (no compressed-tensors needed)
 """
 
 from __future__ import annotations
@@ -159,15 +162,18 @@ def copy_bandwidth(repeats: int) -> float:
 
 
 def triton_fake_quant_rows(triton_kernels, quick: bool, repeats: int, bandwidth: float) -> list[list[str]]:
-    """Triton fake-quant per case: time, effective bandwidth and its share of the copy's."""
+    """Triton fake-quant per case: time, bandwidth, its share of the copy's, and the PyTorch path's time."""
     rows = []
     for case in cases(quick):
         x, global_scale = tensor_for(case, "cuda")
         seconds = cuda_median_seconds(lambda: triton_kernels.fake_quant(x, global_scale), repeats)
+        torch_seconds = cuda_median_seconds(lambda: cpu.fake_quant(x, global_scale), repeats, inner=2)
+        same = torch.equal(triton_kernels.fake_quant(x, global_scale), cpu.fake_quant(x, global_scale))
         moved = 2 * x.numel() * x.element_size()  # x read once, the result written once
         rows.append([
             case.label, "x".join(map(str, case.shape)), f"{seconds * 1e6:.0f}",
             f"{moved / seconds / 1e9:.0f}", f"{100 * moved / seconds / bandwidth:.0f}%",
+            f"{torch_seconds * 1e6:.0f}", f"{torch_seconds / seconds:.1f}x", "yes" if same else "NO",
         ])  # fmt: skip
     return rows
 
@@ -194,7 +200,8 @@ def cuda_report(quick: bool, repeats: int) -> str:
     bandwidth = copy_bandwidth(repeats)
     name = torch.cuda.get_device_name()
     fake_quant = markdown_table(
-        ["tensor (bf16)", "shape", "Triton fake-quant (us)", "GB/s", "of copy bandwidth"],
+        ["tensor (bf16)", "shape", "Triton fake-quant (us)", "GB/s", "of copy bandwidth",
+         "PyTorch path (us)", "Triton speed-up", "same bits"],
         triton_fake_quant_rows(triton_kernels, quick, repeats, bandwidth),
     )
     matmul = markdown_table(
@@ -212,10 +219,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per number (median)")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    parser.add_argument("--skip-cpu", action="store_true", help="only the CUDA tables")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(cpu_report(args.quick, args.repeats))
+    if not args.skip_cpu:
+        print(cpu_report(args.quick, args.repeats))
     if torch.cuda.is_available():
         print()
         print(cuda_report(args.quick, args.repeats))
