@@ -4,7 +4,11 @@ The naive loss materializes ``[tokens, vocab]`` logits for the student and the t
 plus their softmaxes and gradients: at vocabulary 49k and 2k tokens that is several
 GB. Here both models' heads are applied to ``chunk_size`` tokens at a time inside
 ``torch.utils.checkpoint``: the forward keeps only per-token sums, and the backward
-recomputes one chunk's logits at a time.
+recomputes one chunk's logits at a time. Each chunk computes both log-softmaxes once and
+has hand-written gradients, so its float32 temporaries peak at about
+``4 * chunk_size * vocab * 4`` bytes (forward KL at temperature 1; one or two more
+``[chunk, vocab]`` tensors for the other divergences or another temperature), measured
+at 0.1 GB for chunk 128 and vocabulary 49k (``benchmarks/RESULTS.md``).
 
 Why not TRL's ``ChunkedDivergenceFunction``: it fixes its tiles at 4096 x 32768 float32
 (0.5 GB per buffer, two buffers), which is most of the naive loss at 2k tokens, and it
@@ -52,7 +56,8 @@ DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 class DistillationSums:
     """Sums over the loss tokens of one batch (divide by a token count to average).
 
-    ``divergence`` and ``student_nll`` carry gradients; the rest are detached metrics.
+    ``divergence`` and (unless ``ce_grad=False``) ``student_nll`` carry gradients; the rest
+    are detached metrics.
     """
 
     divergence: torch.Tensor
@@ -87,6 +92,120 @@ def token_divergence(
     return value * temperature**2
 
 
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(a * b).sum(-1)`` for ``[n, vocab]`` tensors without materializing the product."""
+    return torch.matmul(a.unsqueeze(-2), b.unsqueeze(-1)).view(a.shape[:-1])
+
+
+def _total_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(a * b).sum()`` without materializing the product."""
+    return torch.dot(a.reshape(-1), b.reshape(-1))
+
+
+class _ChunkLoss(torch.autograd.Function):
+    """Divergence, cross-entropy and metrics of one chunk, with hand-written gradients.
+
+    Takes the student's logits (the gradient flows back through them) and the teacher's hidden
+    states and head (no gradient). Each log-softmax is computed once; the forward keeps only what the gradient needs (two
+    ``[chunk, vocab]`` float32 tensors; a third for the CE gradient at ``temperature != 1``),
+    where autograd through :func:`token_divergence` keeps six or more. Gradients, with
+    ``Q``/``P`` the student/teacher softmax at temperature ``T`` and ``r`` a per-token sum:
+
+    * forward KL: ``T * (Q - P)``;
+    * reverse KL: ``T * Q * (log Q - log P - r)``, ``r = KL(Q || P)`` per token;
+    * JSD: ``T * (1 - beta) * Q * (log Q - log M - r)``, ``M = beta * P + (1 - beta) * Q``, ``r = KL(Q || M)``;
+    * student CE: ``softmax(student) - onehot(target)``.
+    """
+
+    @staticmethod
+    def forward(ctx, s_logits, teacher_hidden, teacher_head, targets, divergence, beta, temperature, ce_grad):
+        # The teacher's logits are made here, not passed in, so that they are freed once their
+        # log-softmax exists: the forward peaks at four [chunk, vocab] float32 tensors (student
+        # logits, both log-softmaxes, one difference) at temperature 1.
+        T = temperature
+        index = targets[:, None]
+        s = s_logits.float()
+        s_top = s.argmax(-1)
+        q = F.log_softmax(s / T if T != 1.0 else s, dim=-1)
+        s1 = q if T == 1.0 else F.log_softmax(s, dim=-1)  # log-probabilities at T = 1, for the metrics
+        del s
+        t = teacher_head(teacher_hidden).float()
+        agree = (s_top == t.argmax(-1)).sum().float()
+        p = F.log_softmax(t / T if T != 1.0 else t, dim=-1)
+        t1 = p if T == 1.0 else F.log_softmax(t, dim=-1)
+        del t
+        student_nll = -s1.gather(-1, index).sum()
+        teacher_nll = -t1.gather(-1, index).sum()
+        kl = None  # forward KL at T = 1; at T = 1 from q and p below
+        student_ce = None  # softmax(student) at T = 1, kept when the CE gradient needs it and T != 1
+        if T != 1.0:
+            kl = _total_dot(t1.exp(), t1 - s1)
+            if ce_grad:
+                student_ce = s1.exp_()
+        del s1, t1
+        if divergence == "forward_kl":
+            diff = p - q
+            P = p.exp_()
+            value = _total_dot(P, diff)
+            del diff
+            saved = (q.exp_(), P)
+            if kl is None:
+                kl = value
+        elif divergence == "reverse_kl":
+            if kl is None:
+                kl = _total_dot(p.exp(), p - q)
+            Q = q.exp()
+            diff = q.sub_(p)  # log Q - log P
+            del p, q
+            r = _row_dot(Q, diff)
+            value = r.sum()
+            saved = (Q, diff, r)
+        elif divergence == "jsd":
+            if kl is None:
+                kl = _total_dot(p.exp(), p - q)
+            m = torch.logaddexp(p + math.log(beta), q + math.log(1 - beta))  # log M
+            P, Q = p.exp(), q.exp()
+            dp, dq = p.sub_(m), q.sub_(m)  # log P - log M, log Q - log M
+            del m
+            r = _row_dot(Q, dq)
+            value = beta * _total_dot(P, dp) + (1 - beta) * r.sum()
+            del P, dp
+            saved = (Q, dq, r)
+        else:
+            raise ValueError(f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}.")
+        if student_ce is not None:
+            saved = (*saved, student_ce)
+        ctx.save_for_backward(*saved, targets)
+        ctx.divergence, ctx.beta, ctx.temperature, ctx.ce_grad = divergence, beta, T, ce_grad
+        ctx.logits_dtype = s_logits.dtype
+        ctx.set_materialize_grads(False)
+        value = value * T**2
+        metrics = (kl, agree, teacher_nll) if ce_grad else (kl, agree, teacher_nll, student_nll)
+        ctx.mark_non_differentiable(*metrics)
+        return value, student_nll, kl, agree, teacher_nll
+
+    @staticmethod
+    def backward(ctx, g_div, g_nll, *unused):
+        *saved, targets = ctx.saved_tensors
+        T = ctx.temperature
+        grad = None
+        if g_div is not None:
+            if ctx.divergence == "forward_kl":
+                Q, P = saved[:2]
+                grad = torch.sub(Q, P).mul_(g_div * T)
+            else:  # reverse KL, JSD: Q * (diff - r), scaled
+                Q, diff, r = saved[:3]
+                scale = T if ctx.divergence == "reverse_kl" else T * (1 - ctx.beta)
+                grad = torch.sub(diff, r[:, None]).mul_(Q).mul_(g_div * scale)
+        if g_nll is not None and ctx.ce_grad:
+            student = saved[0] if T == 1.0 else saved[-1]  # softmax of the student at T = 1
+            grad = student * g_nll if grad is None else grad.addcmul_(student, g_nll)
+            grad.scatter_add_(-1, targets[:, None], (-g_nll).expand(targets.shape[0], 1).to(grad.dtype))
+        if grad is not None:
+            grad = grad.to(ctx.logits_dtype)
+        return grad, None, None, None, None, None, None, None
+
+
 def _chunk_sums(
     student_hidden: torch.Tensor,
     teacher_hidden: torch.Tensor,
@@ -96,22 +215,12 @@ def _chunk_sums(
     divergence: str,
     beta: float,
     temperature: float,
+    ce_grad: bool,
 ) -> tuple[torch.Tensor, ...]:
-    s_logits = student_head(student_hidden).float()
-    with torch.no_grad():
-        t_logits = teacher_head(teacher_hidden).float()
-    div = token_divergence(s_logits, t_logits, divergence, beta, temperature).sum()
-    s_logp = F.log_softmax(s_logits, dim=-1)
-    student_nll = -s_logp.gather(-1, targets[:, None]).sum()
-    with torch.no_grad():
-        t_logp = F.log_softmax(t_logits, dim=-1)
-        if divergence == "forward_kl" and temperature == 1.0:
-            kl = div.detach()
-        else:
-            kl = (t_logp.exp() * (t_logp - s_logp.detach())).sum()
-        agree = (s_logits.argmax(-1) == t_logits.argmax(-1)).sum().float()
-        teacher_nll = -t_logp.gather(-1, targets[:, None]).sum()
-    return div, student_nll, kl, agree, teacher_nll
+    # The student's logits are passed straight in: nothing outside _ChunkLoss holds them once it has run.
+    return _ChunkLoss.apply(
+        student_head(student_hidden), teacher_hidden, teacher_head, targets, divergence, beta, temperature, ce_grad
+    )
 
 
 def chunked_distillation_loss(
@@ -124,7 +233,8 @@ def chunked_distillation_loss(
     divergence: str = "forward_kl",
     beta: float = 0.5,
     temperature: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int = 128,
+    ce_grad: bool = True,
 ) -> DistillationSums:
     """Distillation sums over ``n`` loss tokens, ``chunk_size`` tokens at a time.
 
@@ -137,15 +247,20 @@ def chunked_distillation_loss(
         targets: ``[n]`` next-token ids (for the cross-entropy terms).
         divergence, beta, temperature: see the module docstring.
         chunk_size: tokens per chunk; peak loss memory is about
-            ``3 * chunk_size * vocab * 4`` bytes whatever the sequence length.
+            ``4 * chunk_size * vocab * 4`` bytes whatever the sequence length (see the module doc).
+        ce_grad: whether ``student_nll`` carries a gradient. ``False`` (a CE weight of 0):
+            it is computed from the same log-probabilities as a metric only.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
     if divergence not in DIVERGENCES:
         raise ValueError(f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}.")
+    if divergence == "jsd" and not 0.0 < beta < 1.0:
+        raise ValueError(f"jsd needs 0 < beta < 1, got {beta}; beta=0 or 1 is a plain KL.")
     n = student_hidden.shape[0]
     zero = student_hidden.sum() * 0.0  # keeps the graph connected when there are no loss tokens
-    totals = [zero, zero.clone()] + [torch.zeros((), device=student_hidden.device) for _ in range(3)]
+    totals = [zero, zero.clone() if ce_grad else zero.detach()]
+    totals += [torch.zeros((), device=student_hidden.device) for _ in range(3)]
     for start in range(0, n, chunk_size):
         end = min(start + chunk_size, n)
         sums = checkpoint(
@@ -158,6 +273,7 @@ def chunked_distillation_loss(
             divergence,
             beta,
             temperature,
+            ce_grad,
             use_reentrant=False,
         )
         totals = [total + value for total, value in zip(totals, sums)]

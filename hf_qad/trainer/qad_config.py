@@ -42,9 +42,10 @@ class QADConfig(SFTConfig):
         ce_weight (`float`, defaults to `0.0`):
             Weight of the data's cross-entropy. ``kl_weight=0, ce_weight=1`` is plain QAT on the
             task loss, so QAD and QAT can be compared with one trainer.
-        loss_chunk_size (`int`, defaults to `1024`):
-            Tokens per chunk of the loss; peak loss memory is about ``3 * chunk * vocab * 4`` bytes,
-            independent of the sequence length.
+        loss_chunk_size (`int`, defaults to `128`):
+            Tokens per chunk of the loss; the loss's own memory peaks at about ``4 * chunk * vocab * 4``
+            bytes (0.1 GB at chunk 128, vocabulary 49k), independent of the sequence length. Larger
+            chunks save little time (see ``benchmarks/RESULTS.md``).
         calibration_batches (`int`, defaults to `8`):
             Training batches used to calibrate W4A4 activation scales before training, when the
             student is not calibrated yet. ``0`` skips calibration (per-batch scales, with a warning).
@@ -75,7 +76,7 @@ class QADConfig(SFTConfig):
     temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the divergence."})
     kl_weight: float = field(default=1.0, metadata={"help": "Weight of the divergence."})
     ce_weight: float = field(default=0.0, metadata={"help": "Weight of the data cross-entropy (QAT)."})
-    loss_chunk_size: int = field(default=1024, metadata={"help": "Tokens per loss chunk."})
+    loss_chunk_size: int = field(default=128, metadata={"help": "Tokens per loss chunk."})
     calibration_batches: int = field(default=8, metadata={"help": "Batches to calibrate W4A4 scales."})
     lmbda: float = field(default=0.0, metadata={"help": "On-policy (student) generation probability."})
     max_new_tokens: int = field(default=128, metadata={"help": "Generated completion length."})

@@ -464,6 +464,7 @@ class QADTrainer(SFTTrainer):
                 beta=self.args.beta,
                 temperature=self.args.temperature,
                 chunk_size=self.args.loss_chunk_size,
+                ce_grad=self.args.ce_weight > 0,  # else the student CE is a metric only
             )
         total = self.args.kl_weight * sums.divergence + self.args.ce_weight * sums.student_nll
         tokens = torch.as_tensor(num_items_in_batch if num_items_in_batch is not None else sums.tokens)
@@ -479,7 +480,9 @@ class QADTrainer(SFTTrainer):
         return (loss, None) if return_outputs else loss
 
     def _log_distillation_metrics(self, mode: str, sums) -> None:
-        gathered = self.accelerator.gather_for_metrics(
+        # One row of token sums per process, added up: gather, not gather_for_metrics, which takes the rows
+        # for samples and, on the last batch of a dataloader, drops the ones past the dataset's end.
+        gathered = self.accelerator.gather(
             torch.stack(
                 [sums.kl, sums.top1_agreement, sums.student_nll.detach(), sums.teacher_nll,
                  torch.tensor(float(sums.tokens), device=sums.kl.device)]

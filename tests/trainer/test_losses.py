@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_qad.trainer.losses import chunked_distillation_loss, token_divergence
+from hf_qad.trainer.losses import _chunk_sums, chunked_distillation_loss, token_divergence
 
 
 def _setup(n=37, hidden=16, vocab=50, seed=0):
@@ -32,7 +32,8 @@ def _naive(s_head, t_head, h_s, h_t, targets, divergence, beta, temperature):
 
 
 @pytest.mark.parametrize("divergence, beta, temperature", [
-    ("forward_kl", 0.5, 1.0), ("forward_kl", 0.5, 2.0), ("reverse_kl", 0.5, 1.0), ("jsd", 0.3, 1.0),
+    ("forward_kl", 0.5, 1.0), ("forward_kl", 0.5, 2.0), ("reverse_kl", 0.5, 1.0), ("reverse_kl", 0.5, 2.0),
+    ("jsd", 0.3, 1.0), ("jsd", 0.7, 0.5),
 ])
 @pytest.mark.parametrize("chunk_size", [5, 1000])
 def test_chunked_loss_and_gradients_equal_the_naive_loss(divergence, beta, temperature, chunk_size):
@@ -52,9 +53,65 @@ def test_chunked_loss_and_gradients_equal_the_naive_loss(divergence, beta, tempe
         assert torch.allclose(g, want, rtol=1e-4, atol=1e-6)
 
 
-def test_metrics():
+@pytest.mark.parametrize("divergence, temperature", [("forward_kl", 1.0), ("reverse_kl", 2.0), ("jsd", 1.0)])
+def test_without_ce_grad_the_ce_is_a_metric_and_the_divergence_gradient_is_unchanged(divergence, temperature):
     s_head, t_head, h_s, h_t, targets = _setup()
-    sums = chunked_distillation_loss(h_s, s_head, h_t, t_head, targets, divergence="reverse_kl", chunk_size=5)
+    kwargs = dict(divergence=divergence, temperature=temperature, chunk_size=8)
+    sums = chunked_distillation_loss(h_s, s_head, h_t, t_head, targets, ce_grad=False, **kwargs)
+    assert not sums.student_nll.requires_grad and sums.divergence.requires_grad
+    sums.divergence.backward()
+    got = [h_s.grad.clone(), s_head.weight.grad.clone()]
+    for tensor in (h_s, s_head.weight, s_head.bias):
+        tensor.grad = None
+    div, ce = _naive(s_head, t_head, h_s, h_t, targets, divergence, 0.5, temperature)
+    div.backward()
+    assert torch.allclose(sums.student_nll, ce.detach(), rtol=1e-5)  # still reported
+    assert torch.allclose(sums.divergence, div, rtol=1e-5, atol=1e-5)
+    for g, want in zip(got, (h_s.grad, s_head.weight.grad)):
+        assert torch.allclose(g, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("divergence, temperature, ce_grad, kept", [
+    ("forward_kl", 1.0, False, 2), ("forward_kl", 1.0, True, 2), ("forward_kl", 2.0, False, 2),
+    ("forward_kl", 2.0, True, 3), ("reverse_kl", 1.0, False, 2), ("jsd", 1.0, True, 2),
+])
+def test_a_chunk_keeps_two_vocabulary_sized_tensors_for_its_backward(divergence, temperature, ce_grad, kept):
+    # Outside the checkpoint, what the chunk's graph saves is what its backward holds at once: the CE
+    # adds nothing at temperature 1 (it shares the student softmax) and one tensor otherwise.
+    s_head, t_head, h_s, h_t, targets = _setup(n=6, vocab=50)
+    head = torch.nn.Linear(16, 50, bias=False)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        _chunk_sums(h_s, h_t, targets, head, t_head, divergence, 0.5, temperature, ce_grad)
+    assert sum(shape == (6, 50) for shape in saved) == kept, saved
+
+
+def test_bfloat16_logits_get_bfloat16_gradients():
+    s_head, t_head, h_s, h_t, targets = _setup()
+    s_head, t_head = s_head.to(torch.bfloat16), t_head.to(torch.bfloat16)
+    h = h_s.detach().to(torch.bfloat16).requires_grad_(True)
+    sums = chunked_distillation_loss(h, s_head, h_t.to(torch.bfloat16), t_head, targets, chunk_size=8)
+    (sums.divergence + sums.student_nll).backward()
+    assert h.grad.dtype == torch.bfloat16 and s_head.weight.grad.dtype == torch.bfloat16
+    got = h.grad.float()
+    h.grad = None
+    s = s_head(h).float()
+    t = t_head(h_t.to(torch.bfloat16)).float().detach()
+    (token_divergence(s, t).sum() + F.cross_entropy(s, targets, reduction="sum")).backward()
+    assert torch.allclose(got, h.grad.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("divergence, temperature", [("reverse_kl", 1.0), ("forward_kl", 2.0), ("jsd", 0.5)])
+def test_metrics(divergence, temperature):
+    # Whatever the trained divergence, the metrics are at temperature 1: forward KL and both CEs.
+    s_head, t_head, h_s, h_t, targets = _setup()
+    sums = chunked_distillation_loss(h_s, s_head, h_t, t_head, targets, divergence=divergence,
+                                     temperature=temperature, chunk_size=5)
     s, t = s_head(h_s).detach(), t_head(h_t).detach()
     kl = token_divergence(s, t, "forward_kl").sum()
     assert torch.allclose(sums.kl, kl, rtol=1e-5)
@@ -79,3 +136,5 @@ def test_bad_arguments():
         chunked_distillation_loss(h_s, s_head, h_t, t_head, targets, chunk_size=0)
     with pytest.raises(ValueError, match="0 < beta < 1"):
         token_divergence(torch.zeros(1, 4), torch.zeros(1, 4), "jsd", beta=1.0)
+    with pytest.raises(ValueError, match="0 < beta < 1"):
+        chunked_distillation_loss(h_s, s_head, h_t, t_head, targets, divergence="jsd", beta=0.0)

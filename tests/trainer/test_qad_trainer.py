@@ -118,6 +118,44 @@ def test_batch_without_loss_tokens_gives_zero_not_nan(tiny_path, tmp_path):
     loss.backward()
 
 
+def test_ce_weight_0_logs_the_student_ce_without_its_gradient(tiny_path, tmp_path):
+    model = _student(tiny_path, scheme="w4a16")
+    trainer = QADTrainer(model, args=_config(tmp_path), train_dataset=Dataset.from_dict({"text": TEXTS}),
+                         processing_class=tiny_tokenizer())
+    batch = _first_batch(trainer)
+    model.train()
+    seen = []
+    original = QADTrainer._log_distillation_metrics
+    trainer._log_distillation_metrics = lambda mode, sums: (seen.append(sums), original(trainer, mode, sums))
+    trainer.compute_loss(model, dict(batch)).backward()
+    assert not seen[0].student_nll.requires_grad and seen[0].divergence.requires_grad
+    assert trainer._metrics["train"]["student_ce"][0] > 0.0
+
+
+def test_metrics_add_up_every_process_even_on_the_last_batch(tiny_path, tmp_path, monkeypatch):
+    # gather_for_metrics would cut the per-process rows to the dataset's remainder on a last batch.
+    model = _student(tiny_path, scheme="w4a16")
+    trainer = QADTrainer(model, args=_config(tmp_path), train_dataset=Dataset.from_dict({"text": TEXTS}),
+                         processing_class=tiny_tokenizer())
+    model.train()
+    state = trainer.accelerator.gradient_state
+    monkeypatch.setattr(type(state), "end_of_dataloader", property(lambda self: True))
+    monkeypatch.setattr(type(state), "remainder", property(lambda self: 1))
+    monkeypatch.setattr(trainer.accelerator, "gather", lambda tensor: torch.cat([tensor, tensor]))  # two processes
+    with torch.no_grad():
+        trainer.compute_loss(model, dict(_first_batch(trainer)))
+    one = trainer._metrics["train"]["teacher_ce"][-1]
+    monkeypatch.setattr(trainer.accelerator, "gather", lambda tensor: torch.cat([tensor, 3 * tensor]))
+    with torch.no_grad():
+        trainer.compute_loss(model, dict(_first_batch(trainer)))
+    assert trainer._metrics["train"]["teacher_ce"][-1] == pytest.approx(one)  # (1 + 3) / (1 + 3) tokens
+    monkeypatch.setattr(trainer.accelerator, "gather", lambda tensor: torch.cat([tensor, tensor * torch.tensor(
+        [0.0, 0.0, 0.0, 3.0, 1.0], device=tensor.device)]))  # the second process: same tokens, teacher CE 3x
+    with torch.no_grad():
+        trainer.compute_loss(model, dict(_first_batch(trainer)))
+    assert trainer._metrics["train"]["teacher_ce"][-1] == pytest.approx(2 * one)  # (1 + 3) / 2
+
+
 def test_nan_loss_stops_with_the_step(tiny_path, tmp_path):
     model = _student(tiny_path, scheme="w4a16")
     trainer = QADTrainer(model, args=_config(tmp_path), train_dataset=Dataset.from_dict({"text": TEXTS}),
