@@ -27,6 +27,8 @@ WikiText, science questions), so the comparison measures how well each method ke
 *teacher's* behaviour on text it was not trained on, which is the point of QAD. Teacher-written
 answers (as ``hf-qad demo`` makes) would be closer to an instruct model's own distribution,
 but writing 100k+ tokens with the teacher costs as much as a training run on a 2-core CPU.
+``--train-texts wikitext2_test.txt`` trains in the evaluation's domain instead (WikiText-2's test
+split; the evaluation reads its validation split).
 W4A4 activation scales are calibrated on the first ``--calibration-rows`` training rows, the
 same for every student. ``--lr-search`` runs short QAD (and, with ``qad_lora``, LoRA) runs at
 several learning rates and scores them by KL on held-out rows of the training texts.
@@ -66,6 +68,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -109,11 +112,12 @@ LABELS = {
     "qad_cache": "QAD (KL, offline teacher cache)",
 }
 TRAIN_TEXTS = ("tinystories_val_subset.txt", "tinyshakespeare.txt")
+"""Default training texts: far from both evaluations, so the rows measure what QAD keeps off-domain."""
 EVAL_TEXT = "wikitext2_valid.txt"
 ARC_FILE = "arc_easy_test.jsonl"
 # Settings a row depends on: --resume reuses a stored row only if they match.
 _COMMON_KEYS = ("tiny", "seq_len", "batch_size", "eval_tokens", "arc_limit", "calibration_rows", "seed")
-_TRAIN_KEYS = ("train_tokens", "train_scale_method")
+_TRAIN_KEYS = ("train_tokens", "train_scale_method", "train_texts")
 _METHOD_KEYS = {
     "qat": ("lr",), "qad": ("lr",), "qad_cache": ("lr", "cache_top_k"), "qad_lora": ("lora_lr", "lora_r"),
 }
@@ -148,6 +152,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(qad, qad_lora), scored by KL on held-out training text; no table rows")
     parser.add_argument("--search-tokens", type=int, default=None,
                         help="training tokens of each --lr-search run (default 16384; --tiny 1024)")
+    parser.add_argument("--train-texts", default=",".join(TRAIN_TEXTS),
+                        help="comma-separated shared data files to train on, interleaved by rows "
+                             f"(default: {', '.join(TRAIN_TEXTS)}; never {EVAL_TEXT})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the models run (default: cuda when available)")
@@ -168,6 +175,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, small if tiny else full)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.train_texts = [t.strip() for t in args.train_texts.split(",") if t.strip()]
+    if EVAL_TEXT in args.train_texts or not args.train_texts:
+        parser.error(f"--train-texts must name at least one file and never the evaluation text {EVAL_TEXT}")
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
         parser.error(f"unknown methods {', '.join(unknown)}; choose from {', '.join(METHODS)}")
@@ -203,15 +213,16 @@ def token_stream(tokenizer, name: str, limit: int | None = None) -> list[int]:
 class TrainData:
     """Training rows (TinyStories and TinyShakespeare interleaved), calibration and held-out rows."""
 
-    def __init__(self, tokenizer, train_tokens: int, seq_len: int, calibration_rows: int, held_out_rows: int):
+    def __init__(self, tokenizer, train_tokens: int, seq_len: int, calibration_rows: int, held_out_rows: int,
+                 texts: Sequence[str] = TRAIN_TEXTS):
         rows_needed = math.ceil(train_tokens / seq_len)
-        per_text = math.ceil(rows_needed / len(TRAIN_TEXTS)) + math.ceil(held_out_rows / len(TRAIN_TEXTS))
+        per_text = math.ceil(rows_needed / len(texts)) + math.ceil(held_out_rows / len(texts))
         streams = [chunk_token_ids(token_stream(tokenizer, name, per_text * seq_len + 1), seq_len)
-                   for name in TRAIN_TEXTS]
-        for name, rows in zip(TRAIN_TEXTS, streams):
+                   for name in texts]
+        for name, rows in zip(texts, streams):
             if rows.shape[0] < per_text:
                 raise ValueError(f"{name} has {rows.shape[0]} rows of {seq_len} tokens, {per_text} are needed.")
-        held_each = math.ceil(held_out_rows / len(TRAIN_TEXTS))
+        held_each = math.ceil(held_out_rows / len(texts))
         # Held-out rows: the last rows of each text, never trained on.
         self.held_out = torch.cat([rows[per_text - held_each: per_text] for rows in streams])
         train = torch.stack([streams[i % len(streams)][i // len(streams)] for i in range(rows_needed)])
@@ -484,7 +495,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     teacher = load_teacher(path, args.device)
 
     held_out_rows = 2 if args.tiny else 8
-    data = TrainData(tokenizer, args.train_tokens, args.seq_len, args.calibration_rows, held_out_rows)
+    data = TrainData(tokenizer, args.train_tokens, args.seq_len, args.calibration_rows, held_out_rows,
+                     args.train_texts)
     eval_rows = chunk_token_ids(token_stream(tokenizer, EVAL_TEXT, args.eval_tokens + 1), args.seq_len,
                                 args.eval_tokens)
     arc_all = [json.loads(line) for line in read_text(ARC_FILE).splitlines() if line.strip()]
@@ -499,7 +511,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": machine(),
         "model": "tiny random Llama (SmolLM2 tokenizer)" if args.tiny else "SmolLM2-135M-Instruct (BF16)",
         "data": {
-            "train": f"{' + '.join(TRAIN_TEXTS)}, interleaved rows of {args.seq_len} tokens",
+            "train": f"{' + '.join(args.train_texts)}, interleaved rows of {args.seq_len} tokens",
             "train_tokens": data.tokens, "train_rows": data.rows.shape[0],
             "steps_per_method": math.ceil(data.rows.shape[0] / args.batch_size),
             "calibration_tokens": data.calibration.numel(), "held_out_tokens": data.held_out.numel(),
