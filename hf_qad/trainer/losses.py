@@ -2,13 +2,22 @@
 
 The naive loss materializes ``[tokens, vocab]`` logits for the student and the teacher
 plus their softmaxes and gradients: at vocabulary 49k and 2k tokens that is several
-GB. Here both models' heads are applied to ``chunk_size`` tokens at a time inside
-``torch.utils.checkpoint``: the forward keeps only per-token sums, and the backward
-recomputes one chunk's logits at a time. Each chunk computes both log-softmaxes once and
-has hand-written gradients, so its float32 temporaries peak at about
-``4 * chunk_size * vocab * 4`` bytes (forward KL at temperature 1; one or two more
-``[chunk, vocab]`` tensors for the other divergences or another temperature), measured
-at 0.1 GB for chunk 128 and vocabulary 49k (``benchmarks/RESULTS.md``).
+GB. Here both models' heads are applied to ``chunk_size`` tokens at a time: the forward
+keeps only sums, and the backward recomputes one chunk's logits at a time. Each chunk
+computes both log-softmaxes once and has hand-written gradients, so its float32
+temporaries peak at about ``4 * chunk_size * vocab * 4`` bytes (forward KL at temperature
+1; one or two more ``[chunk, vocab]`` tensors for the other divergences or another
+temperature): 0.1 GB for chunk 128 at vocabulary 49k (``benchmarks/RESULTS.md``).
+
+Two paths give the same values and gradients:
+
+* a plain ``nn.Linear`` student head (one device, DDP) goes to one autograd Function that
+  recomputes the chunks in its backward and accumulates the head's weight gradient into
+  one buffer, which becomes ``.grad``;
+* any other head (FSDP, DeepSpeed ZeRO-3, hooked or wrapped modules) is called as a module
+  per chunk inside ``torch.utils.checkpoint``. There autograd makes the weight gradient of
+  a trainable head per chunk and adds it into a running sum, so the backward holds one
+  more vocab x hidden tensor than the naive loss (0.1 GB at SmolLM2-135M in float32).
 
 Why not TRL's ``ChunkedDivergenceFunction``: it fixes its tiles at 4096 x 32768 float32
 (0.5 GB per buffer, two buffers), which is most of the naive loss at 2k tokens, and it
@@ -102,108 +111,194 @@ def _total_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.dot(a.reshape(-1), b.reshape(-1))
 
 
-class _ChunkLoss(torch.autograd.Function):
-    """Divergence, cross-entropy and metrics of one chunk, with hand-written gradients.
+def _chunk_forward(s_logits, teacher_hidden, teacher_head, targets, divergence, beta, temperature, ce_grad,
+                   metrics=True):
+    """One chunk's sums ``(divergence, student_nll, kl, top1_agreement, teacher_nll)`` and what its gradient needs.
 
-    Takes the student's logits (the gradient flows back through them) and the teacher's hidden
-    states and head (no gradient). Each log-softmax is computed once; the forward keeps only what the gradient needs (two
-    ``[chunk, vocab]`` float32 tensors; a third for the CE gradient at ``temperature != 1``),
-    where autograd through :func:`token_divergence` keeps six or more. Gradients, with
-    ``Q``/``P`` the student/teacher softmax at temperature ``T`` and ``r`` a per-token sum:
+    Runs without autograd: :func:`_chunk_grad` turns the kept tensors into the logits' gradient.
+    Each log-softmax is computed once, and the teacher's logits are made here rather than passed
+    in, so that they are freed once their log-softmax exists: at temperature 1 the forward KL
+    peaks at four ``[chunk, vocab]`` float32 tensors (student logits, both log-softmaxes, one
+    difference) and keeps two (both softmaxes) for the gradient; the CE gradient adds one more
+    only at another temperature. ``metrics=False`` (a recomputation) skips the metrics.
+    """
+    T = temperature
+    index = targets[:, None]
+    s = s_logits.float()
+    s_top = s.argmax(-1) if metrics else None
+    q = F.log_softmax(s / T if T != 1.0 else s, dim=-1)
+    need_s1 = metrics or (ce_grad and T != 1.0)
+    s1 = q if T == 1.0 else F.log_softmax(s, dim=-1) if need_s1 else None  # log-probabilities at T = 1
+    del s
+    t = teacher_head(teacher_hidden).float()
+    agree = (s_top == t.argmax(-1)).sum().float() if metrics else None
+    p = F.log_softmax(t / T if T != 1.0 else t, dim=-1)
+    t1 = p if T == 1.0 else F.log_softmax(t, dim=-1) if metrics else None
+    del t
+    student_nll = teacher_nll = kl = None  # kl: forward KL at T = 1; at T = 1 from q and p below
+    if metrics:
+        student_nll = -s1.gather(-1, index).sum()
+        teacher_nll = -t1.gather(-1, index).sum()
+        if T != 1.0:
+            kl = _total_dot(t1.exp(), t1 - s1)
+    student_ce = s1.exp_() if ce_grad and T != 1.0 else None  # softmax(student) at T = 1 for the CE gradient
+    del s1, t1
+    if divergence == "forward_kl":
+        diff = p - q
+        P = p.exp_()
+        value = _total_dot(P, diff)
+        del diff
+        saved = (q.exp_(), P)
+        if metrics and kl is None:
+            kl = value
+    elif divergence == "reverse_kl":
+        if metrics and kl is None:
+            kl = _total_dot(p.exp(), p - q)
+        Q = q.exp()
+        diff = q.sub_(p)  # log Q - log P
+        del p, q
+        r = _row_dot(Q, diff)
+        value = r.sum()
+        saved = (Q, diff, r)
+    elif divergence == "jsd":
+        if metrics and kl is None:
+            kl = _total_dot(p.exp(), p - q)
+        m = torch.logaddexp(p + math.log(beta), q + math.log(1 - beta))  # log M
+        P, Q = p.exp(), q.exp()
+        dp, dq = p.sub_(m), q.sub_(m)  # log P - log M, log Q - log M
+        del m
+        r = _row_dot(Q, dq)
+        value = beta * _total_dot(P, dp) + (1 - beta) * r.sum()
+        del P, dp
+        saved = (Q, dq, r)
+    else:
+        raise ValueError(f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}.")
+    if student_ce is not None:
+        saved = (*saved, student_ce)
+    return (value * T**2, student_nll, kl, agree, teacher_nll), saved
+
+
+def _chunk_grad(saved, targets, g_div, g_nll, divergence, beta, temperature, ce_grad):
+    """The float32 gradient of ``g_div * divergence + g_nll * student_nll`` in a chunk's student logits.
+
+    With ``Q``/``P`` the student/teacher softmax at temperature ``T`` and ``r`` a per-token sum:
 
     * forward KL: ``T * (Q - P)``;
     * reverse KL: ``T * Q * (log Q - log P - r)``, ``r = KL(Q || P)`` per token;
     * JSD: ``T * (1 - beta) * Q * (log Q - log M - r)``, ``M = beta * P + (1 - beta) * Q``, ``r = KL(Q || M)``;
     * student CE: ``softmax(student) - onehot(target)``.
+
+    ``None`` when neither term needs a gradient.
     """
+    T = temperature
+    grad = None
+    if g_div is not None:
+        if divergence == "forward_kl":
+            Q, P = saved[:2]
+            grad = torch.sub(Q, P).mul_(g_div * T)
+        else:  # reverse KL, JSD: Q * (diff - r), scaled
+            Q, diff, r = saved[:3]
+            scale = T if divergence == "reverse_kl" else T * (1 - beta)
+            grad = torch.sub(diff, r[:, None]).mul_(Q).mul_(g_div * scale)
+    if g_nll is not None and ce_grad:
+        student = saved[0] if T == 1.0 else saved[-1]  # softmax of the student at T = 1
+        grad = student * g_nll if grad is None else grad.addcmul_(student, g_nll)
+        grad.scatter_add_(-1, targets[:, None], (-g_nll).to(grad.dtype).expand(targets.shape[0], 1))
+    return grad
+
+
+def _non_differentiable(ctx, sums, ce_grad):
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(*sums[2:], *(() if ce_grad else sums[1:2]))
+
+
+class _ChunkLoss(torch.autograd.Function):
+    """One chunk from the student's logits, for any student head: run inside ``torch.utils.checkpoint``."""
 
     @staticmethod
     def forward(ctx, s_logits, teacher_hidden, teacher_head, targets, divergence, beta, temperature, ce_grad):
-        # The teacher's logits are made here, not passed in, so that they are freed once their
-        # log-softmax exists: the forward peaks at four [chunk, vocab] float32 tensors (student
-        # logits, both log-softmaxes, one difference) at temperature 1.
-        T = temperature
-        index = targets[:, None]
-        s = s_logits.float()
-        s_top = s.argmax(-1)
-        q = F.log_softmax(s / T if T != 1.0 else s, dim=-1)
-        s1 = q if T == 1.0 else F.log_softmax(s, dim=-1)  # log-probabilities at T = 1, for the metrics
-        del s
-        t = teacher_head(teacher_hidden).float()
-        agree = (s_top == t.argmax(-1)).sum().float()
-        p = F.log_softmax(t / T if T != 1.0 else t, dim=-1)
-        t1 = p if T == 1.0 else F.log_softmax(t, dim=-1)
-        del t
-        student_nll = -s1.gather(-1, index).sum()
-        teacher_nll = -t1.gather(-1, index).sum()
-        kl = None  # forward KL at T = 1; at T = 1 from q and p below
-        student_ce = None  # softmax(student) at T = 1, kept when the CE gradient needs it and T != 1
-        if T != 1.0:
-            kl = _total_dot(t1.exp(), t1 - s1)
-            if ce_grad:
-                student_ce = s1.exp_()
-        del s1, t1
-        if divergence == "forward_kl":
-            diff = p - q
-            P = p.exp_()
-            value = _total_dot(P, diff)
-            del diff
-            saved = (q.exp_(), P)
-            if kl is None:
-                kl = value
-        elif divergence == "reverse_kl":
-            if kl is None:
-                kl = _total_dot(p.exp(), p - q)
-            Q = q.exp()
-            diff = q.sub_(p)  # log Q - log P
-            del p, q
-            r = _row_dot(Q, diff)
-            value = r.sum()
-            saved = (Q, diff, r)
-        elif divergence == "jsd":
-            if kl is None:
-                kl = _total_dot(p.exp(), p - q)
-            m = torch.logaddexp(p + math.log(beta), q + math.log(1 - beta))  # log M
-            P, Q = p.exp(), q.exp()
-            dp, dq = p.sub_(m), q.sub_(m)  # log P - log M, log Q - log M
-            del m
-            r = _row_dot(Q, dq)
-            value = beta * _total_dot(P, dp) + (1 - beta) * r.sum()
-            del P, dp
-            saved = (Q, dq, r)
-        else:
-            raise ValueError(f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}.")
-        if student_ce is not None:
-            saved = (*saved, student_ce)
+        sums, saved = _chunk_forward(s_logits, teacher_hidden, teacher_head, targets, divergence, beta, temperature,
+                                     ce_grad)
         ctx.save_for_backward(*saved, targets)
-        ctx.divergence, ctx.beta, ctx.temperature, ctx.ce_grad = divergence, beta, T, ce_grad
+        ctx.options = (divergence, beta, temperature, ce_grad)
         ctx.logits_dtype = s_logits.dtype
-        ctx.set_materialize_grads(False)
-        value = value * T**2
-        metrics = (kl, agree, teacher_nll) if ce_grad else (kl, agree, teacher_nll, student_nll)
-        ctx.mark_non_differentiable(*metrics)
-        return value, student_nll, kl, agree, teacher_nll
+        _non_differentiable(ctx, sums, ce_grad)
+        return sums
 
     @staticmethod
     def backward(ctx, g_div, g_nll, *unused):
         *saved, targets = ctx.saved_tensors
-        T = ctx.temperature
-        grad = None
-        if g_div is not None:
-            if ctx.divergence == "forward_kl":
-                Q, P = saved[:2]
-                grad = torch.sub(Q, P).mul_(g_div * T)
-            else:  # reverse KL, JSD: Q * (diff - r), scaled
-                Q, diff, r = saved[:3]
-                scale = T if ctx.divergence == "reverse_kl" else T * (1 - ctx.beta)
-                grad = torch.sub(diff, r[:, None]).mul_(Q).mul_(g_div * scale)
-        if g_nll is not None and ctx.ce_grad:
-            student = saved[0] if T == 1.0 else saved[-1]  # softmax of the student at T = 1
-            grad = student * g_nll if grad is None else grad.addcmul_(student, g_nll)
-            grad.scatter_add_(-1, targets[:, None], (-g_nll).expand(targets.shape[0], 1).to(grad.dtype))
-        if grad is not None:
-            grad = grad.to(ctx.logits_dtype)
-        return grad, None, None, None, None, None, None, None
+        grad = _chunk_grad(saved, targets, g_div, g_nll, *ctx.options)
+        return (None if grad is None else grad.to(ctx.logits_dtype)), *([None] * 7)
+
+
+class _LinearHeadLoss(torch.autograd.Function):
+    """All chunks of a plain ``nn.Linear`` student head, recomputed one at a time in the backward.
+
+    The same per-chunk computation as :class:`_ChunkLoss`, but the head's weight (and bias)
+    gradient goes into one buffer with ``addmm_``: under the checkpoint, autograd makes a
+    vocab x hidden weight-gradient temporary for every chunk and adds it into a running sum,
+    two weight-sized tensors besides the chunk's own.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, teacher_hidden, teacher_head, targets, divergence, beta, temperature,
+                ce_grad, chunk_size):
+        options = (divergence, beta, temperature, ce_grad)
+        totals = None
+        for start in range(0, hidden.shape[0], chunk_size):
+            part = slice(start, start + chunk_size)
+            sums, saved = _chunk_forward(F.linear(hidden[part], weight, bias), teacher_hidden[part], teacher_head,
+                                         targets[part], *options)
+            del saved
+            totals = sums if totals is None else tuple(total + value for total, value in zip(totals, sums))
+        ctx.save_for_backward(hidden, weight, bias, teacher_hidden, targets)
+        ctx.teacher_head, ctx.options, ctx.chunk_size = teacher_head, options, chunk_size
+        _non_differentiable(ctx, totals, ce_grad)
+        return totals
+
+    @staticmethod
+    def backward(ctx, g_div, g_nll, *unused):
+        hidden, weight, bias, teacher_hidden, targets = ctx.saved_tensors
+        ce_grad = ctx.options[3]
+        nothing = [None] * 11
+        if g_div is None and (g_nll is None or not ce_grad):
+            return tuple(nothing)
+        needs = ctx.needs_input_grad
+        grad_hidden = torch.empty_like(hidden) if needs[0] else None
+        grad_weight = torch.zeros_like(weight) if needs[1] else None
+        grad_bias = torch.zeros_like(bias) if bias is not None and needs[2] else None
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            part = slice(start, start + ctx.chunk_size)
+            _, saved = _chunk_forward(F.linear(hidden[part], weight, bias), teacher_hidden[part], ctx.teacher_head,
+                                      targets[part], *ctx.options, metrics=False)
+            grad = _chunk_grad(saved, targets[part], g_div, g_nll, *ctx.options).to(weight.dtype)
+            del saved
+            if grad_hidden is not None:
+                torch.mm(grad, weight, out=grad_hidden[part])
+            if grad_weight is not None:
+                grad_weight.addmm_(grad.t(), hidden[part])
+            if grad_bias is not None:
+                grad_bias += grad.sum(0)
+            del grad  # before the next chunk's logits
+        return grad_hidden, grad_weight, grad_bias, *nothing[3:]
+
+
+def _plain_linear(head) -> bool:
+    """Whether ``head`` is an ``nn.Linear`` whose forward is exactly ``F.linear(x, weight, bias)``.
+
+    Not when anything hooks into its forward (DeepSpeed ZeRO-3, FSDP2's subclass, PEFT and
+    quantized layers are other classes) or its weight is a distributed tensor.
+    """
+    from torch.nn.modules import module
+
+    return (
+        type(head) is torch.nn.Linear
+        and type(head.weight) in (torch.Tensor, torch.nn.Parameter)
+        and not hasattr(head.weight, "ds_id")
+        and not (head._forward_hooks or head._forward_pre_hooks)
+        and not (module._global_forward_hooks or module._global_forward_pre_hooks)
+    )
 
 
 def _chunk_sums(
@@ -261,6 +356,13 @@ def chunked_distillation_loss(
     zero = student_hidden.sum() * 0.0  # keeps the graph connected when there are no loss tokens
     totals = [zero, zero.clone() if ce_grad else zero.detach()]
     totals += [torch.zeros((), device=student_hidden.device) for _ in range(3)]
+    if n > 0 and _plain_linear(student_head) and not torch.is_autocast_enabled(student_hidden.device.type):
+        sums = _LinearHeadLoss.apply(
+            student_hidden, student_head.weight, student_head.bias, teacher_hidden, teacher_head, targets,
+            divergence, beta, temperature, ce_grad, chunk_size,
+        )
+        div, student_nll, kl, agree, teacher_nll = [total + value for total, value in zip(totals, sums)]
+        return DistillationSums(div, student_nll, kl.detach(), agree.detach(), teacher_nll.detach(), n)
     for start in range(0, n, chunk_size):
         end = min(start + chunk_size, n)
         sums = checkpoint(

@@ -36,9 +36,12 @@ def _naive(s_head, t_head, h_s, h_t, targets, divergence, beta, temperature):
     ("jsd", 0.3, 1.0), ("jsd", 0.7, 0.5),
 ])
 @pytest.mark.parametrize("chunk_size", [5, 1000])
-def test_chunked_loss_and_gradients_equal_the_naive_loss(divergence, beta, temperature, chunk_size):
+@pytest.mark.parametrize("head_path", ["linear", "checkpoint"])
+def test_chunked_loss_and_gradients_equal_the_naive_loss(divergence, beta, temperature, chunk_size, head_path):
+    # "linear": an nn.Linear head takes the one-buffer weight-gradient path; any other callable the checkpoint.
     s_head, t_head, h_s, h_t, targets = _setup()
-    sums = chunked_distillation_loss(h_s, s_head, h_t, t_head, targets, divergence=divergence, beta=beta,
+    head = s_head if head_path == "linear" else lambda hidden: s_head(hidden)
+    sums = chunked_distillation_loss(h_s, head, h_t, t_head, targets, divergence=divergence, beta=beta,
                                      temperature=temperature, chunk_size=chunk_size)
     (0.7 * sums.divergence + 0.3 * sums.student_nll).backward()
     got = [h_s.grad.clone(), s_head.weight.grad.clone(), s_head.bias.grad.clone()]
@@ -54,10 +57,13 @@ def test_chunked_loss_and_gradients_equal_the_naive_loss(divergence, beta, tempe
 
 
 @pytest.mark.parametrize("divergence, temperature", [("forward_kl", 1.0), ("reverse_kl", 2.0), ("jsd", 1.0)])
-def test_without_ce_grad_the_ce_is_a_metric_and_the_divergence_gradient_is_unchanged(divergence, temperature):
+@pytest.mark.parametrize("head_path", ["linear", "checkpoint"])
+def test_without_ce_grad_the_ce_is_a_metric_and_the_divergence_gradient_is_unchanged(divergence, temperature,
+                                                                                      head_path):
     s_head, t_head, h_s, h_t, targets = _setup()
+    head = s_head if head_path == "linear" else lambda hidden: s_head(hidden)
     kwargs = dict(divergence=divergence, temperature=temperature, chunk_size=8)
-    sums = chunked_distillation_loss(h_s, s_head, h_t, t_head, targets, ce_grad=False, **kwargs)
+    sums = chunked_distillation_loss(h_s, head, h_t, t_head, targets, ce_grad=False, **kwargs)
     assert not sums.student_nll.requires_grad and sums.divergence.requires_grad
     sums.divergence.backward()
     got = [h_s.grad.clone(), s_head.weight.grad.clone()]
@@ -91,11 +97,13 @@ def test_a_chunk_keeps_two_vocabulary_sized_tensors_for_its_backward(divergence,
     assert sum(shape == (6, 50) for shape in saved) == kept, saved
 
 
-def test_bfloat16_logits_get_bfloat16_gradients():
+@pytest.mark.parametrize("head_path", ["linear", "checkpoint"])
+def test_bfloat16_logits_get_bfloat16_gradients(head_path):
     s_head, t_head, h_s, h_t, targets = _setup()
     s_head, t_head = s_head.to(torch.bfloat16), t_head.to(torch.bfloat16)
     h = h_s.detach().to(torch.bfloat16).requires_grad_(True)
-    sums = chunked_distillation_loss(h, s_head, h_t.to(torch.bfloat16), t_head, targets, chunk_size=8)
+    head = s_head if head_path == "linear" else lambda hidden: s_head(hidden)
+    sums = chunked_distillation_loss(h, head, h_t.to(torch.bfloat16), t_head, targets, chunk_size=8)
     (sums.divergence + sums.student_nll).backward()
     assert h.grad.dtype == torch.bfloat16 and s_head.weight.grad.dtype == torch.bfloat16
     got = h.grad.float()
@@ -118,6 +126,37 @@ def test_metrics(divergence, temperature):
     assert sums.top1_agreement == (s.argmax(-1) == t.argmax(-1)).sum()
     assert torch.allclose(sums.teacher_nll, F.cross_entropy(t, targets, reduction="sum"))
     assert sums.tokens == 37
+
+
+def test_the_linear_path_is_taken_for_plain_linear_heads_only():
+    from hf_qad.trainer import losses
+
+    s_head, t_head, h_s, h_t, targets = _setup()
+    calls = []
+    original = losses._LinearHeadLoss.apply
+    try:
+        losses._LinearHeadLoss.apply = lambda *args: calls.append(args) or original(*args)
+        chunked_distillation_loss(h_s, s_head, h_t, t_head, targets)
+        assert len(calls) == 1
+        handle = s_head.register_forward_hook(lambda module, args, output: None)  # hooked: the checkpoint path
+        chunked_distillation_loss(h_s, s_head, h_t, t_head, targets)
+        handle.remove()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            chunked_distillation_loss(h_s, s_head, h_t, t_head, targets)
+        assert len(calls) == 1
+    finally:
+        losses._LinearHeadLoss.apply = original
+
+
+def test_frozen_linear_head_gets_no_gradient_and_the_hidden_states_do():
+    s_head, t_head, h_s, h_t, targets = _setup()
+    s_head.requires_grad_(False)
+    chunked_distillation_loss(h_s, s_head, h_t, t_head, targets, chunk_size=8).divergence.backward()
+    assert s_head.weight.grad is None and s_head.bias.grad is None
+    got = h_s.grad.clone()
+    h_s.grad = None
+    _naive(s_head, t_head, h_s, h_t, targets, "forward_kl", 0.5, 1.0)[0].backward()
+    assert torch.allclose(got, h_s.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_no_loss_tokens_gives_zero_and_a_connected_graph():
