@@ -270,9 +270,9 @@ def run_loss_config(config: str, opts: argparse.Namespace, frozen_head: bool = F
         return F.kl_div(student, teacher, log_target=True, reduction="sum")
 
     def chunked(chunk_size: int, head) -> torch.Tensor:
-        # ce_grad=False: QADConfig's default ce_weight=0
+        # QADConfig's defaults: kl_weight=1, ce_weight=0
         return chunked_distillation_loss(hidden[:n], head, teacher_hidden[:n], teacher_head, targets[:n],
-                                         chunk_size=chunk_size, ce_grad=False).divergence
+                                         chunk_size=chunk_size).loss
 
     if config == "naive":
         loss_fn = naive

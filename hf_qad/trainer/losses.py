@@ -2,22 +2,30 @@
 
 The naive loss materializes ``[tokens, vocab]`` logits for the student and the teacher
 plus their softmaxes and gradients: at vocabulary 49k and 2k tokens that is several
-GB. Here both models' heads are applied to ``chunk_size`` tokens at a time: the forward
-keeps only sums, and the backward recomputes one chunk's logits at a time. Each chunk
-computes both log-softmaxes once and has hand-written gradients, so its float32
-temporaries peak at about ``4 * chunk_size * vocab * 4`` bytes (forward KL at temperature
-1; one or two more ``[chunk, vocab]`` tensors for the other divergences or another
-temperature): 0.1 GB for chunk 128 at vocabulary 49k (``benchmarks/RESULTS.md``).
+GB. Here both models' heads are applied to ``chunk_size`` tokens at a time and only sums
+are kept. Each chunk computes both log-softmaxes once and has hand-written gradients, so
+its float32 temporaries peak at about ``4 * chunk_size * vocab * 4`` bytes (forward KL at
+temperature 1; one or two more ``[chunk, vocab]`` tensors for the other divergences or
+another temperature): 0.1 GB for chunk 128 at vocabulary 49k (``benchmarks/RESULTS.md``).
 
-Two paths give the same values and gradients:
+The loss is one differentiable scalar, ``kl_weight * divergence + ce_weight * student_nll``,
+so its gradient is known up to the scale the backward brings. Two paths give the same
+values and gradients:
 
 * a plain ``nn.Linear`` student head (one device, DDP) goes to one autograd Function that
-  recomputes the chunks in its backward and accumulates the head's weight gradient into
-  one buffer, which becomes ``.grad``;
+  computes each chunk's gradients in the forward, while the chunk's softmaxes exist (as
+  Liger's fused linear cross-entropy does), into one buffer per input: the head's weight
+  gradient (which becomes ``.grad``) and the hidden states'. The backward only scales
+  them, so nothing is recomputed: per token, four head matmuls instead of six;
 * any other head (FSDP, DeepSpeed ZeRO-3, hooked or wrapped modules) is called as a module
-  per chunk inside ``torch.utils.checkpoint``. There autograd makes the weight gradient of
-  a trainable head per chunk and adds it into a running sum, so the backward holds one
-  more vocab x hidden tensor than the naive loss (0.1 GB at SmolLM2-135M in float32).
+  per chunk inside ``torch.utils.checkpoint``, which recomputes the chunk in the backward.
+  There autograd makes the weight gradient of a trainable head per chunk and adds it into a
+  running sum, so the backward holds one more vocab x hidden tensor than the naive loss
+  (0.1 GB at SmolLM2-135M in float32).
+
+Under autocast (``bf16=True`` in the training arguments) the head matmuls run in the
+autocast dtype, as the model's own ``lm_head`` would; softmaxes, sums and the head's
+weight-gradient accumulation stay float32.
 
 Why not TRL's ``ChunkedDivergenceFunction``: it fixes its tiles at 4096 x 32768 float32
 (0.5 GB per buffer, two buffers), which is most of the naive loss at 2k tokens, and it
@@ -42,7 +50,8 @@ Example:
     >>> head = torch.nn.Linear(8, 32, bias=False)
     >>> h = torch.randn(5, 8, requires_grad=True)
     >>> out = chunked_distillation_loss(h, head, h.detach(), head, torch.randint(0, 32, (5,)))
-    >>> round(out.divergence.item(), 6), out.top1_agreement.item(), out.tokens
+    >>> out.loss.backward()  # kl_weight * divergence + ce_weight * student_nll (1 and 0 by default)
+    >>> abs(round(out.divergence.item(), 6)), out.top1_agreement.item(), out.tokens  # abs: -0.0 prints as 0.0
     (0.0, 5.0, 5)
 """
 
@@ -54,6 +63,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 __all__ = ["DIVERGENCES", "DistillationSums", "chunked_distillation_loss", "token_divergence"]
@@ -65,10 +75,11 @@ DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 class DistillationSums:
     """Sums over the loss tokens of one batch (divide by a token count to average).
 
-    ``divergence`` and (unless ``ce_grad=False``) ``student_nll`` carry gradients; the rest
-    are detached metrics.
+    ``loss`` (``kl_weight * divergence + ce_weight * student_nll``) carries the gradient;
+    every other field is a detached metric.
     """
 
+    loss: torch.Tensor
     divergence: torch.Tensor
     student_nll: torch.Tensor
     kl: torch.Tensor
@@ -111,36 +122,31 @@ def _total_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.dot(a.reshape(-1), b.reshape(-1))
 
 
-def _chunk_forward(s_logits, teacher_hidden, teacher_head, targets, divergence, beta, temperature, ce_grad,
-                   metrics=True):
+def _chunk_forward(s_logits, teacher_hidden, teacher_head, targets, divergence, beta, temperature, ce_grad):
     """One chunk's sums ``(divergence, student_nll, kl, top1_agreement, teacher_nll)`` and what its gradient needs.
 
     Runs without autograd: :func:`_chunk_grad` turns the kept tensors into the logits' gradient.
     Each log-softmax is computed once, and the teacher's logits are made here rather than passed
     in, so that they are freed once their log-softmax exists: at temperature 1 the forward KL
     peaks at four ``[chunk, vocab]`` float32 tensors (student logits, both log-softmaxes, one
-    difference) and keeps two (both softmaxes) for the gradient; the CE gradient adds one more
-    only at another temperature. ``metrics=False`` (a recomputation) skips the metrics.
+    difference) and keeps two (both softmaxes) for the gradient; the CE gradient (``ce_grad``)
+    adds one more only at another temperature.
     """
     T = temperature
     index = targets[:, None]
     s = s_logits.float()
-    s_top = s.argmax(-1) if metrics else None
+    s_top = s.argmax(-1)
     q = F.log_softmax(s / T if T != 1.0 else s, dim=-1)
-    need_s1 = metrics or (ce_grad and T != 1.0)
-    s1 = q if T == 1.0 else F.log_softmax(s, dim=-1) if need_s1 else None  # log-probabilities at T = 1
+    s1 = q if T == 1.0 else F.log_softmax(s, dim=-1)  # log-probabilities at T = 1
     del s
     t = teacher_head(teacher_hidden).float()
-    agree = (s_top == t.argmax(-1)).sum().float() if metrics else None
+    agree = (s_top == t.argmax(-1)).sum().float()
     p = F.log_softmax(t / T if T != 1.0 else t, dim=-1)
-    t1 = p if T == 1.0 else F.log_softmax(t, dim=-1) if metrics else None
+    t1 = p if T == 1.0 else F.log_softmax(t, dim=-1)
     del t
-    student_nll = teacher_nll = kl = None  # kl: forward KL at T = 1; at T = 1 from q and p below
-    if metrics:
-        student_nll = -s1.gather(-1, index).sum()
-        teacher_nll = -t1.gather(-1, index).sum()
-        if T != 1.0:
-            kl = _total_dot(t1.exp(), t1 - s1)
+    student_nll = -s1.gather(-1, index).sum()
+    teacher_nll = -t1.gather(-1, index).sum()
+    kl = _total_dot(t1.exp(), t1 - s1) if T != 1.0 else None  # forward KL at T = 1; at T = 1 from q and p below
     student_ce = s1.exp_() if ce_grad and T != 1.0 else None  # softmax(student) at T = 1 for the CE gradient
     del s1, t1
     if divergence == "forward_kl":
@@ -149,11 +155,9 @@ def _chunk_forward(s_logits, teacher_hidden, teacher_head, targets, divergence, 
         value = _total_dot(P, diff)
         del diff
         saved = (q.exp_(), P)
-        if metrics and kl is None:
-            kl = value
+        kl = value if kl is None else kl
     elif divergence == "reverse_kl":
-        if metrics and kl is None:
-            kl = _total_dot(p.exp(), p - q)
+        kl = _total_dot(p.exp(), p - q) if kl is None else kl
         Q = q.exp()
         diff = q.sub_(p)  # log Q - log P
         del p, q
@@ -161,8 +165,7 @@ def _chunk_forward(s_logits, teacher_hidden, teacher_head, targets, divergence, 
         value = r.sum()
         saved = (Q, diff, r)
     elif divergence == "jsd":
-        if metrics and kl is None:
-            kl = _total_dot(p.exp(), p - q)
+        kl = _total_dot(p.exp(), p - q) if kl is None else kl
         m = torch.logaddexp(p + math.log(beta), q + math.log(1 - beta))  # log M
         P, Q = p.exp(), q.exp()
         dp, dq = p.sub_(m), q.sub_(m)  # log P - log M, log Q - log M
@@ -178,8 +181,8 @@ def _chunk_forward(s_logits, teacher_hidden, teacher_head, targets, divergence, 
     return (value * T**2, student_nll, kl, agree, teacher_nll), saved
 
 
-def _chunk_grad(saved, targets, g_div, g_nll, divergence, beta, temperature, ce_grad):
-    """The float32 gradient of ``g_div * divergence + g_nll * student_nll`` in a chunk's student logits.
+def _chunk_grad(saved, targets, kl_weight, ce_weight, divergence, beta, temperature):
+    """The float32 gradient of ``kl_weight * divergence + ce_weight * student_nll`` in a chunk's student logits.
 
     With ``Q``/``P`` the student/teacher softmax at temperature ``T`` and ``r`` a per-token sum:
 
@@ -188,100 +191,115 @@ def _chunk_grad(saved, targets, g_div, g_nll, divergence, beta, temperature, ce_
     * JSD: ``T * (1 - beta) * Q * (log Q - log M - r)``, ``M = beta * P + (1 - beta) * Q``, ``r = KL(Q || M)``;
     * student CE: ``softmax(student) - onehot(target)``.
 
-    ``None`` when neither term needs a gradient.
+    ``None`` when both weights are 0.
     """
     T = temperature
     grad = None
-    if g_div is not None:
+    if kl_weight:
         if divergence == "forward_kl":
             Q, P = saved[:2]
-            grad = torch.sub(Q, P).mul_(g_div * T)
+            grad = torch.sub(Q, P).mul_(kl_weight * T)
         else:  # reverse KL, JSD: Q * (diff - r), scaled
             Q, diff, r = saved[:3]
             scale = T if divergence == "reverse_kl" else T * (1 - beta)
-            grad = torch.sub(diff, r[:, None]).mul_(Q).mul_(g_div * scale)
-    if g_nll is not None and ce_grad:
+            grad = torch.sub(diff, r[:, None]).mul_(Q).mul_(kl_weight * scale)
+    if ce_weight:
         student = saved[0] if T == 1.0 else saved[-1]  # softmax of the student at T = 1
-        grad = student * g_nll if grad is None else grad.addcmul_(student, g_nll)
-        grad.scatter_add_(-1, targets[:, None], (-g_nll).to(grad.dtype).expand(targets.shape[0], 1))
+        grad = student * ce_weight if grad is None else grad.add_(student, alpha=ce_weight)
+        grad.scatter_add_(-1, targets[:, None], grad.new_full((targets.shape[0], 1), -ce_weight))
     return grad
 
 
-def _non_differentiable(ctx, sums, ce_grad):
+def _with_loss(sums, options):
+    """``(loss, *sums)``: the chunk's sums led by the weighted loss, the one differentiable output."""
+    kl_weight, ce_weight = options[3:]
+    divergence, student_nll = sums[:2]
+    loss = kl_weight * divergence + ce_weight * student_nll if ce_weight else kl_weight * divergence
+    return (loss, *sums)
+
+
+def _non_differentiable(ctx, outputs):
     ctx.set_materialize_grads(False)
-    ctx.mark_non_differentiable(*sums[2:], *(() if ce_grad else sums[1:2]))
+    ctx.mark_non_differentiable(*outputs[1:])
 
 
 class _ChunkLoss(torch.autograd.Function):
     """One chunk from the student's logits, for any student head: run inside ``torch.utils.checkpoint``."""
 
     @staticmethod
-    def forward(ctx, s_logits, teacher_hidden, teacher_head, targets, divergence, beta, temperature, ce_grad):
+    def forward(ctx, s_logits, teacher_hidden, teacher_head, targets, options):
+        divergence, beta, temperature, _, ce_weight = options
         sums, saved = _chunk_forward(s_logits, teacher_hidden, teacher_head, targets, divergence, beta, temperature,
-                                     ce_grad)
+                                     ce_grad=bool(ce_weight))
         ctx.save_for_backward(*saved, targets)
-        ctx.options = (divergence, beta, temperature, ce_grad)
+        ctx.options = options
         ctx.logits_dtype = s_logits.dtype
-        _non_differentiable(ctx, sums, ce_grad)
-        return sums
+        outputs = _with_loss(sums, options)
+        _non_differentiable(ctx, outputs)
+        return outputs
 
     @staticmethod
-    def backward(ctx, g_div, g_nll, *unused):
+    def backward(ctx, g_loss, *unused):
         *saved, targets = ctx.saved_tensors
-        grad = _chunk_grad(saved, targets, g_div, g_nll, *ctx.options)
-        return (None if grad is None else grad.to(ctx.logits_dtype)), *([None] * 7)
+        divergence, beta, temperature, kl_weight, ce_weight = ctx.options
+        grad = None if g_loss is None else _chunk_grad(saved, targets, kl_weight, ce_weight, divergence, beta,
+                                                       temperature)
+        return (None if grad is None else grad.mul_(g_loss).to(ctx.logits_dtype)), *([None] * 4)
 
 
 class _LinearHeadLoss(torch.autograd.Function):
-    """All chunks of a plain ``nn.Linear`` student head, recomputed one at a time in the backward.
+    """All chunks of a plain ``nn.Linear`` student head, with the gradients made in the forward.
 
-    The same per-chunk computation as :class:`_ChunkLoss`, but the head's weight (and bias)
-    gradient goes into one buffer with ``addmm_``: under the checkpoint, autograd makes a
-    vocab x hidden weight-gradient temporary for every chunk and adds it into a running sum,
-    two weight-sized tensors besides the chunk's own.
+    The same per-chunk computation as :class:`_ChunkLoss`. While a chunk's softmaxes exist, its
+    logits' gradient (at loss scale 1) goes straight into the hidden states' gradient and, with
+    ``addmm_``, into one weight (and bias) gradient buffer; the backward multiplies them by the
+    incoming scale. Under the checkpoint, autograd would recompute every chunk's logits and make a
+    vocab x hidden weight-gradient temporary per chunk besides the running sum.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, teacher_hidden, teacher_head, targets, divergence, beta, temperature,
-                ce_grad, chunk_size):
-        options = (divergence, beta, temperature, ce_grad)
+    def forward(ctx, hidden, weight, bias, teacher_hidden, teacher_head, targets, options, chunk_size, with_grad):
+        divergence, beta, temperature, kl_weight, ce_weight = options
+        needs = ctx.needs_input_grad[:3] if with_grad else (False, False, False)
+        grad_hidden = torch.zeros_like(hidden) if needs[0] else None
+        grad_weight = torch.zeros_like(weight) if needs[1] else None
+        grad_bias = torch.zeros_like(bias) if bias is not None and needs[2] else None
         totals = None
         for start in range(0, hidden.shape[0], chunk_size):
             part = slice(start, start + chunk_size)
             sums, saved = _chunk_forward(F.linear(hidden[part], weight, bias), teacher_hidden[part], teacher_head,
-                                         targets[part], *options)
-            del saved
+                                         targets[part], divergence, beta, temperature, ce_grad=bool(ce_weight))
             totals = sums if totals is None else tuple(total + value for total, value in zip(totals, sums))
-        ctx.save_for_backward(hidden, weight, bias, teacher_hidden, targets)
-        ctx.teacher_head, ctx.options, ctx.chunk_size = teacher_head, options, chunk_size
-        _non_differentiable(ctx, totals, ce_grad)
-        return totals
-
-    @staticmethod
-    def backward(ctx, g_div, g_nll, *unused):
-        hidden, weight, bias, teacher_hidden, targets = ctx.saved_tensors
-        ce_grad = ctx.options[3]
-        nothing = [None] * 11
-        if g_div is None and (g_nll is None or not ce_grad):
-            return tuple(nothing)
-        needs = ctx.needs_input_grad
-        grad_hidden = torch.empty_like(hidden) if needs[0] else None
-        grad_weight = torch.zeros_like(weight) if needs[1] else None
-        grad_bias = torch.zeros_like(bias) if bias is not None and needs[2] else None
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
-            part = slice(start, start + ctx.chunk_size)
-            _, saved = _chunk_forward(F.linear(hidden[part], weight, bias), teacher_hidden[part], ctx.teacher_head,
-                                      targets[part], *ctx.options, metrics=False)
-            grad = _chunk_grad(saved, targets[part], g_div, g_nll, *ctx.options).to(weight.dtype)
-            del saved
+            grad = _chunk_grad(saved, targets[part], kl_weight, ce_weight, divergence, beta, temperature) \
+                if any(needs) else None
+            del saved  # before the gradient products: only the chunk's gradient is still vocabulary-sized
+            if grad is None:
+                continue
+            grad = grad.to(weight.dtype)
             if grad_hidden is not None:
-                torch.mm(grad, weight, out=grad_hidden[part])
+                grad_hidden[part] = torch.mm(grad, weight)  # in the autocast dtype under autocast, as F.linear
             if grad_weight is not None:
-                grad_weight.addmm_(grad.t(), hidden[part])
+                grad_weight.addmm_(grad.t(), hidden[part].to(weight.dtype))
             if grad_bias is not None:
                 grad_bias += grad.sum(0)
             del grad  # before the next chunk's logits
-        return grad_hidden, grad_weight, grad_bias, *nothing[3:]
+        ctx.gradients = (grad_hidden, grad_weight, grad_bias)
+        outputs = _with_loss(totals, options)
+        _non_differentiable(ctx, outputs)
+        return outputs
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_loss, *unused):
+        gradients, ctx.gradients = ctx.gradients, None
+        if gradients is None:
+            raise RuntimeError(
+                "the distillation loss's gradients were computed in its forward and have been used: "
+                "call backward through it once per forward (retain_graph=True cannot reuse them)."
+            )
+        if g_loss is None:
+            return (None,) * 9
+        return *(None if g is None else g.mul_(g_loss) for g in gradients), *([None] * 6)
 
 
 def _plain_linear(head) -> bool:
@@ -307,15 +325,15 @@ def _chunk_sums(
     targets: torch.Tensor,
     student_head: Callable[[torch.Tensor], torch.Tensor],
     teacher_head: Callable[[torch.Tensor], torch.Tensor],
-    divergence: str,
-    beta: float,
-    temperature: float,
-    ce_grad: bool,
+    options: tuple,
 ) -> tuple[torch.Tensor, ...]:
     # The student's logits are passed straight in: nothing outside _ChunkLoss holds them once it has run.
-    return _ChunkLoss.apply(
-        student_head(student_hidden), teacher_hidden, teacher_head, targets, divergence, beta, temperature, ce_grad
-    )
+    return _ChunkLoss.apply(student_head(student_hidden), teacher_hidden, teacher_head, targets, options)
+
+
+def _as_sums(outputs: tuple[torch.Tensor, ...], tokens: int) -> DistillationSums:
+    loss, *metrics = outputs
+    return DistillationSums(loss, *(metric.detach() for metric in metrics), tokens=tokens)
 
 
 def chunked_distillation_loss(
@@ -329,7 +347,8 @@ def chunked_distillation_loss(
     beta: float = 0.5,
     temperature: float = 1.0,
     chunk_size: int = 128,
-    ce_grad: bool = True,
+    kl_weight: float = 1.0,
+    ce_weight: float = 0.0,
 ) -> DistillationSums:
     """Distillation sums over ``n`` loss tokens, ``chunk_size`` tokens at a time.
 
@@ -343,8 +362,13 @@ def chunked_distillation_loss(
         divergence, beta, temperature: see the module docstring.
         chunk_size: tokens per chunk; peak loss memory is about
             ``4 * chunk_size * vocab * 4`` bytes whatever the sequence length (see the module doc).
-        ce_grad: whether ``student_nll`` carries a gradient. ``False`` (a CE weight of 0):
-            it is computed from the same log-probabilities as a metric only.
+        kl_weight, ce_weight: the differentiable ``loss`` is
+            ``kl_weight * divergence + ce_weight * student_nll``. With ``ce_weight=0`` the
+            student CE is computed from the same log-probabilities as a metric only.
+
+    With a plain ``nn.Linear`` student head and grad mode on, the gradients are made in this
+    call and kept until ``loss.backward()`` (a hidden-states-sized and a head-weight-sized
+    buffer), so backward through ``loss`` once.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
@@ -353,31 +377,22 @@ def chunked_distillation_loss(
     if divergence == "jsd" and not 0.0 < beta < 1.0:
         raise ValueError(f"jsd needs 0 < beta < 1, got {beta}; beta=0 or 1 is a plain KL.")
     n = student_hidden.shape[0]
-    zero = student_hidden.sum() * 0.0  # keeps the graph connected when there are no loss tokens
-    totals = [zero, zero.clone() if ce_grad else zero.detach()]
-    totals += [torch.zeros((), device=student_hidden.device) for _ in range(3)]
-    if n > 0 and _plain_linear(student_head) and not torch.is_autocast_enabled(student_hidden.device.type):
-        sums = _LinearHeadLoss.apply(
-            student_hidden, student_head.weight, student_head.bias, teacher_hidden, teacher_head, targets,
-            divergence, beta, temperature, ce_grad, chunk_size,
+    if n == 0:
+        zero = student_hidden.sum() * 0.0  # keeps the graph connected when there are no loss tokens
+        return DistillationSums(zero, *(torch.zeros((), device=student_hidden.device) for _ in range(5)), tokens=0)
+    options = (divergence, beta, temperature, kl_weight, ce_weight)
+    if _plain_linear(student_head):
+        outputs = _LinearHeadLoss.apply(
+            student_hidden, student_head.weight, student_head.bias, teacher_hidden, teacher_head, targets, options,
+            chunk_size, torch.is_grad_enabled(),
         )
-        div, student_nll, kl, agree, teacher_nll = [total + value for total, value in zip(totals, sums)]
-        return DistillationSums(div, student_nll, kl.detach(), agree.detach(), teacher_nll.detach(), n)
+        return _as_sums(outputs, n)
+    totals = None
     for start in range(0, n, chunk_size):
         end = min(start + chunk_size, n)
-        sums = checkpoint(
-            _chunk_sums,
-            student_hidden[start:end],
-            teacher_hidden[start:end],
-            targets[start:end],
-            student_head,
-            teacher_head,
-            divergence,
-            beta,
-            temperature,
-            ce_grad,
-            use_reentrant=False,
+        outputs = checkpoint(
+            _chunk_sums, student_hidden[start:end], teacher_hidden[start:end], targets[start:end], student_head,
+            teacher_head, options, use_reentrant=False,
         )
-        totals = [total + value for total, value in zip(totals, sums)]
-    div, student_nll, kl, agree, teacher_nll = totals
-    return DistillationSums(div, student_nll, kl.detach(), agree.detach(), teacher_nll.detach(), n)
+        totals = outputs if totals is None else tuple(total + value for total, value in zip(totals, outputs))
+    return _as_sums(totals, n)

@@ -443,6 +443,8 @@ class QADTrainer(SFTTrainer):
                 *(inputs[column] for column in CACHE_COLUMNS),
                 labels[mask],
                 chunk_size=self.args.loss_chunk_size,
+                kl_weight=self.args.kl_weight,
+                ce_weight=self.args.ce_weight,
             )
         else:
             if self.teacher_model is None and not self.shared_teacher:
@@ -454,19 +456,22 @@ class QADTrainer(SFTTrainer):
                 )
             if "shift_labels" not in inputs:
                 student_hidden, teacher_hidden = student_hidden[:, :-1], teacher_hidden[:, :-1]
-            sums = chunked_distillation_loss(
-                student_hidden[mask],
-                _causal_lm(unwrapped).get_output_embeddings(),
-                teacher_hidden[mask].to(student_hidden.device),
-                self._teacher_head(),
-                labels[mask],
-                divergence=self.args.divergence,
-                beta=self.args.beta,
-                temperature=self.args.temperature,
-                chunk_size=self.args.loss_chunk_size,
-                ce_grad=self.args.ce_weight > 0,  # else the student CE is a metric only
-            )
-        total = self.args.kl_weight * sums.divergence + self.args.ce_weight * sums.student_nll
+            # Under the training precision: the head matmuls run in the autocast dtype, as the model's lm_head would.
+            with self.accelerator.autocast():
+                sums = chunked_distillation_loss(
+                    student_hidden[mask],
+                    _causal_lm(unwrapped).get_output_embeddings(),
+                    teacher_hidden[mask].to(student_hidden.device),
+                    self._teacher_head(),
+                    labels[mask],
+                    divergence=self.args.divergence,
+                    beta=self.args.beta,
+                    temperature=self.args.temperature,
+                    chunk_size=self.args.loss_chunk_size,
+                    kl_weight=self.args.kl_weight,
+                    ce_weight=self.args.ce_weight,
+                )
+        total = sums.loss
         tokens = torch.as_tensor(num_items_in_batch if num_items_in_batch is not None else sums.tokens)
         loss = total / tokens.to(total.device).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -484,7 +489,7 @@ class QADTrainer(SFTTrainer):
         # for samples and, on the last batch of a dataloader, drops the ones past the dataset's end.
         gathered = self.accelerator.gather(
             torch.stack(
-                [sums.kl, sums.top1_agreement, sums.student_nll.detach(), sums.teacher_nll,
+                [sums.kl, sums.top1_agreement, sums.student_nll, sums.teacher_nll,
                  torch.tensor(float(sums.tokens), device=sums.kl.device)]
             )[None]
         ).sum(0)

@@ -141,6 +141,8 @@ def _chunk_sums(
     tail: torch.Tensor,
     target_logprob: torch.Tensor,
     targets: torch.Tensor,
+    kl_weight: float,
+    ce_weight: float,
 ) -> tuple[torch.Tensor, ...]:
     logits = student_head(student_hidden).float()
     student = F.log_softmax(logits, dim=-1)
@@ -155,7 +157,8 @@ def _chunk_sums(
     with torch.no_grad():
         agree = (logits.argmax(-1) == top_ids[:, 0]).sum().float()
         teacher_nll = -target_logprob.float().sum()
-    return divergence, student_nll, agree, teacher_nll
+    loss = kl_weight * divergence + ce_weight * student_nll if ce_weight else kl_weight * divergence
+    return loss, divergence.detach(), student_nll.detach(), agree, teacher_nll
 
 
 def cached_distillation_loss(
@@ -168,6 +171,8 @@ def cached_distillation_loss(
     targets: torch.Tensor,
     *,
     chunk_size: int = 1024,
+    kl_weight: float = 1.0,
+    ce_weight: float = 0.0,
 ) -> DistillationSums:
     """Top-k forward KL sums over ``n`` loss tokens (see the module docstring), ``chunk_size`` at a time.
 
@@ -179,6 +184,8 @@ def cached_distillation_loss(
         target_logprob: ``[n]`` cached teacher log-probability of ``targets`` (for ``teacher_nll``).
         targets: ``[n]`` next-token ids of the data.
         chunk_size: tokens per chunk, as in :func:`hf_qad.trainer.losses.chunked_distillation_loss`.
+        kl_weight, ce_weight: the differentiable ``loss`` is
+            ``kl_weight * divergence + ce_weight * student_nll``; the other fields are metrics.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
@@ -189,16 +196,16 @@ def cached_distillation_loss(
             "with this batch. Rebuild it with the training config (same dataset, tokenizer, max_length)."
         )
     zero = student_hidden.sum() * 0.0  # keeps the graph connected when there are no loss tokens
-    totals = [zero, zero.clone()] + [torch.zeros((), device=student_hidden.device) for _ in range(2)]
+    totals = [zero] + [torch.zeros((), device=student_hidden.device) for _ in range(4)]
     for start in range(0, n, chunk_size):
         part = slice(start, min(start + chunk_size, n))
         sums = checkpoint(
             _chunk_sums, student_hidden[part], student_head, top_ids[part], top_logprobs[part], tail[part],
-            target_logprob[part], targets[part], use_reentrant=False,
+            target_logprob[part], targets[part], kl_weight, ce_weight, use_reentrant=False,
         )
         totals = [total + value for total, value in zip(totals, sums)]
-    divergence, student_nll, agree, teacher_nll = totals
-    return DistillationSums(divergence, student_nll, divergence.detach(), agree.detach(), teacher_nll.detach(), n)
+    loss, divergence, student_nll, agree, teacher_nll = totals
+    return DistillationSums(loss, divergence, student_nll, divergence, agree.detach(), teacher_nll.detach(), n)
 
 
 def _loss_token_count(labels: list[int]) -> int:

@@ -42,8 +42,8 @@ def test_chunked_loss_and_gradients_equal_the_naive_loss(divergence, beta, tempe
     s_head, t_head, h_s, h_t, targets = _setup()
     head = s_head if head_path == "linear" else lambda hidden: s_head(hidden)
     sums = chunked_distillation_loss(h_s, head, h_t, t_head, targets, divergence=divergence, beta=beta,
-                                     temperature=temperature, chunk_size=chunk_size)
-    (0.7 * sums.divergence + 0.3 * sums.student_nll).backward()
+                                     temperature=temperature, chunk_size=chunk_size, kl_weight=0.7, ce_weight=0.3)
+    sums.loss.backward()
     got = [h_s.grad.clone(), s_head.weight.grad.clone(), s_head.bias.grad.clone()]
     assert t_head.weight.grad is None  # the teacher never gets gradients
     for tensor in (h_s, s_head.weight, s_head.bias):
@@ -52,20 +52,21 @@ def test_chunked_loss_and_gradients_equal_the_naive_loss(divergence, beta, tempe
     (0.7 * div + 0.3 * ce).backward()
     assert torch.allclose(sums.divergence, div, rtol=1e-5, atol=1e-5)
     assert torch.allclose(sums.student_nll, ce, rtol=1e-5)
+    assert torch.allclose(sums.loss, 0.7 * div + 0.3 * ce, rtol=1e-5, atol=1e-5)
     for g, want in zip(got, (h_s.grad, s_head.weight.grad, s_head.bias.grad)):
         assert torch.allclose(g, want, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("divergence, temperature", [("forward_kl", 1.0), ("reverse_kl", 2.0), ("jsd", 1.0)])
 @pytest.mark.parametrize("head_path", ["linear", "checkpoint"])
-def test_without_ce_grad_the_ce_is_a_metric_and_the_divergence_gradient_is_unchanged(divergence, temperature,
-                                                                                      head_path):
+def test_at_ce_weight_0_the_ce_is_a_metric_and_the_divergence_gradient_is_unchanged(divergence, temperature,
+                                                                                     head_path):
     s_head, t_head, h_s, h_t, targets = _setup()
     head = s_head if head_path == "linear" else lambda hidden: s_head(hidden)
     kwargs = dict(divergence=divergence, temperature=temperature, chunk_size=8)
-    sums = chunked_distillation_loss(h_s, head, h_t, t_head, targets, ce_grad=False, **kwargs)
-    assert not sums.student_nll.requires_grad and sums.divergence.requires_grad
-    sums.divergence.backward()
+    sums = chunked_distillation_loss(h_s, head, h_t, t_head, targets, **kwargs)
+    assert sums.loss.requires_grad and not (sums.student_nll.requires_grad or sums.divergence.requires_grad)
+    sums.loss.backward()
     got = [h_s.grad.clone(), s_head.weight.grad.clone()]
     for tensor in (h_s, s_head.weight, s_head.bias):
         tensor.grad = None
@@ -93,7 +94,7 @@ def test_a_chunk_keeps_two_vocabulary_sized_tensors_for_its_backward(divergence,
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        _chunk_sums(h_s, h_t, targets, head, t_head, divergence, 0.5, temperature, ce_grad)
+        _chunk_sums(h_s, h_t, targets, head, t_head, (divergence, 0.5, temperature, 1.0, float(ce_grad)))
     assert sum(shape == (6, 50) for shape in saved) == kept, saved
 
 
@@ -103,8 +104,8 @@ def test_bfloat16_logits_get_bfloat16_gradients(head_path):
     s_head, t_head = s_head.to(torch.bfloat16), t_head.to(torch.bfloat16)
     h = h_s.detach().to(torch.bfloat16).requires_grad_(True)
     head = s_head if head_path == "linear" else lambda hidden: s_head(hidden)
-    sums = chunked_distillation_loss(h, head, h_t.to(torch.bfloat16), t_head, targets, chunk_size=8)
-    (sums.divergence + sums.student_nll).backward()
+    sums = chunked_distillation_loss(h, head, h_t.to(torch.bfloat16), t_head, targets, chunk_size=8, ce_weight=1.0)
+    sums.loss.backward()
     assert h.grad.dtype == torch.bfloat16 and s_head.weight.grad.dtype == torch.bfloat16
     got = h.grad.float()
     h.grad = None
@@ -112,6 +113,47 @@ def test_bfloat16_logits_get_bfloat16_gradients(head_path):
     t = t_head(h_t.to(torch.bfloat16)).float().detach()
     (token_divergence(s, t).sum() + F.cross_entropy(s, targets, reduction="sum")).backward()
     assert torch.allclose(got, h.grad.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("head_path", ["linear", "checkpoint"])
+def test_under_autocast_the_heads_run_in_bfloat16_like_the_model_and_the_gradients_follow(head_path):
+    # Float32 master weights under bf16 autocast (bf16=True in training): the head matmuls are bf16 as the
+    # model's own lm_head would be; the loss and the gradients match the naive loss under the same autocast.
+    s_head, t_head, h_s, h_t, targets = _setup(n=40, vocab=64)
+    head = s_head if head_path == "linear" else lambda hidden: s_head(hidden)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sums = chunked_distillation_loss(h_s, head, h_t, t_head, targets, chunk_size=16, ce_weight=0.5)
+    sums.loss.backward()
+    got = [h_s.grad.clone(), s_head.weight.grad.clone()]
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
+    for tensor in (h_s, s_head.weight, s_head.bias):
+        tensor.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s, t = s_head(h_s), t_head(h_t).detach()
+    assert s.dtype == torch.bfloat16
+    want = token_divergence(s.float(), t.float()).sum() + 0.5 * F.cross_entropy(s.float(), targets, reduction="sum")
+    want.backward()
+    assert torch.allclose(sums.loss, want, rtol=1e-3)
+    for g, ref in zip(got, (h_s.grad, s_head.weight.grad)):  # bf16 products: compare as vectors
+        assert (g - ref).norm() < 1e-2 * ref.norm()
+    fp32 = chunked_distillation_loss(h_s, head, h_t, t_head, targets, chunk_size=16, ce_weight=0.5).loss
+    assert not torch.equal(fp32, sums.loss)  # the autocast run really multiplied in bf16
+
+
+def test_backward_twice_through_the_linear_path_is_refused():
+    s_head, t_head, h_s, h_t, targets = _setup()
+    loss = chunked_distillation_loss(h_s, s_head, h_t, t_head, targets).loss
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="once per forward"):
+        loss.backward()
+
+
+def test_no_gradient_buffers_without_grad_mode():
+    s_head, t_head, h_s, h_t, targets = _setup()
+    with torch.no_grad():
+        sums = chunked_distillation_loss(h_s, s_head, h_t, t_head, targets)
+    assert not sums.loss.requires_grad
+    assert torch.allclose(sums.divergence, _naive(s_head, t_head, h_s, h_t, targets, "forward_kl", 0.5, 1.0)[0])
 
 
 @pytest.mark.parametrize("divergence, temperature", [("reverse_kl", 1.0), ("forward_kl", 2.0), ("jsd", 0.5)])
@@ -141,9 +183,10 @@ def test_the_linear_path_is_taken_for_plain_linear_heads_only():
         handle = s_head.register_forward_hook(lambda module, args, output: None)  # hooked: the checkpoint path
         chunked_distillation_loss(h_s, s_head, h_t, t_head, targets)
         handle.remove()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            chunked_distillation_loss(h_s, s_head, h_t, t_head, targets)
         assert len(calls) == 1
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast too: it casts inside the Function
+            chunked_distillation_loss(h_s, s_head, h_t, t_head, targets)
+        assert len(calls) == 2
     finally:
         losses._LinearHeadLoss.apply = original
 
@@ -151,7 +194,7 @@ def test_the_linear_path_is_taken_for_plain_linear_heads_only():
 def test_frozen_linear_head_gets_no_gradient_and_the_hidden_states_do():
     s_head, t_head, h_s, h_t, targets = _setup()
     s_head.requires_grad_(False)
-    chunked_distillation_loss(h_s, s_head, h_t, t_head, targets, chunk_size=8).divergence.backward()
+    chunked_distillation_loss(h_s, s_head, h_t, t_head, targets, chunk_size=8).loss.backward()
     assert s_head.weight.grad is None and s_head.bias.grad is None
     got = h_s.grad.clone()
     h_s.grad = None
@@ -162,8 +205,8 @@ def test_frozen_linear_head_gets_no_gradient_and_the_hidden_states_do():
 def test_no_loss_tokens_gives_zero_and_a_connected_graph():
     s_head, t_head, h_s, h_t, targets = _setup(n=0)
     sums = chunked_distillation_loss(h_s, s_head, h_t, t_head, targets)
-    assert sums.divergence.item() == 0.0 and sums.tokens == 0
-    sums.divergence.backward()  # no error, no NaN
+    assert sums.loss.item() == 0.0 and sums.divergence.item() == 0.0 and sums.tokens == 0
+    sums.loss.backward()  # no error, no NaN
     assert torch.isfinite(h_s.grad).all()
 
 

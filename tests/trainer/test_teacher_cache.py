@@ -55,10 +55,10 @@ def test_full_vocabulary_cache_is_the_full_kl():
         cache = teacher_topk(t_head(h), targets, top_k=50)
     assert torch.isneginf(cache[2]).all()  # nothing left outside the top k
     got = cached_distillation_loss(h, s_head, *cache, targets, chunk_size=8)
-    got.divergence.backward()
+    got.loss.backward()
     grad, h.grad = h.grad.clone(), None
     want = chunked_distillation_loss(h, s_head, h.detach(), t_head, targets, chunk_size=8)
-    want.divergence.backward()
+    want.loss.backward()
     assert torch.allclose(got.divergence, want.divergence, rtol=1e-5, atol=1e-6)
     assert torch.allclose(grad, h.grad, rtol=1e-4, atol=1e-7)
     for name in ("student_nll", "teacher_nll", "top1_agreement", "kl"):
@@ -195,7 +195,7 @@ def test_gradient_approaches_the_full_kl_gradient_as_k_grows(tiny_path):
     cosines = []
     for k in (8, 32, VOCAB):
         cache = teacher_topk(t_logits, targets, top_k=k)
-        approx, grad = gradient(lambda h: cached_distillation_loss(h, student.lm_head, *cache, targets).divergence)
+        approx, grad = gradient(lambda h: cached_distillation_loss(h, student.lm_head, *cache, targets).loss)
         assert approx <= full * (1 + 1e-5)  # a lower bound of the full KL
         cosines.append(F.cosine_similarity(grad, full_grad, dim=0).item())
     assert cosines[0] < cosines[1] < cosines[2] and cosines[2] == pytest.approx(1.0, abs=1e-4)
