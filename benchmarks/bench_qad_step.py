@@ -28,8 +28,10 @@ allocator caches. Step time is the median over ``--steps`` training steps after
 ``torch.cuda.max_memory_allocated``; on CPU:
 the process's peak resident set (``resource.getrusage(...).ru_maxrss``), reset through
 ``/proc/self/clear_refs`` after model loading so that loading transients do not count,
-with glibc's mmap threshold fixed at 1 MiB so that freed tensors leave the RSS at once.
-"Peak total" is measured from the process after its imports (weights, teacher, optimizer
+with glibc's mmap threshold fixed at 1 MiB so that freed tensors leave the RSS at once. That
+threshold slows steps that allocate many large buffers, so on CPU each training configuration
+runs twice: once with the default allocator for the step time, once (one warm-up and one
+measured step) with the fixed threshold for the memory. "Peak total" is measured from the process after its imports (weights, teacher, optimizer
 state, gradients, activations); "step peak" from just before the first step (what training
 adds to the loaded models). Compare ratios, not absolute numbers, across machines.
 
@@ -300,13 +302,15 @@ def run_loss_config(config: str, opts: argparse.Namespace, frozen_head: bool = F
 
 
 # --------------------------------------------------------------------------- driver
-def _spawn(kind: str, config: str, opts: argparse.Namespace, workdir: str) -> dict:
-    command = [sys.executable, __file__, "--worker", kind, config, "--workdir", workdir, *opts.passthrough]
+def _spawn(kind: str, config: str, opts: argparse.Namespace, workdir: str, *, fixed_mmap: bool = True,
+           extra: tuple[str, ...] = ()) -> dict:
+    command = [sys.executable, __file__, "--worker", kind, config, "--workdir", workdir, *opts.passthrough, *extra]
     env = dict(os.environ)
-    # A fixed mmap threshold: every buffer over 1 MiB is mapped on allocation and unmapped on free, so the
-    # RSS follows the live tensors. glibc's default (dynamic) threshold rises to 32 MiB after frees, after
-    # which freed chunk-sized buffers stay on the heap and the RSS peak measures fragmentation instead.
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**20))
+    if fixed_mmap:
+        # A fixed mmap threshold: every buffer over 1 MiB is mapped on allocation and unmapped on free, so the
+        # RSS follows the live tensors. glibc's default (dynamic) threshold rises to 32 MiB after frees, after
+        # which freed chunk-sized buffers stay on the heap and the RSS peak measures fragmentation instead.
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**20))
     if opts.threads:
         env["OMP_NUM_THREADS"] = str(opts.threads)
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=_ROOT)
@@ -314,6 +318,23 @@ def _spawn(kind: str, config: str, opts: argparse.Namespace, workdir: str) -> di
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
     raise RuntimeError(f"{kind} {config} failed (exit {result.returncode}):\n{result.stderr[-4000:]}")
+
+
+def run_step(config: str, opts: argparse.Namespace, workdir: str) -> dict:
+    """One configuration's step time and peak memory, each from the run that measures it fairly.
+
+    On CPU the RSS peak needs the fixed mmap threshold of :func:`_spawn`, but under that threshold
+    every buffer over 1 MiB is a fresh mapping whose pages the kernel faults in and zeroes on each
+    allocation, which slows the configurations that allocate more such buffers (fake
+    quantization's) far more than SFT (``benchmarks/RESULTS.md``). So on CPU
+    the step time comes from a run with glibc's default allocator, as users run it, and the memory
+    from a second, short run (one warm-up step, one measured step) with the fixed threshold.
+    """
+    if _use_cuda(opts.device):
+        return _spawn("step", config, opts, workdir)
+    timed = _spawn("step", config, opts, workdir, fixed_mmap=False)
+    memory = _spawn("step", config, opts, workdir, extra=("--warmup", "1", "--steps", "1"))
+    return {**memory, "step_s": timed["step_s"], "step_times_s": timed["step_times_s"]}
 
 
 def _ratio(value: float, base: float) -> str:
@@ -432,7 +453,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench_qad_step-") as workdir:
         if opts.only != "loss":
             for config in STEP_CONFIGS:
-                steps[config] = _spawn("step", config, opts, workdir)
+                steps[config] = run_step(config, opts, workdir)
                 print(f"{STEP_CONFIGS[config]}: {steps[config]}", file=sys.stderr, flush=True)
         if opts.only != "steps":
             for config in LOSS_CONFIGS:
