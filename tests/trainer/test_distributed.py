@@ -1,13 +1,15 @@
 """Data-parallel and sharded QAD on 2 CPU processes (gloo) give the 1-process run with the same global batch.
 
 The 2-process runs are ``torchrun`` on ``distributed_qad_run.py`` in a subprocess: DDP (what
-accelerate does on CPU), and FSDP2 forced onto CPU (accelerate enables FSDP on accelerators
-only; see ``FSDP2OnCPUTrainer``). The 1-process runs (8 per step, and 4 x gradient
-accumulation 2) call the same code here. DeepSpeed needs GPUs; see ``examples/accelerate/README.md``.
+accelerate does on CPU), FSDP2 forced onto CPU (accelerate enables FSDP on accelerators
+only; see ``FSDP2OnCPUTrainer``), and DeepSpeed ZeRO-3 on DeepSpeed's CPU accelerator (gloo;
+see ``_count_every_process``). The 1-process runs (8 per step, and 4 x gradient
+accumulation 2) call the same code here.
 Also here: the student's and teacher's redirected forwards keep accelerate's mixed precision,
 and the example accelerate configs load.
 """
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -28,6 +30,10 @@ from tiny_models import tiny_tokenizer
 needs_gloo = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),
     reason="torch.distributed with the gloo backend is needed to run 2 CPU processes",
+)
+
+needs_deepspeed = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed (pip install deepspeed)"
 )
 
 SCRIPT = Path(__file__).with_name("distributed_qad_run.py")
@@ -66,6 +72,11 @@ def ddp(tiny_path, tmp_path_factory):
 @pytest.fixture(scope="module")
 def fsdp2(tiny_path, tmp_path_factory):
     return _two_processes(tiny_path, tmp_path_factory.mktemp("fsdp2"), "--fsdp2")
+
+
+@pytest.fixture(scope="module")
+def zero3(tiny_path, tmp_path_factory):
+    return _two_processes(tiny_path, tmp_path_factory.mktemp("zero3"), "--zero3")
 
 
 def _assert_same_run(out: Path, reference: Path, rank: int = 0, metrics=METRICS) -> None:
@@ -140,6 +151,25 @@ def test_fsdp2_matches_one_process_and_exports_from_gathered_weights(one_process
     _assert_same_run(fsdp2, one_process)
     assert _record(fsdp2, 1)["input_global_scale"] == _record(fsdp2)["input_global_scale"]
     _assert_one_packed_export_of_the_master_weights(fsdp2, tiny_path, tmp_path)
+
+
+@needs_gloo
+@needs_deepspeed
+def test_zero3_matches_one_process_and_exports_from_gathered_weights(one_process, zero3, tiny_path, tmp_path):
+    """Student and teacher partitioned by ZeRO-3: same losses and master weights; rank 0 packs the gathered weights.
+
+    The loss takes its checkpoint path here (the head's parameters are DeepSpeed's), and the fused
+    q/k/v and gate/up peers are gathered with each layer for their shared global scale.
+    """
+    for rank in (0, 1):
+        record = _record(zero3, rank)
+        assert record["zero3"] and record["world_size"] == 2
+        assert record["partitioned"] == [True, True]  # the student and the teacher
+    assert not (zero3 / "master_rank1.pt").exists()  # the full state dict is gathered on rank 0 only
+    _assert_same_run(zero3, one_process)
+    assert _record(zero3, 1)["input_global_scale"] == _record(zero3)["input_global_scale"]
+    assert _record(zero3, 1)["logs"] == _record(zero3)["logs"]
+    _assert_one_packed_export_of_the_master_weights(zero3, tiny_path, tmp_path)
 
 
 def test_gradient_accumulation_matches_the_same_global_batch(one_process, tiny_path, tmp_path):
