@@ -249,12 +249,14 @@ def load_teacher(path: Path, device: str) -> torch.nn.Module:
     return teacher.eval().requires_grad_(False)
 
 
-def load_student(path: Path, scale_method: str, data: TrainData, batch_size: int, device: str) -> torch.nn.Module:
-    """NVFP4 W4A4 fake-quant student, float32 masters, calibrated on training rows."""
+def load_student(path: Path, scale_method: str, calibration_rows: torch.Tensor, batch_size: int,
+                 device: str) -> torch.nn.Module:
+    """NVFP4 W4A4 fake-quant student, float32 masters, calibrated on ``calibration_rows``."""
     student = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, quantization_config=hf_qad.NVFP4Config(scheme="w4a4", scale_method=scale_method)
     ).to(device)
-    calibrate(student, [{"input_ids": b} for b in batches(data.calibration, batch_size)], num_batches=None)
+    calibrate(student, [{"input_ids": b} for b in batches(calibration_rows.to(device), batch_size)],
+              num_batches=None)
     return student
 
 
@@ -291,7 +293,7 @@ def train_student(method: str, args: argparse.Namespace, path: Path, tokenizer, 
     info: dict[str, Any] = {"lr": lr}
     dataset = data.dataset(tokens)
     info["train_tokens"] = len(dataset) * args.seq_len
-    student = load_student(path, args.train_scale_method, data, args.batch_size, args.device)
+    student = load_student(path, args.train_scale_method, data.calibration, args.batch_size, args.device)
     kwargs: dict[str, Any] = dict(train_dataset=dataset, processing_class=tokenizer)
     out = work / method
     if method == "qat":
@@ -546,7 +548,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 if scale == "best":
                     candidates = {}
                     for candidate in ("mse", "four_over_six"):
-                        model = freeze(load_student(path, candidate, data, args.batch_size, args.device))
+                        model = freeze(load_student(path, candidate, data.calibration, args.batch_size, args.device))
                         candidates[candidate] = held_out_kl(model, teacher, data, args.batch_size)
                         print(f"   {candidate}: held-out training-text KL {candidates[candidate]['kl']:.4f}",
                               flush=True)
@@ -554,7 +556,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     scale = min(candidates, key=lambda c: candidates[c]["kl"])
                     entry["selection_held_out"] = candidates
                     entry["label"] = f"PTQ ({scale}, best of mse/four_over_six)"
-                model = freeze(load_student(path, scale, data, args.batch_size, args.device))
+                model = freeze(load_student(path, scale, data.calibration, args.batch_size, args.device))
                 entry["scale_method"] = scale
                 wall = time.perf_counter() - started
             else:

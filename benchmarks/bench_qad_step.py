@@ -31,8 +31,8 @@ the process's peak resident set (``resource.getrusage(...).ru_maxrss``), reset t
 with glibc's mmap threshold fixed at 1 MiB so that freed tensors leave the RSS at once. That
 threshold slows steps that allocate many large buffers, so on CPU each training configuration
 runs twice: once with the default allocator for the step time, once (one warm-up and one
-measured step) with the fixed threshold for the memory. "Peak total" is measured from the process after its imports (weights, teacher, optimizer
-state, gradients, activations); "step peak" from just before the first step (what training
+measured step) with the fixed threshold for the memory. "Peak total" is measured from the
+process after its imports (weights, teacher, optimizer state, gradients, activations); "step peak" from just before the first step (what training
 adds to the loaded models). Compare ratios, not absolute numbers, across machines.
 
 Usage:
@@ -326,9 +326,9 @@ def run_step(config: str, opts: argparse.Namespace, workdir: str) -> dict:
     On CPU the RSS peak needs the fixed mmap threshold of :func:`_spawn`, but under that threshold
     every buffer over 1 MiB is a fresh mapping whose pages the kernel faults in and zeroes on each
     allocation, which slows the configurations that allocate more such buffers (fake
-    quantization's) far more than SFT (``benchmarks/RESULTS.md``). So on CPU
-    the step time comes from a run with glibc's default allocator, as users run it, and the memory
-    from a second, short run (one warm-up step, one measured step) with the fixed threshold.
+    quantization's) far more than SFT (``benchmarks/RESULTS.md``). So on CPU the step time comes
+    from a run with glibc's default allocator, as users run it, and the memory from a second,
+    short run (one warm-up step, one measured step) with the fixed threshold.
     """
     if _use_cuda(opts.device):
         return _spawn("step", config, opts, workdir)

@@ -29,20 +29,20 @@ from tempfile import TemporaryDirectory
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers import AutoTokenizer, TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_accuracy import (  # noqa: E402
     EVAL_TEXT,
     batches,
+    load_student,
     load_teacher,
     machine,
     token_stream,
     train_config,
 )
 
-import hf_qad  # noqa: E402
 from hf_qad.assets import smollm2_path  # noqa: E402
 from hf_qad.evaluation import chunk_token_ids, compare_to_teacher  # noqa: E402
 from hf_qad.trainer import QADTrainer  # noqa: E402
@@ -85,14 +85,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     tokenizer = AutoTokenizer.from_pretrained(path)
     rows = chunk_token_ids(token_stream(tokenizer, EVAL_TEXT, opts.eval_tokens + 1), opts.seq_len)
     teacher = load_teacher(path, opts.device)
-    student = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, quantization_config=hf_qad.NVFP4Config(scheme="w4a4")).to(opts.device)
-    hf_qad.calibrate(student, [{"input_ids": b.to(opts.device)} for b in batches(rows, opts.batch_size)],
-                     num_batches=None)
+    student = load_student(path, "amax", rows, opts.batch_size, opts.device)
 
     def measure(model) -> dict:
-        with torch.no_grad():
-            result = compare_to_teacher(model, teacher, [b.to(opts.device) for b in batches(rows, opts.batch_size)])
+        result = compare_to_teacher(model, teacher, [b.to(opts.device) for b in batches(rows, opts.batch_size)])
         return {"kl": result.kl, "top1_agreement": result.top1_agreement, "perplexity": result.student_ppl,
                 "teacher_perplexity": result.teacher_ppl}
 

@@ -210,12 +210,15 @@ def _chunk_grad(saved, targets, kl_weight, ce_weight, divergence, beta, temperat
     return grad
 
 
+def weighted_loss(divergence: torch.Tensor, student_nll: torch.Tensor, kl_weight: float,
+                  ce_weight: float) -> torch.Tensor:
+    """``kl_weight * divergence + ce_weight * student_nll``; at ``ce_weight=0`` the CE stays out of the graph."""
+    return kl_weight * divergence + ce_weight * student_nll if ce_weight else kl_weight * divergence
+
+
 def _with_loss(sums, options):
     """``(loss, *sums)``: the chunk's sums led by the weighted loss, the one differentiable output."""
-    kl_weight, ce_weight = options[3:]
-    divergence, student_nll = sums[:2]
-    loss = kl_weight * divergence + ce_weight * student_nll if ce_weight else kl_weight * divergence
-    return (loss, *sums)
+    return (weighted_loss(*sums[:2], *options[3:]), *sums)
 
 
 def _non_differentiable(ctx, outputs):

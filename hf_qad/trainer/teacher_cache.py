@@ -79,7 +79,7 @@ from datasets import Dataset, Features, IterableDataset, List, Value, concatenat
 from torch.utils.checkpoint import checkpoint
 
 from hf_qad.trainer.generation import eval_mode, is_prompt_only
-from hf_qad.trainer.losses import DistillationSums
+from hf_qad.trainer.losses import DistillationSums, weighted_loss
 
 __all__ = [
     "CACHE_COLUMNS",
@@ -157,8 +157,7 @@ def _chunk_sums(
     with torch.no_grad():
         agree = (logits.argmax(-1) == top_ids[:, 0]).sum().float()
         teacher_nll = -target_logprob.float().sum()
-    loss = kl_weight * divergence + ce_weight * student_nll if ce_weight else kl_weight * divergence
-    return loss, divergence.detach(), student_nll.detach(), agree, teacher_nll
+    return weighted_loss(divergence, student_nll, kl_weight, ce_weight), divergence.detach(), student_nll.detach(), agree, teacher_nll
 
 
 def cached_distillation_loss(
