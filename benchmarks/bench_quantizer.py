@@ -47,7 +47,7 @@ import hf_qad  # noqa: E402
 from hf_qad.assets import read_text, shared_data_dir, smollm2_path  # noqa: E402
 from hf_qad.evaluation import ComparisonResult, chunk_token_ids, compare_to_teacher  # noqa: E402
 from hf_qad.nvfp4.scale_search import SCALE_METHODS  # noqa: E402
-from hf_qad.quantizer.conversion import nvfp4_modules  # noqa: E402
+from hf_qad.nvfp4.conversion import nvfp4_modules  # noqa: E402
 
 SCHEMES = ("w4a16", "w4a4")
 EVAL_TEXT = "wikitext2_valid.txt"

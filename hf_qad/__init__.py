@@ -6,14 +6,19 @@ Importing hf_qad registers :class:`NVFP4Config` with transformers:
     >>> model = AutoModelForCausalLM.from_pretrained(path, quantization_config=hf_qad.NVFP4Config())  # doctest: +SKIP
 """
 
-from hf_qad.export import attach_model_card, save_modelopt_checkpoint
+from hf_qad.export import attach_model_card, save_modelopt_checkpoint, write_model_card
 from hf_qad.nvfp4.calibration import calibrate
 from hf_qad.nvfp4.linear import NVFP4Linear
-from hf_qad.quantizer import NVFP4Config, NVFP4HfQuantizer, register
-from hf_qad.quantizer.checkpoints import MasterWeightCheckpointCallback, master_weight_checkpoint, unpack_model
-from hf_qad.quantizer.peft import teacher_mode
+from hf_qad.quantizer import NVFP4Config, NVFP4HfQuantizer, nvfp4_quantizer, register
+from hf_qad.quantizer.checkpoints import (
+    MasterWeightCheckpointCallback,
+    load_packed_model,
+    master_weight_checkpoint,
+    unpack_model,
+)
+from hf_qad.quantizer.peft import NVFP4LoraLinear, register_nvfp4_lora, teacher_mode
+from hf_qad.version import __version__
 
-__version__ = "0.1.0.dev0"
 
 register()
 
@@ -33,12 +38,18 @@ __all__ = [
     "NVFP4Config",
     "NVFP4HfQuantizer",
     "NVFP4Linear",
+    "NVFP4LoraLinear",
     "QADConfig",
     "QADTrainer",
     "attach_model_card",
+    "__version__",
     "calibrate",
+    "load_packed_model",
     "master_weight_checkpoint",
+    "nvfp4_quantizer",
+    "register_nvfp4_lora",
     "save_modelopt_checkpoint",
     "teacher_mode",
     "unpack_model",
+    "write_model_card",
 ]

@@ -184,7 +184,7 @@ def choice_log_likelihoods(model: nn.Module, tokenizer, rows: list[dict], batch_
 @torch.no_grad()
 def layer_quantization_errors(model: nn.Module) -> dict[str, float]:
     """Relative weight error ``||W_hat - W|| / ||W||`` of every fake-quant NVFP4 layer."""
-    from hf_qad.quantizer.conversion import nvfp4_modules
+    from hf_qad.nvfp4.conversion import nvfp4_modules
 
     errors = {}
     for name, layer in nvfp4_modules(model).items():

@@ -10,9 +10,11 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from hf_qad.data import load_text_dataset
 from hf_qad.evaluation import chunk_token_ids
+from hf_qad.quantizer.checkpoints import is_packed_export, load_packed_model
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -29,6 +31,13 @@ def existing_path(value: str) -> str:
     if not Path(value).expanduser().exists():
         raise argparse.ArgumentTypeError(f"{value} does not exist")
     return str(Path(value).expanduser())
+
+
+def load_model(path: str, **kwargs: Any) -> PreTrainedModel:
+    """A causal LM from ``path``: packed NVFP4 exports as packed hf_qad models, anything else as saved."""
+    if is_packed_export(path):
+        return load_packed_model(path, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
 def text_token_rows(source: str, tokenizer, seq_len: int, max_tokens: int | None) -> torch.Tensor:

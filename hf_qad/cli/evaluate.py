@@ -12,7 +12,7 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_qad.cli.common import DTYPES, batches, existing_path, print_table, text_token_rows, write_json
+from hf_qad.cli.common import DTYPES, batches, existing_path, load_model, print_table, text_token_rows, write_json
 from hf_qad.evaluation import compare_to_teacher, layer_quantization_errors, multiple_choice_accuracy
 from hf_qad.plots import plot_evaluation
 
@@ -38,7 +38,7 @@ def read_jsonl(path: str, limit: int | None) -> list[dict]:
 def run(args: argparse.Namespace) -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.teacher)
     teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=DTYPES[args.dtype])
-    student = AutoModelForCausalLM.from_pretrained(args.student, dtype=DTYPES[args.dtype])
+    student = load_model(args.student, dtype=DTYPES[args.dtype])
     rows = text_token_rows(args.data, tokenizer, args.seq_len, args.tokens)
     result = compare_to_teacher(student, teacher, batches(rows, args.batch_size, "evaluating"))
     summary = {"model": "student", "kl": result.kl, "top1_agreement": result.top1_agreement,

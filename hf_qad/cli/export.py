@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
-from hf_qad.cli.common import CommandError, existing_path
+from hf_qad.cli.common import CommandError, existing_path, load_model
 from hf_qad.cli.quantize import EXPORT_FORMATS, save_export
-from hf_qad.quantizer.config import NVFP4Config
+from hf_qad.quantizer.quantizer import NVFP4HfQuantizer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,8 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    model = AutoModelForCausalLM.from_pretrained(args.checkpoint)
-    if not isinstance(getattr(model.config, "quantization_config", None), NVFP4Config):
+    model = load_model(args.checkpoint)
+    if not isinstance(getattr(model, "hf_quantizer", None), NVFP4HfQuantizer):
         raise CommandError(f"{args.checkpoint} is not an hf_qad NVFP4 checkpoint; use 'hf-qad quantize' for BF16 models.")
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
     path = save_export(model, tokenizer, args.output_dir, args.format)

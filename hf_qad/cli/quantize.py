@@ -12,6 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_qad.cli.common import DTYPES, CommandError, batches, existing_path, text_token_rows
+from hf_qad.export.model_card import write_model_card
+from hf_qad.export.modelopt import save_modelopt_checkpoint
 from hf_qad.nvfp4.calibration import calibrate
 from hf_qad.nvfp4.scale_search import SCALE_METHODS
 from hf_qad.quantizer.config import NVFP4Config
@@ -34,13 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def save_export(model, tokenizer, output_dir: str, export_format: str) -> Path:
-    """Write ``model`` as a packed NVFP4 checkpoint in ``export_format``."""
+    """Write ``model`` as a packed NVFP4 checkpoint in ``export_format`` (compressed-tensors with its model card)."""
     if export_format == "modelopt":
-        from hf_qad.export.modelopt import save_modelopt_checkpoint
-
         return save_modelopt_checkpoint(model, output_dir, tokenizer=tokenizer)
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
+    write_model_card(model, output_dir)
     return Path(output_dir)
 
 

@@ -7,38 +7,30 @@ load it with transformers.
 
 Where the card gets written
 ---------------------------
-transformers gives a quantizer no hook that knows the save directory, and both of its
-upload paths write README.md themselves after the weights: ``push_to_hub`` saves into
-a temporary folder and then writes the Hub's card (or a generic template) over
-whatever is there; ``save_pretrained(..., push_to_hub=True)`` does the same in the
-save folder. Both then call the model's ``_upload_modified_files(folder, repo_id)``.
-So :func:`attach_model_card` overrides two methods *on the model instance* (the way
-accelerate's hooks replace ``forward``; the class and other models are untouched):
-
-* ``save_pretrained`` writes the card after transformers has saved a packed export;
-* ``_upload_modified_files`` writes it once more, over transformers' card, just before
-  the upload, with the repository id for the usage snippets.
+transformers gives a quantizer no hook that knows the save directory, so a card is written
+by whoever saves: ``QADTrainer.save_model`` / ``push_to_hub`` and the ``hf-qad`` commands do it;
+after a plain ``model.save_pretrained(folder)`` call :func:`write_model_card` yourself. A plain
+``model.push_to_hub`` uploads the packed export with transformers' card, tagged ``hf_qad`` and
+``nvfp4`` (the quantizer adds the tags to the model); for the full card, save the folder,
+write the card and upload the folder.
 
 A README.md is replaced only if it is ours (it carries :data:`CARD_MARKER`) or is
-transformers' generated template; a card the user wrote, locally or on the Hub, is
-kept. Master-weight checkpoints and adapter-only saves get no card.
+transformers' generated template; a card the user wrote is kept. Master-weight checkpoints
+and adapter-only saves get no card.
 
 Example:
-    >>> # model = AutoModelForCausalLM.from_pretrained(path, quantization_config=NVFP4Config())
-    >>> # attach_model_card(model, base_model="HuggingFaceTB/SmolLM2-135M-Instruct")
-    >>> # ...calibrate, train...
-    >>> # model.push_to_hub("me/SmolLM2-135M-Instruct-NVFP4")   # weights + README.md
+    >>> # model.save_pretrained("out")
+    >>> # write_model_card(model, "out", base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
+    >>> #                  training={"teacher": "HuggingFaceTB/SmolLM2-135M-Instruct", "steps": 1000})
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
-import types
+import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +38,12 @@ from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import PreTrainedModel
 
-from hf_qad.quantizer.checkpoints import _nvfp4_config
+from hf_qad.version import __version__
 from hf_qad.quantizer.config import NVFP4Config
+from hf_qad.quantizer.quantizer import nvfp4_quantizer
+from hf_qad.quantizer.serialization import FORMAT
 
-__all__ = ["CARD_MARKER", "ModelCardInfo", "attach_model_card", "model_card", "write_model_card"]
+__all__ = ["CARD_MARKER", "attach_model_card", "model_card", "write_model_card"]
 
 logger = logging.getLogger("hf_qad")
 
@@ -60,94 +54,50 @@ CARD_MARKER = "<!-- hf_qad model card: rewritten on every save. Delete this line
 # generates when the Hub repository has none: such a card holds nothing to keep.
 _TRANSFORMERS_TEMPLATE = "This model card has been automatically generated."
 
-_INFO_ATTRIBUTE = "hf_qad_model_card"
 _TAGS = ("hf_qad", "nvfp4", "compressed-tensors", "quantized")
-
-
-@dataclass
-class ModelCardInfo:
-    """What the card says beyond the model's quantization config.
-
-    Attributes:
-        base_model: Hub id of the model that was quantized; ``None`` uses the
-            ``_name_or_path`` the model was loaded from.
-        training: QAD settings to list (teacher, loss, steps, data...); filled by the
-            caller or a trainer, rendered as a table in insertion order.
-    """
-
-    base_model: str | None = None
-    training: dict[str, Any] = field(default_factory=dict)
 
 
 def attach_model_card(
     model: PreTrainedModel, *, base_model: str | None = None, training: Mapping[str, Any] | None = None
-) -> ModelCardInfo:
-    """Make every packed export of ``model`` carry a README.md model card.
+) -> dict[str, Any]:
+    """Deprecated: record what :func:`write_model_card` says by default for ``model``.
 
-    Calling it again updates what the card says; ``training`` entries are merged.
-
-    Args:
-        model: a model loaded with :class:`hf_qad.NVFP4Config`.
-        base_model: the Hub id to credit as base model (default: where ``model`` was
-            loaded from, when that is a Hub id).
-        training: settings of the QAD run, e.g. ``{"teacher": ..., "steps": 1000}``.
-
-    Returns:
-        The card's settings, which can also be edited in place.
-
-    Example:
-        >>> # info = attach_model_card(model, base_model="meta-llama/Llama-3.2-1B")
-        >>> # info.training["kl_temperature"] = 1.0
-        >>> # model.save_pretrained("out")   # writes out/README.md next to the weights
+    It used to make every ``save_pretrained`` write the card, by replacing the model's methods;
+    saving no longer does. Pass ``base_model`` and ``training`` to :func:`write_model_card` after
+    saving instead (``QADTrainer`` and the ``hf-qad`` commands write the card themselves).
     """
-    _nvfp4_config(model)
-    info = getattr(model, _INFO_ATTRIBUTE, None)
-    if info is None:
-        info = ModelCardInfo()
-        setattr(model, _INFO_ATTRIBUTE, info)
-        model.save_pretrained = types.MethodType(_save_pretrained, model)
-        model._upload_modified_files = types.MethodType(_upload_modified_files, model)
-    if base_model is not None:
-        info.base_model = base_model
-    info.training.update(training or {})
-    return info
-
-
-@functools.wraps(PreTrainedModel.save_pretrained)
-def _save_pretrained(self: PreTrainedModel, save_directory, is_main_process: bool = True, *args, **kwargs):
-    # Decided before saving: a Trainer callback may switch master-weight saving off afterwards.
-    # With push_to_hub, _upload_modified_files has already written the card, naming the repository.
-    write_card = _saves_packed_export(self, kwargs) and not kwargs.get("push_to_hub", False)
-    result = type(self).save_pretrained(self, save_directory, is_main_process, *args, **kwargs)
-    if write_card and self.should_save_on_this_rank(is_main_process):
-        write_model_card(self, save_directory)
-    return result
-
-
-@functools.wraps(PreTrainedModel._upload_modified_files)
-def _upload_modified_files(self: PreTrainedModel, working_dir, repo_id: str, *args, **kwargs):
-    if _saves_packed_export(self, {}):
-        write_model_card(self, working_dir, repo_id=repo_id)
-    return type(self)._upload_modified_files(self, working_dir, repo_id, *args, **kwargs)
-
-
-def _saves_packed_export(model: PreTrainedModel, save_kwargs: Mapping[str, Any]) -> bool:
-    config = getattr(model.config, "quantization_config", None)
-    return (
-        isinstance(config, NVFP4Config)
-        and not config.save_master_weights
-        and not getattr(model, "_hf_peft_config_loaded", False)  # adapters only
-        and not save_kwargs.get("distributed_checkpoint", False)  # sharded training state
+    warnings.warn(
+        "attach_model_card no longer makes save_pretrained write a model card; call "
+        "hf_qad.write_model_card(model, folder, base_model=..., training=...) after saving.",
+        DeprecationWarning,
+        stacklevel=2,
     )
+    recorded = nvfp4_quantizer(model).model_card
+    if base_model is not None:
+        recorded["base_model"] = base_model
+    recorded.setdefault("training", {}).update(training or {})
+    return recorded
 
 
-def write_model_card(model: PreTrainedModel, directory: str | os.PathLike, *, repo_id: str | None = None) -> bool:
-    """Write ``directory/README.md`` unless a card the user wrote is already there.
+def write_model_card(
+    model: PreTrainedModel,
+    directory: str | os.PathLike,
+    *,
+    repo_id: str | None = None,
+    base_model: str | None = None,
+    training: Mapping[str, Any] | None = None,
+) -> bool:
+    """Write ``directory/README.md`` for the packed export of ``model`` saved there.
+
+    Keeps a README.md the user wrote (one without :data:`CARD_MARKER` that is not transformers'
+    template), and the tags of the card it replaces.
 
     Args:
         model: the hf_qad model the folder holds.
         directory: the saved folder.
         repo_id: the Hub repository, for the usage snippets (default: ``directory``).
+        base_model: the Hub id to credit as base model (default: where ``model`` was loaded from).
+        training: settings of the QAD run to list (teacher, loss, steps, data...), in order.
 
     Returns:
         Whether the card was written.
@@ -159,25 +109,37 @@ def write_model_card(model: PreTrainedModel, directory: str | os.PathLike, *, re
         return False
     # Tags already set (push_to_hub(tags=...), the model's tags, a previous card) are kept.
     tags = (ModelCard(existing).data.tags or []) if existing else []
-    model_card(model, repo_id=repo_id or os.fspath(directory), tags=tags).save(path)
+    card = model_card(model, repo_id=repo_id or os.fspath(directory), tags=tags, base_model=base_model,
+                      training=training)
+    card.save(path)
     return True
 
 
-def model_card(model: PreTrainedModel, *, repo_id: str, tags: Iterable[str] = ()) -> ModelCard:
-    """The model card of ``model``'s packed export, published as ``repo_id``.
+def model_card(
+    model: PreTrainedModel,
+    *,
+    repo_id: str,
+    tags: Iterable[str] = (),
+    base_model: str | None = None,
+    training: Mapping[str, Any] | None = None,
+) -> ModelCard:
+    """The model card of ``model``'s packed export, published as ``repo_id`` (arguments as in
+    :func:`write_model_card`).
 
     Example:
         >>> # print(model_card(model, repo_id="me/Llama-3.2-1B-NVFP4").text)
     """
-    config = _nvfp4_config(model)
-    info = getattr(model, _INFO_ATTRIBUTE, None) or ModelCardInfo()
-    base_model = info.base_model or model.config.name_or_path or None
+    quantizer = nvfp4_quantizer(model)
+    recorded = quantizer.model_card  # what the deprecated attach_model_card recorded
+    base_model = base_model or recorded.get("base_model") or model.config.name_or_path or None
+    training = {**recorded.get("training", {}), **(training or {})}
     hub_base_model = base_model if base_model and _is_hub_id(base_model) else None
     all_tags = list(dict.fromkeys([*_TAGS, *(getattr(model, "model_tags", None) or []), *tags]))
     data = ModelCardData(library_name="transformers", tags=all_tags, base_model=hub_base_model)
     if hub_base_model:
         data.base_model_relation = "quantized"
-    body = _body(model, config, info, repo_id=repo_id, base_model=base_model, hub_base_model=hub_base_model)
+    body = _body(model, quantizer.quantization_config, quantizer.unconverted_linears, training, repo_id=repo_id,
+                 base_model=base_model, hub_base_model=hub_base_model)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
 
 
@@ -211,17 +173,13 @@ def _table(rows: Mapping[str, Any]) -> str:
 def _body(
     model: PreTrainedModel,
     config: NVFP4Config,
-    info: ModelCardInfo,
+    unconverted_linears: list[str],
+    training: Mapping[str, Any],
     *,
     repo_id: str,
     base_model: str | None,
     hub_base_model: str | None,
 ) -> str:
-    from hf_qad import __version__
-    # Imported here: hf_qad.export.compressed_tensors and the quantizer import each other,
-    # and hf_qad.export (this package) is imported first.
-    from hf_qad.export.compressed_tensors import FORMAT
-
     scheme = config.scheme.upper()
     name = repo_id.rstrip("/").rsplit("/", 1)[-1]
     if hub_base_model:
@@ -240,7 +198,7 @@ def _body(
         "Weights": "NVFP4: 4-bit E2M1 values, one FP8 (E4M3) scale per 16 values, one FP32 scale per tensor",
         "Activations": activations,
         "Checkpoint format": f"compressed-tensors `{FORMAT}` (`quant_method: compressed-tensors`)",
-        "Kept in high precision": sorted(config.unconverted_linears),
+        "Kept in high precision": sorted(unconverted_linears),
     }
     sections = [
         CARD_MARKER,
@@ -252,8 +210,8 @@ def _body(
         "## Quantization settings",
         _table({**config.settings(), "hf_qad version": __version__}),
     ]
-    if info.training:
-        sections += ["## Training", _table(info.training)]
+    if training:
+        sections += ["## Training", _table(training)]
     sections += [
         "## Serving with vLLM",
         f"```bash\nvllm serve {repo_id}\n```",

@@ -54,7 +54,7 @@ Example:
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,8 +63,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hf_qad.nvfp4.format import BLOCK_SIZE
-from hf_qad.quantizer.checkpoints import _nvfp4_config
 from hf_qad.quantizer.config import NVFP4Config
+from hf_qad.quantizer.quantizer import nvfp4_quantizer
+from hf_qad.version import __version__
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -120,8 +121,11 @@ def _group_args(config: NVFP4Config) -> dict[str, Any]:
     return {**activations, "weights": weights, "targets": ["Linear"]}
 
 
-def hf_quant_config(config: NVFP4Config) -> dict[str, Any]:
+def hf_quant_config(config: NVFP4Config, exclude_modules: Iterable[str] = ()) -> dict[str, Any]:
     """The ``hf_quant_config.json`` content for a model quantized with ``config``.
+
+    ``exclude_modules`` names the layers kept in high precision (the quantizer's
+    ``unconverted_linears``).
 
     ``producer.name`` must be ``"modelopt"``: vLLM infers the quantization method from
     it and TensorRT-LLM's AutoDeploy reader rejects any other producer. The ``hf_qad``
@@ -132,8 +136,6 @@ def hf_quant_config(config: NVFP4Config) -> dict[str, Any]:
         >>> hf_quant_config(NVFP4Config(scheme="w4a16"))["quantization"]["quant_algo"]
         'W4A16_NVFP4'
     """
-    from hf_qad import __version__
-
     return {
         "producer": {"name": "modelopt", "version": __version__},
         "quantization": {
@@ -142,7 +144,7 @@ def hf_quant_config(config: NVFP4Config) -> dict[str, Any]:
             "kv_cache_quant_algo": None,
             "group_size": BLOCK_SIZE,
             # ModelOpt's entries are fnmatch wildcards; exact names match themselves.
-            "exclude_modules": sorted(set(config.unconverted_linears)),
+            "exclude_modules": sorted(set(exclude_modules)),
         },
         "hf_qad": {"version": __version__, **config.settings()},
     }
@@ -212,17 +214,16 @@ def save_modelopt_checkpoint(
     Example:
         >>> # save_modelopt_checkpoint(model, "out/llama-nvfp4-trtllm", tokenizer=tokenizer)
     """
-    config = _nvfp4_config(model)
-    if config.save_master_weights:
+    quantizer = nvfp4_quantizer(model)
+    if quantizer.saving_master_weights:
         raise ValueError("a ModelOpt checkpoint holds packed weights; call it outside master_weight_checkpoint().")
     directory = Path(save_directory)
     # transformers writes the compressed-tensors export (shards, index, tied weights,
-    # config, generation config), which is then renamed in place. The class method is
-    # called, not the instance's: hf_qad's model-card hook would add a README.md that
-    # describes the compressed-tensors format.
-    type(model).save_pretrained(model, directory, max_shard_size=max_shard_size)
+    # config, generation config), which is then renamed in place.
+    model.save_pretrained(directory, max_shard_size=max_shard_size)
     _convert_weight_files(directory)
-    quant_config = hf_quant_config(config)
+    config = quantizer.quantization_config
+    quant_config = hf_quant_config(config, quantizer.unconverted_linears)
     _write_json(directory / HF_QUANT_CONFIG, quant_config)
     model_config = json.loads((directory / "config.json").read_text())
     model_config["quantization_config"] = _inline_quantization_config(quant_config, config)

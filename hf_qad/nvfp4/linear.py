@@ -28,7 +28,8 @@ Example:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -65,6 +66,10 @@ class NVFP4Linear(nn.Linear):
         input_global_scale: ``2688 / amax`` of calibrated inputs; 0 until calibrated.
         global_scale_peers: other layers that must share this layer's weight global
             scale (fused q/k/v or gate/up in serving engines); empty by default.
+        cache_frozen_weight: ``False`` by default. ``True`` quantizes a frozen master weight
+            once and reuses it until the weight changes in place (PyTorch's version counter),
+            as a LoRA base needs; set by :class:`hf_qad.quantizer.peft.NVFP4LoraLinear`, whose
+            merges write through ``weight.data`` and call :meth:`mark_weight_changed`.
         quantization_enabled: ``True`` by default. ``False`` makes a fake-mode layer a
             plain high-precision Linear (no weight or activation quantization), so a
             frozen base computes its original logits, e.g. as the distillation teacher
@@ -98,6 +103,7 @@ class NVFP4Linear(nn.Linear):
         self.global_scale_peers: tuple[NVFP4Linear, ...] = ()
         self.input_calibrated = False
         self.quantization_enabled = True
+        self.cache_frozen_weight = False
         self._warned_uncalibrated = False
         self._frozen_cache: tuple[tuple, torch.Tensor] | None = None
         self._unpacked_global_scale: tuple[int, torch.Tensor] | None = None
@@ -188,11 +194,11 @@ class NVFP4Linear(nn.Linear):
     def fake_quantized_weight(self) -> torch.Tensor:
         """The fake-quantized master weight, differentiable through the STE.
 
-        A frozen master weight (LoRA, or a teacher copy) is quantized once and cached
-        until it changes in place (PyTorch bumps the tensor's version counter).
+        With :attr:`cache_frozen_weight`, a frozen master weight (a LoRA base) is quantized
+        once and cached until it changes in place (PyTorch bumps the tensor's version counter).
         """
         weight = self.weight
-        if weight.requires_grad:
+        if weight.requires_grad or not self.cache_frozen_weight:
             self._frozen_cache = None
             return functional.fake_quant(weight, *self._weight_scales_for_fake_quant())
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.device,
@@ -243,6 +249,36 @@ class NVFP4Linear(nn.Linear):
         for layer in (self, *self.global_scale_peers):
             layer._frozen_cache = None
         self._unpacked_global_scale = None
+
+    @contextmanager
+    def using_master_weight(self, weight: torch.Tensor) -> Iterator[None]:
+        """Within this block the layer reads ``weight`` as its master weight; the live one is put back after.
+
+        For quantizing from weights the layer does not hold, such as the full weight FSDP or
+        ZeRO-3 gathered from shards for a save (fused peers read it too). The stored global scale
+        of :meth:`unpack` belongs to the live weight, so it is set aside meanwhile.
+
+        Example:
+            >>> import torch
+            >>> layer = NVFP4Linear(32, 8, quantize_activations=False)
+            >>> full = torch.randn(8, 32)
+            >>> with layer.using_master_weight(full):
+            ...     packed = layer.quantized_weight().packed
+            >>> layer.weight is not full
+            True
+        """
+        if self.is_packed:
+            raise ValueError(f"NVFP4Linear {self._name() or ''} is packed: it has no master weight to replace.")
+        live, unpacked = self._parameters["weight"], self._unpacked_global_scale
+        self._parameters["weight"] = nn.Parameter(weight, requires_grad=False)
+        self._unpacked_global_scale = None
+        self._frozen_cache = None
+        try:
+            yield
+        finally:
+            self._parameters["weight"] = live
+            self._unpacked_global_scale = unpacked
+            self._frozen_cache = None
 
     def _unpacked_weight_unchanged(self) -> bool:
         record = self._unpacked_global_scale

@@ -1,19 +1,13 @@
 """``NVFP4Config``: the ``quantization_config`` that turns a model into NVFP4.
 
-How a config is written into ``config.json`` depends on what is being saved:
-
-* the **packed export** (``model.save_pretrained``, ``push_to_hub``, the default):
-  compressed-tensors' ``nvfp4-pack-quantized`` config, so vLLM and plain
-  transformers + compressed-tensors load it without hf_qad. An ``"hf_qad"`` entry
-  records our settings; compressed-tensors ignores it, and with hf_qad imported it
-  routes the checkpoint back to our quantizer.
-* a **master-weight training checkpoint** (:func:`hf_qad.master_weight_checkpoint`,
-  used for Trainer ``save_steps``): ``quant_method: "hf_qad_nvfp4"`` with the
-  high-precision master weights and calibrated scales, so training resumes exactly.
+It holds the user's options only. What a saved model's ``config.json`` says (compressed-tensors'
+config for the packed export, these options for a master-weight checkpoint) is decided by the
+quantizer at save time, see :mod:`hf_qad.quantizer.serialization`.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -44,15 +38,18 @@ class NVFP4Config(QuantizationConfigMixin):
             kept (and listed in one log line).
         share_fused_global_scales: give q/k/v and gate/up projections of a block one
             weight global scale (from their largest amax), as vLLM's fused kernels need.
-        weights_format: what the model holds: ``"master"`` (trainable high-precision
-            weights, fake-quantized in the forward) or ``"packed"`` (NVFP4 buffers, for
-            inference). Set by hf_qad when a checkpoint is loaded; users leave it.
+        weights_format: what the checkpoint being loaded holds: ``"master"`` (high-precision
+            weights, or a master-weight checkpoint: a trainable fake-quant model) or
+            ``"packed"`` (NVFP4 buffers: a packed model for inference, see
+            :func:`hf_qad.load_packed_model`). Written by hf_qad into the checkpoints it saves.
 
     Example:
         >>> from hf_qad import NVFP4Config
         >>> config = NVFP4Config(scheme="w4a16", scale_method="mse")
         >>> config.quantize_activations
         False
+        >>> NVFP4Config.from_dict(config.to_dict()) == config
+        True
 
         Then ``AutoModelForCausalLM.from_pretrained(path, quantization_config=config)``.
     """
@@ -68,6 +65,8 @@ class NVFP4Config(QuantizationConfigMixin):
     ) -> None:
         if quant_method != QUANT_METHOD:
             raise ValueError(f"NVFP4Config is for quant_method {QUANT_METHOD!r}, got {quant_method!r}.")
+        if not isinstance(scheme, str):
+            raise ValueError(f"scheme must be 'w4a4' or 'w4a16', got {scheme!r}.")
         scheme = scheme.lower()
         if scheme not in SCHEMES:
             raise ValueError(f"unknown scheme {scheme!r}; choose 'w4a4' (weights and activations) or 'w4a16'.")
@@ -75,8 +74,11 @@ class NVFP4Config(QuantizationConfigMixin):
             raise ValueError(f"unknown scale_method {scale_method!r}; choose one of {', '.join(SCALE_METHODS)}.")
         if weights_format not in WEIGHTS_FORMATS:
             raise ValueError(f"unknown weights_format {weights_format!r}; choose one of {', '.join(WEIGHTS_FORMATS)}.")
+        if not isinstance(share_fused_global_scales, bool):
+            raise ValueError(f"share_fused_global_scales must be True or False, got {share_fused_global_scales!r}.")
         if modules_to_not_convert is not None and (
-            isinstance(modules_to_not_convert, str) or not all(isinstance(m, str) for m in modules_to_not_convert)
+            not isinstance(modules_to_not_convert, (list, tuple))
+            or not all(isinstance(m, str) for m in modules_to_not_convert)
         ):
             raise ValueError("modules_to_not_convert must be a list of module-name patterns (strings).")
         self.quant_method = QUANT_METHOD
@@ -85,11 +87,6 @@ class NVFP4Config(QuantizationConfigMixin):
         self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert is not None else None
         self.share_fused_global_scales = share_fused_global_scales
         self.weights_format = weights_format
-        # Filled in while loading: the exact names of the Linear layers left unconverted
-        # (compressed-tensors' `ignore` must list every one of them).
-        self.unconverted_linears: list[str] = []
-        # Switched by hf_qad.master_weight_checkpoint() for the duration of one save.
-        self.save_master_weights = False
 
     @property
     def quantize_activations(self) -> bool:
@@ -106,19 +103,19 @@ class NVFP4Config(QuantizationConfigMixin):
         }
 
     def to_dict(self) -> dict[str, Any]:
-        if self.save_master_weights:
-            return {"quant_method": QUANT_METHOD, **self.settings(), "weights_format": "master"}
-        from hf_qad.export.compressed_tensors import compressed_tensors_config
+        """The options, as ``from_dict`` takes them back."""
+        return {"quant_method": QUANT_METHOD, **self.settings(), "weights_format": self.weights_format}
 
-        return compressed_tensors_config(self)
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, NVFP4Config) and self.to_dict() == other.to_dict()
 
-    def to_diff_dict(self) -> dict[str, Any]:
-        return self.to_dict()
+    def __repr__(self) -> str:
+        options = ", ".join(f"{key}={value!r}" for key, value in self.to_dict().items() if key != "quant_method")
+        return f"{type(self).__name__}({options})"
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs):
-        known = {"scheme", "scale_method", "modules_to_not_convert", "share_fused_global_scales",
-                 "weights_format", "quant_method"}
+        known = {"quant_method", *inspect.signature(cls).parameters}
         unknown = sorted(set(config_dict) - known)
         if unknown:
             raise ValueError(f"unknown NVFP4Config options: {', '.join(unknown)}; known: {', '.join(sorted(known))}.")

@@ -1,25 +1,26 @@
 """LoRA (peft) on NVFP4 models, and the frozen base as its own BF16 teacher.
 
-``peft.get_peft_model`` works on a model loaded with ``NVFP4Config`` as is:
-:class:`~hf_qad.nvfp4.linear.NVFP4Linear` subclasses ``nn.Linear``, so peft's stock
-LoRA ``Linear`` wraps it and calls its forward. Nothing has to be registered with
-peft, and ``PeftModel.from_pretrained(base, adapter_dir)`` restores the adapters on
-a base loaded with hf_qad. The frozen base is fake-quantized once and cached.
+:class:`~hf_qad.nvfp4.linear.NVFP4Linear` subclasses ``nn.Linear``, so peft's LoRA wraps it
+as is. Registering :class:`NVFP4LoraLinear` on the ``LoraConfig`` (:func:`register_nvfp4_lora`,
+peft's per-layer-type dispatch; ``QADTrainer`` does it for its ``peft_config``) adds what an
+NVFP4 base needs from its LoRA wrapper:
+
+* the frozen base is fake-quantized once and cached, and a merge or unmerge (which peft writes
+  through ``weight.data``, invisible to PyTorch's version counter) drops that cache;
+* merging into a packed base (no master weight) is refused with a message saying what to do.
+
+Without the registration LoRA still works and merges correctly; the base is re-quantized at
+every forward instead of cached.
 
 * **Adapters** stay in high precision; the forward is ``quant(W) x + B A x``.
 * **Export**: ``peft_model.merge_and_unload()`` adds ``B A`` into the master weights;
   ``save_pretrained`` on the result writes the packed NVFP4 checkpoint. The merged
   weight is quantized as a whole, so the exported model is close to, not equal to,
   the unmerged one (as with QLoRA).
-* **Packed base** (a packed checkpoint loaded for inference): adapters train on it,
-  but there is no master weight to merge into; merging raises and says to
-  ``hf_qad.unpack_model`` first, or to merge into the master-weight model.
+* **Packed base** (:func:`hf_qad.load_packed_model`): adapters train on it, but there is no
+  master weight to merge into; ``hf_qad.unpack_model`` first, or merge into the master-weight model.
 * **Teacher**: within :func:`teacher_mode`, adapters and quantization are off, so
   the same model computes the original BF16 model's logits.
-
-peft writes merges through ``weight.data``, which PyTorch does not version; importing
-hf_qad wraps peft's LoRA ``Linear.merge``/``unmerge`` so NVFP4 bases drop their cached
-quantized weights afterwards (and packed bases refuse to merge).
 
 Example:
     >>> import tempfile, torch, hf_qad
@@ -30,7 +31,8 @@ Example:
     ...     num_hidden_layers=1, num_attention_heads=2)).save_pretrained(path)
     >>> base = AutoModelForCausalLM.from_pretrained(
     ...     path, quantization_config=hf_qad.NVFP4Config(scheme="w4a16"))
-    >>> model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear"))
+    >>> config = hf_qad.register_nvfp4_lora(LoraConfig(r=4, target_modules="all-linear"))
+    >>> model = get_peft_model(base, config)
     >>> ids = torch.randint(0, 64, (1, 8))
     >>> model(ids, labels=ids).loss.backward()  # only the adapters get gradients
     >>> with hf_qad.teacher_mode(model):
@@ -41,19 +43,18 @@ Example:
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from peft import PeftModel
+from peft import LoraConfig, PeftModel
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from hf_qad.nvfp4.conversion import nvfp4_modules
 from hf_qad.nvfp4.linear import NVFP4Linear
-from hf_qad.quantizer.conversion import nvfp4_modules
 
-__all__ = ["teacher_mode"]
+__all__ = ["NVFP4LoraLinear", "register_nvfp4_lora", "teacher_mode"]
 
 
 def _list(names: list[str], limit: int = 3) -> str:
@@ -117,12 +118,19 @@ def teacher_mode(model: PeftModel) -> Iterator[PeftModel]:
                 layer.quantization_enabled = True
 
 
-def _guard_merge(merge: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(merge)
-    def guarded(self: LoraLinear, *args: Any, **kwargs: Any) -> Any:
+class NVFP4LoraLinear(LoraLinear):
+    """peft's LoRA ``Linear`` on an :class:`NVFP4Linear` base (see the module docstring).
+
+    The base caches its fake-quantized frozen weight, which only this wrapper may allow: its
+    merge and unmerge are the writes (through ``weight.data``) that the cache cannot see.
+    """
+
+    def __init__(self, base_layer: NVFP4Linear, adapter_name: str, **kwargs: Any) -> None:
+        super().__init__(base_layer, adapter_name, **kwargs)
+        self.get_base_layer().cache_frozen_weight = True
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         base = self.get_base_layer()
-        if not isinstance(base, NVFP4Linear):
-            return merge(self, *args, **kwargs)
         if base.is_packed:
             raise ValueError(
                 f"cannot merge LoRA adapters into {base.module_name or 'this layer'}: it holds packed NVFP4 "
@@ -131,39 +139,27 @@ def _guard_merge(merge: Callable[..., Any]) -> Callable[..., Any]:
                 "adapter_dir) on it, then merge."
             )
         try:
-            return merge(self, *args, **kwargs)
+            super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
         finally:
             base.mark_weight_changed()
 
-    guarded.hf_qad_guarded = True
-    return guarded
-
-
-def _guard_unmerge(unmerge: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(unmerge)
-    def guarded(self: LoraLinear, *args: Any, **kwargs: Any) -> Any:
+    def unmerge(self) -> None:
         try:
-            return unmerge(self, *args, **kwargs)
+            super().unmerge()
         finally:
             base = self.get_base_layer()
-            if isinstance(base, NVFP4Linear) and not base.is_packed:
+            if not base.is_packed:
                 base.mark_weight_changed()
 
-    guarded.hf_qad_guarded = True
-    return guarded
 
+def register_nvfp4_lora(config: LoraConfig) -> LoraConfig:
+    """Make ``config`` wrap NVFP4 layers with :class:`NVFP4LoraLinear` (peft's custom-module dispatch).
 
-def _install_merge_guards() -> None:
-    """Wrap peft's LoRA ``Linear.merge``/``unmerge`` for NVFP4 bases (idempotent).
-
-    peft adds and subtracts ``B A`` through ``weight.data``, invisible to the cache
-    of the frozen base's quantized weight: without this, a merged model would keep
-    running on the pre-merge quantized weights.
+    Returns ``config``, for ``get_peft_model(model, register_nvfp4_lora(LoraConfig(...)))``.
+    ``PeftModel.from_pretrained(base, adapter_dir, config=register_nvfp4_lora(LoraConfig.from_pretrained(
+    adapter_dir)))`` does the same when reloading adapters.
     """
-    for name, guard in (("merge", _guard_merge), ("unmerge", _guard_unmerge)):
-        method = getattr(LoraLinear, name)
-        if not getattr(method, "hf_qad_guarded", False):
-            setattr(LoraLinear, name, guard(method))
-
-
-_install_merge_guards()
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"register_nvfp4_lora takes a peft LoraConfig, got {type(config).__name__}.")
+    config._register_custom_module({NVFP4Linear: NVFP4LoraLinear})
+    return config

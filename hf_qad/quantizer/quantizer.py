@@ -7,41 +7,65 @@ Loading paths:
   so no extra copy is made);
 * a master-weight training checkpoint (``quant_method: hf_qad_nvfp4``) -> the same,
   with the calibrated input scales restored;
-* a packed ``nvfp4-pack-quantized`` checkpoint written by hf_qad -> packed-mode model
-  for inference (:func:`hf_qad.unpack_model` turns it back into a trainable one).
+* a packed ``nvfp4-pack-quantized`` checkpoint through :func:`hf_qad.load_packed_model`
+  -> packed-mode model for inference (:func:`hf_qad.unpack_model` makes it trainable).
 
-Saving writes the packed export unless :func:`hf_qad.master_weight_checkpoint` is active.
+The quantizer owns the model's runtime quantization state: which Linear layers were left
+unconverted, whether a save writes master weights, and the full weights to save from when
+they are gathered from shards. Saving writes the packed export unless
+:func:`hf_qad.master_weight_checkpoint` is active.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers import auto as quantizers_auto
-from transformers.utils.quantization_config import CompressedTensorsConfig
 
-from hf_qad.export.compressed_tensors import is_hf_qad_checkpoint, packed_state_dict
+from hf_qad.nvfp4.conversion import DEFAULT_MODULES_TO_NOT_CONVERT, nvfp4_modules, plan_conversion, replace_linears
 from hf_qad.quantizer.config import QUANT_METHOD, NVFP4Config
-from hf_qad.quantizer.conversion import (
-    DEFAULT_MODULES_TO_NOT_CONVERT,
-    nvfp4_modules,
-    plan_conversion,
-    replace_linears,
+from hf_qad.quantizer.serialization import (
+    SavedQuantizationConfig,
+    compressed_tensors_config,
+    master_weights_config,
+    packed_state_dict,
 )
 
-__all__ = ["NVFP4HfQuantizer"]
+__all__ = ["NVFP4HfQuantizer", "nvfp4_quantizer", "register"]
 
 logger = logging.getLogger("hf_qad")
 
+_TAGS = ["hf_qad", "nvfp4"]
+
 
 class NVFP4HfQuantizer(HfQuantizer):
-    """Replaces Linear layers with :class:`~hf_qad.nvfp4.linear.NVFP4Linear` while loading."""
+    """Replaces Linear layers with :class:`~hf_qad.nvfp4.linear.NVFP4Linear` while loading.
+
+    Attributes:
+        unconverted_linears: exact names of the Linear layers left in high precision (the
+            export's ``ignore`` list), set while loading.
+        saving_master_weights: whether ``save_pretrained`` writes master weights instead of
+            the packed export (see :func:`hf_qad.master_weight_checkpoint`).
+        packed: whether the model holds packed NVFP4 weights (no master weights).
+        model_card: what :func:`hf_qad.export.write_model_card` adds to the card by default
+            (``base_model``, ``training``), as recorded by :func:`hf_qad.export.attach_model_card`.
+    """
 
     quantization_config: NVFP4Config
     requires_calibration = False  # True would forbid quantizing a high-precision checkpoint
+
+    def __init__(self, quantization_config: NVFP4Config, **kwargs: Any) -> None:
+        super().__init__(quantization_config, **kwargs)
+        self.unconverted_linears: list[str] = []
+        self.saving_master_weights = False
+        self.packed = self.pre_quantized and quantization_config.weights_format == "packed"
+        self.model_card: dict[str, Any] = {}
+        self._state_to_save: Mapping[str, torch.Tensor] | None = None
 
     def validate_environment(self, *args: Any, device_map: Any = None, **kwargs: Any) -> None:
         if isinstance(device_map, dict) and "disk" in {str(v) for v in device_map.values()}:
@@ -49,10 +73,6 @@ class NVFP4HfQuantizer(HfQuantizer):
 
     def update_dtype(self, dtype: torch.dtype | None) -> torch.dtype:
         return torch.bfloat16 if dtype is None else dtype
-
-    @property
-    def _packed(self) -> bool:
-        return self.pre_quantized and self.quantization_config.weights_format == "packed"
 
     def _process_model_before_weight_loading(self, model, keep_in_fp32_modules=None, **kwargs) -> None:
         config = self.quantization_config
@@ -67,10 +87,10 @@ class NVFP4HfQuantizer(HfQuantizer):
             plan,
             quantize_activations=config.quantize_activations,
             scale_method=config.scale_method,
-            packed=self._packed,
+            packed=self.packed,
             share_fused_global_scales=config.share_fused_global_scales,
         )
-        config.unconverted_linears = sorted(plan.skipped)
+        self.unconverted_linears = sorted(plan.skipped)
         plan.log()
         if not self.pre_quantized:
             # A high-precision checkpoint has no input scales: they stay unset until calibration.
@@ -78,9 +98,11 @@ class NVFP4HfQuantizer(HfQuantizer):
             model._keys_to_ignore_on_load_missing = ignored + [r"\.input_global_scale$"]
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        from hf_qad.export.model_card import attach_model_card  # the card names this quantizer's settings
-
-        attach_model_card(model)
+        # transformers has just set model.config.quantization_config to our NVFP4Config; what
+        # config.json gets must follow the save (packed export or master weights), so the model's
+        # config holds the quantizer's view of it instead.
+        model.config.quantization_config = SavedQuantizationConfig(self)
+        model.add_model_tags(_TAGS)  # for the model card transformers writes on push_to_hub
         for layer in nvfp4_modules(model).values():
             if not layer.quantize_activations:
                 continue
@@ -89,16 +111,37 @@ class NVFP4HfQuantizer(HfQuantizer):
             layer.input_calibrated = bool((layer.input_global_scale > 0).all())
         return model
 
+    def checkpoint_config(self) -> dict[str, Any]:
+        """The ``quantization_config`` that ``config.json`` gets on the next save."""
+        if self.saving_master_weights:
+            return master_weights_config(self.quantization_config)
+        return compressed_tensors_config(self.quantization_config, self.unconverted_linears)
+
+    @contextmanager
+    def saving_state(self, state: Mapping[str, torch.Tensor]) -> Iterator[None]:
+        """Within this block ``save_pretrained`` writes ``state`` (a full state dict) instead of the live weights.
+
+        For FSDP (FULL_STATE_DICT) and ZeRO-3, which hand the Trainer the full weights gathered
+        on one rank while the model's own parameters are shards: the master-weight checkpoint
+        writes ``state`` as is, the packed export quantizes its weights.
+        """
+        self._state_to_save = state
+        try:
+            yield
+        finally:
+            self._state_to_save = None
+
     def get_state_dict_and_metadata(self, model) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
         """``save_pretrained`` writes this state dict: packed unless saving master weights."""
-        if self.quantization_config.save_master_weights:
-            if self.quantization_config.weights_format == "packed":
+        state = self._state_to_save
+        if self.saving_master_weights:
+            if self.packed:
                 raise ValueError(
                     "this model holds packed NVFP4 weights, not master weights; call "
                     "hf_qad.unpack_model(model) to continue training from it."
                 )
-            return None, {}
-        return packed_state_dict(model), {}
+            return (None if state is None else dict(state)), {}
+        return packed_state_dict(model, state), {}
 
     def is_serializable(self, safe_serialization: bool | None = None) -> bool:
         return True
@@ -110,36 +153,30 @@ class NVFP4HfQuantizer(HfQuantizer):
 
     @property
     def is_qat_trainable(self) -> bool:
-        return self.quantization_config.weights_format == "master"
+        return not self.packed
 
     @property
     def is_compileable(self) -> bool:
         return True
 
 
-class _CompressedTensorsConfigRouter(CompressedTensorsConfig):
-    """Routes hf_qad's own compressed-tensors checkpoints to NVFP4Config.
+def nvfp4_quantizer(model: torch.nn.Module) -> NVFP4HfQuantizer:
+    """The hf_qad quantizer of a model loaded with :class:`NVFP4Config` (through peft wrappers too).
 
-    transformers picks the config class from ``quant_method``; ours are written with
-    ``quant_method: compressed-tensors`` so that vLLM and plain transformers load them.
-    transformers has no API to extend an existing entry, so hf_qad replaces the
-    ``compressed-tensors`` entry with this subclass, which hands every other checkpoint
-    to the stock class unchanged.
+    Raises:
+        ValueError: if the model was not loaded with hf_qad.
     """
-
-    @classmethod
-    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs):
-        quantization_config = config_dict.get("quantization_config", config_dict)
-        if is_hf_qad_checkpoint(quantization_config):
-            settings = {k: v for k, v in quantization_config["hf_qad"].items() if k != "version"}
-            config = NVFP4Config(**settings, weights_format="packed")
-            return (config, kwargs) if return_unused_kwargs else config
-        return CompressedTensorsConfig.from_dict(config_dict, return_unused_kwargs=return_unused_kwargs, **kwargs)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if not isinstance(quantizer, NVFP4HfQuantizer):
+        raise ValueError(
+            "this model was not loaded with hf_qad's NVFP4Config; load it with "
+            "from_pretrained(..., quantization_config=NVFP4Config())."
+        )
+    return quantizer
 
 
 def register() -> None:
-    """Register NVFP4Config and NVFP4HfQuantizer with transformers (idempotent)."""
+    """Register NVFP4Config and NVFP4HfQuantizer with transformers under ``hf_qad_nvfp4`` (idempotent)."""
     if QUANT_METHOD not in quantizers_auto.AUTO_QUANTIZATION_CONFIG_MAPPING:
         register_quantization_config(QUANT_METHOD)(NVFP4Config)
         register_quantizer(QUANT_METHOD)(NVFP4HfQuantizer)
-    quantizers_auto.AUTO_QUANTIZATION_CONFIG_MAPPING["compressed-tensors"] = _CompressedTensorsConfigRouter

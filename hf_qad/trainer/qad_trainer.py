@@ -34,15 +34,18 @@ from typing import Any
 import torch
 import torch.nn as nn
 from accelerate.utils import fsdp2_prepare_model
+from peft import LoraConfig
 from transformers import AutoModelForCausalLM, PreTrainedModel, TrainerCallback, TrainingArguments
 from trl import SFTTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp, unwrap_model_for_generation
 from trl.models.utils import _ForwardRedirection
 
+from hf_qad.export.model_card import write_model_card
 from hf_qad.nvfp4.calibration import calibrate
+from hf_qad.nvfp4.conversion import nvfp4_modules
 from hf_qad.quantizer.checkpoints import MasterWeightCheckpointCallback
-from hf_qad.quantizer.config import NVFP4Config
-from hf_qad.quantizer.conversion import nvfp4_modules
+from hf_qad.quantizer.peft import register_nvfp4_lora, teacher_mode
+from hf_qad.quantizer.quantizer import NVFP4HfQuantizer
 from hf_qad.trainer.generation import (
     PromptCollator,
     completion_rows,
@@ -91,29 +94,6 @@ def _causal_lm(model: nn.Module) -> PreTrainedModel:
 def _backbone_hidden(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
     """Final hidden states of a causal LM's backbone, without applying its head."""
     return _causal_lm(model).base_model(**inputs, use_cache=False).last_hidden_state
-
-
-@contextlib.contextmanager
-def _saving_from(model: nn.Module, full_state: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Within this block ``model.save_pretrained`` writes ``full_state``, the weights gathered from shards.
-
-    ``model.state_dict()`` returns it (the master-weight checkpoint) and the NVFP4 layers quantize
-    from its weights (the packed export), peers included; the live shards are put back afterwards.
-    """
-    layers = {name: layer for name, layer in nvfp4_modules(model).items() if "weight" in layer._parameters}
-    live = {name: (layer._parameters["weight"], layer._unpacked_global_scale) for name, layer in layers.items()}
-    model.state_dict = lambda *args, **kwargs: dict(full_state)
-    try:
-        for name, layer in layers.items():
-            layer._parameters["weight"] = nn.Parameter(full_state[f"{name}.weight"], requires_grad=False)
-            # The global scale kept from an unpacked checkpoint is keyed on the live weight's version.
-            layer._unpacked_global_scale = None
-        yield
-    finally:
-        del model.state_dict
-        for name, (weight, unpacked) in live.items():
-            layers[name]._parameters["weight"] = weight
-            layers[name]._unpacked_global_scale = unpacked
 
 
 def _vocab_rows(model: nn.Module) -> int:
@@ -182,6 +162,8 @@ class QADTrainer(SFTTrainer):
             teacher_source = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "")
             if not teacher_source:
                 raise ValueError("pass teacher= (the BF16 model or its path): the student has no checkpoint path.")
+        if isinstance(peft_config, LoraConfig):
+            register_nvfp4_lora(peft_config)  # cached frozen base, merge checks (see hf_qad.quantizer.peft)
         callbacks = [MasterWeightCheckpointCallback(), *(callbacks or [])]
         self._prompt_data = False  # set by _prepare_dataset when a dataset is prompt-only
         super().__init__(model, args, *sft_args, callbacks=callbacks, peft_config=peft_config, **sft_kwargs)
@@ -227,8 +209,7 @@ class QADTrainer(SFTTrainer):
             kwargs = dict(self.args.teacher_model_init_kwargs or {})
             kwargs.setdefault("dtype", _causal_lm(self.model).dtype)
             teacher = AutoModelForCausalLM.from_pretrained(teacher, **kwargs)
-        quantization = getattr(getattr(teacher, "config", None), "quantization_config", None)
-        if isinstance(quantization, NVFP4Config) or nvfp4_modules(teacher):
+        if isinstance(getattr(teacher, "hf_quantizer", None), NVFP4HfQuantizer) or nvfp4_modules(teacher):
             raise ValueError(
                 "the teacher is NVFP4-quantized; QAD distills from the high-precision (BF16) model. "
                 "Pass the BF16 checkpoint as teacher=."
@@ -395,14 +376,33 @@ class QADTrainer(SFTTrainer):
     # ------------------------------------------------------------------ saving
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         model = self.accelerator.unwrap_model(self.model)
+        quantizer = getattr(model, "hf_quantizer", None)
         # An empty state_dict: ZeRO-3 without 16-bit gathering, where the Trainer writes a placeholder.
-        if not state_dict or not self.args.should_save or _is_peft(model) or not nvfp4_modules(model):
+        plain = _is_peft(model) or not self.args.should_save or state_dict == {}
+        if not isinstance(quantizer, NVFP4HfQuantizer) or plain:
             return super()._save(output_dir, state_dict)
         # FSDP (FULL_STATE_DICT) and ZeRO-3 hand over the full weights gathered on this rank, but save_pretrained
-        # of a quantized model replaces them with the quantizer's state dict, read from the live parameters:
-        # shards, which only this rank would try to gather.
-        with _saving_from(model, state_dict):
+        # of a quantized model saves the quantizer's state dict, read from the live parameters: shards.
+        with quantizer.saving_state(state_dict) if state_dict is not None else contextlib.nullcontext():
             super()._save(output_dir, state_dict)
+        if not quantizer.saving_master_weights:
+            write_model_card(model, output_dir or self.args.output_dir, training=self._model_card_training())
+
+    def _model_card_training(self) -> dict[str, Any]:
+        """The QAD settings the model card lists."""
+        args = self.args
+        teacher = "the student's base, adapters and quantization off" if self.shared_teacher else (
+            f"cache at {args.teacher_cache_path}" if self.teacher_model is None else
+            getattr(self.accelerator.unwrap_model(self.teacher_model).config, "_name_or_path", None) or "given model")
+        return {
+            "teacher": teacher,
+            "divergence": args.divergence,
+            "temperature": args.temperature,
+            "kl_weight": args.kl_weight,
+            "ce_weight": args.ce_weight,
+            "steps": self.state.global_step,
+            "learning_rate": args.learning_rate,
+        }
 
     # ------------------------------------------------------------------ loss
     @contextlib.contextmanager
@@ -411,8 +411,6 @@ class QADTrainer(SFTTrainer):
         if not self.shared_teacher:
             yield self.teacher_model
             return
-        from hf_qad.quantizer.peft import teacher_mode
-
         with teacher_mode(self.model):
             yield self.model
 

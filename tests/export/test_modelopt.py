@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 import hf_qad
 from hf_qad import NVFP4Config, save_modelopt_checkpoint
 from hf_qad.nvfp4 import dequantize
-from hf_qad.quantizer.conversion import nvfp4_modules
+from hf_qad.nvfp4.conversion import nvfp4_modules
 from tiny_models import save_tiny_llama, token_batches
 
 # E2M1 values by 4-bit code (bit 3 is the sign), as ModelOpt's NVFP4QTensor dequantizes.

@@ -78,7 +78,7 @@ def test_push_to_hub_uploads_packed_export_and_card(bf16_path, hub):
     assert quant_config["quant_method"] == "compressed-tensors"
     assert quant_config["format"] == "nvfp4-pack-quantized"
     tensors = load(hub.uploads["model.safetensors"])
-    for name in hf_qad.quantizer.conversion.nvfp4_modules(model):
+    for name in hf_qad.nvfp4.conversion.nvfp4_modules(model):
         assert tensors[f"{name}.weight_packed"].dtype == torch.uint8
         assert f"{name}.weight" not in tensors
     assert tensors["lm_head.weight"].dtype == torch.bfloat16

@@ -15,7 +15,7 @@ from transformers import (
 
 import hf_qad
 from hf_qad import NVFP4Config, NVFP4Linear
-from hf_qad.quantizer.conversion import DEFAULT_MODULES_TO_NOT_CONVERT, plan_conversion, replace_linears
+from hf_qad.nvfp4.conversion import DEFAULT_MODULES_TO_NOT_CONVERT, plan_conversion, replace_linears
 
 SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
              num_attention_heads=4, num_key_value_heads=2)

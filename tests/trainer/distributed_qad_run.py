@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tiny_models, when run as a script
 
 from hf_qad import NVFP4Config  # noqa: E402
-from hf_qad.quantizer.conversion import nvfp4_modules  # noqa: E402
+from hf_qad.nvfp4.conversion import nvfp4_modules  # noqa: E402
 from hf_qad.trainer import QADConfig, QADTrainer  # noqa: E402
 from tiny_models import TEXTS, tiny_tokenizer  # noqa: E402
 

@@ -21,7 +21,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from hf_qad import NVFP4Config
-from hf_qad.quantizer.conversion import nvfp4_modules
+from hf_qad.nvfp4.conversion import nvfp4_modules
 from hf_qad.trainer import QADConfig, QADTrainer
 from tiny_models import TEXTS, save_tiny_llama_with_tokenizer, tiny_tokenizer
 

@@ -159,7 +159,7 @@ def test_lora_teacher_generates_in_teacher_mode(tiny_path, tmp_path):
     pytest.importorskip("hf_qad.quantizer.peft")
     from peft import LoraConfig
 
-    from hf_qad.quantizer.conversion import nvfp4_modules
+    from hf_qad.nvfp4.conversion import nvfp4_modules
 
     trainer = QADTrainer(_student(tiny_path), args=_config(tmp_path), train_dataset=TEXT_PROMPTS,
                          processing_class=tiny_tokenizer(), peft_config=LoraConfig(r=2, target_modules="all-linear"))

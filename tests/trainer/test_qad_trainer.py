@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from trl import SFTConfig, SFTTrainer
 
 from hf_qad import NVFP4Config
-from hf_qad.quantizer.conversion import nvfp4_modules
+from hf_qad.nvfp4.conversion import nvfp4_modules
 from hf_qad.trainer import QADConfig, QADTrainer
 from tiny_models import TEXTS, save_tiny_llama_with_tokenizer, tiny_tokenizer
 

@@ -1,0 +1,163 @@
+"""Model surgery: which Linear layers become NVFP4Linear, and replacing them.
+
+Kept apart from the transformers quantizer so that it can be used on any
+``nn.Module`` (and tested without loading checkpoints).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from transformers.quantizers.quantizers_utils import should_convert_module
+
+from hf_qad.nvfp4.format import BLOCK_SIZE
+from hf_qad.nvfp4.linear import NVFP4Linear
+
+__all__ = [
+    "DEFAULT_MODULES_TO_NOT_CONVERT",
+    "FUSED_PROJECTIONS",
+    "link_fused_projections",
+    "ConversionPlan",
+    "plan_conversion",
+    "replace_linears",
+    "nvfp4_modules",
+]
+
+logger = logging.getLogger("hf_qad")
+
+DEFAULT_MODULES_TO_NOT_CONVERT: tuple[str, ...] = (
+    "lm_head",
+    r".*\.gate",  # MoE routers (Mixtral's block_sparse_moe.gate, Qwen-MoE's mlp.gate), not gate_proj
+    r".*router",
+    r".*shared_expert_gate",
+)
+"""Patterns left in high precision when ``modules_to_not_convert`` is not given, in
+addition to transformers' own defaults (output embeddings and tied weights)."""
+
+FUSED_PROJECTIONS: tuple[tuple[str, ...], ...] = (
+    ("q_proj", "k_proj", "v_proj"),
+    ("gate_proj", "up_proj"),
+    ("w1", "w3"),
+    ("q_a_proj", "kv_a_proj_with_mqa"),
+)
+"""Sibling layers that vLLM fuses into one matmul with a single global scale."""
+
+
+@dataclass
+class ConversionPlan:
+    """Which Linear layers to convert, and why the others are left alone."""
+
+    convert: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def log(self) -> None:
+        if self.skipped:
+            reasons = ", ".join(f"{name} ({why})" for name, why in self.skipped.items())
+            logger.info("hf_qad: keeping %d Linear layers in high precision: %s", len(self.skipped), reasons)
+
+
+def _fused_expert_parameters(model: nn.Module, patterns: list[str]) -> list[str]:
+    """3-D expert weights (transformers' fused MoE experts) that no pattern excludes."""
+    found = []
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            full = f"{module_name}.{param_name}" if module_name else param_name
+            if param.dim() >= 3 and should_convert_module(module_name, patterns):
+                found.append(full)
+    return found
+
+
+def plan_conversion(model: nn.Module, modules_to_not_convert: Iterable[str]) -> ConversionPlan:
+    """Decide which ``nn.Linear`` layers of ``model`` become NVFP4.
+
+    Args:
+        model: the model (may live on the meta device).
+        modules_to_not_convert: name patterns (transformers' ``should_convert_module``
+            rules: prefix at a module boundary, regex, or suffix) kept in high precision.
+
+    Raises:
+        ValueError: if the model holds fused expert tensors (3-D weights) that are not
+            excluded: we cannot quantize them yet, and silently leaving them in BF16
+            would misstate what the checkpoint is.
+    """
+    patterns = list(modules_to_not_convert)
+    fused = _fused_expert_parameters(model, patterns)
+    if fused:
+        modules = sorted({name.rsplit(".", 1)[0] for name in fused})
+        raise ValueError(
+            "hf_qad cannot quantize fused expert tensors yet: "
+            + ", ".join(fused[:6])
+            + (f" (and {len(fused) - 6} more)" if len(fused) > 6 else "")
+            + ". Load a variant whose experts are separate nn.Linear layers, or keep them in "
+            f"high precision knowingly with modules_to_not_convert=[..., {modules[0]!r}]."
+        )
+    plan = ConversionPlan()
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or isinstance(module, NVFP4Linear):
+            continue
+        if not should_convert_module(name, patterns):
+            plan.skipped[name] = "modules_to_not_convert"
+        elif module.in_features % BLOCK_SIZE != 0:
+            plan.skipped[name] = f"in_features={module.in_features} is not a multiple of {BLOCK_SIZE}"
+        else:
+            plan.convert.append(name)
+    return plan
+
+
+def replace_linears(
+    model: nn.Module,
+    plan: ConversionPlan,
+    *,
+    quantize_activations: bool,
+    scale_method: str = "amax",
+    packed: bool = False,
+    share_fused_global_scales: bool = True,
+    device: torch.device | str | None = "meta",
+) -> list[NVFP4Linear]:
+    """Replace the planned Linear layers with :class:`NVFP4Linear` (empty, on ``device``).
+
+    The new layers are empty: the caller loads weights (transformers' loader fills
+    meta tensors). Fused projections (:data:`FUSED_PROJECTIONS`) under one parent
+    share their weight global scale when ``share_fused_global_scales``.
+    """
+    new_layers: dict[str, NVFP4Linear] = {}
+    for name in plan.convert:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, child)
+        layer = NVFP4Linear(
+            old.in_features,
+            old.out_features,
+            bias=old.bias is not None,
+            quantize_activations=quantize_activations,
+            scale_method=scale_method,
+            packed=packed,
+            device=device,
+            dtype=old.weight.dtype,
+        )
+        layer.module_name = name
+        setattr(parent, child, layer)
+        new_layers[name] = layer
+    if share_fused_global_scales:
+        link_fused_projections(new_layers)
+    return list(new_layers.values())
+
+
+def link_fused_projections(layers: dict[str, NVFP4Linear]) -> None:
+    """Give each group of fused sibling projections one shared weight global scale."""
+    for group in FUSED_PROJECTIONS:
+        parents = {name.rpartition(".")[0] for name in layers if name.rpartition(".")[2] == group[0]}
+        for parent in parents:
+            members = [layers.get(f"{parent}.{child}" if parent else child) for child in group]
+            present = [layer for layer in members if layer is not None]
+            if len(present) > 1:
+                NVFP4Linear.share_weight_global_scale(present)
+
+
+def nvfp4_modules(model: nn.Module) -> dict[str, NVFP4Linear]:
+    """All NVFP4Linear layers of ``model`` by name (through peft wrappers too)."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, NVFP4Linear)}
