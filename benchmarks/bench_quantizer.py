@@ -126,7 +126,7 @@ def export_row(model: torch.nn.Module, label: list[str], bf16_dir: Path, check_i
         model.save_pretrained(out)
         seconds = time.perf_counter() - start
         packed_sizes = tensor_bytes(out)
-        reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
+        reloaded = hf_qad.load_packed_model(out, dtype=torch.bfloat16).eval()
         same = torch.equal(reloaded(input_ids=check_ids, use_cache=False).logits,
                            model(input_ids=check_ids, use_cache=False).logits)
         total, total_bf16 = file_bytes(out), file_bytes(bf16_dir)

@@ -26,17 +26,17 @@ from typing import Any
 import torch
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers import auto as quantizers_auto
+from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from hf_qad.nvfp4.conversion import DEFAULT_MODULES_TO_NOT_CONVERT, nvfp4_modules, plan_conversion, replace_linears
 from hf_qad.quantizer.config import QUANT_METHOD, NVFP4Config
 from hf_qad.quantizer.serialization import (
-    SavedQuantizationConfig,
     compressed_tensors_config,
     master_weights_config,
     packed_state_dict,
 )
 
-__all__ = ["NVFP4HfQuantizer", "nvfp4_quantizer", "register"]
+__all__ = ["NVFP4HfQuantizer", "SavedQuantizationConfig", "nvfp4_quantizer", "register"]
 
 logger = logging.getLogger("hf_qad")
 
@@ -158,6 +158,33 @@ class NVFP4HfQuantizer(HfQuantizer):
     @property
     def is_compileable(self) -> bool:
         return True
+
+
+class SavedQuantizationConfig(QuantizationConfigMixin):
+    """``model.config.quantization_config`` of an hf_qad model: what ``save_pretrained`` writes.
+
+    transformers serializes this object's :meth:`to_dict` into ``config.json``; it answers with
+    the packed export's compressed-tensors config, or inside :func:`hf_qad.master_weight_checkpoint`
+    with the master-weight config. The user's options are ``.nvfp4_config``.
+    """
+
+    def __init__(self, quantizer: NVFP4HfQuantizer) -> None:
+        self.quantizer = quantizer
+
+    @property
+    def nvfp4_config(self) -> NVFP4Config:
+        """The options the model was loaded with."""
+        return self.quantizer.quantization_config
+
+    @property
+    def quant_method(self) -> str:
+        return QUANT_METHOD if self.quantizer.saving_master_weights else "compressed-tensors"
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.quantizer.checkpoint_config()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.nvfp4_config!r}, saves {self.quant_method})"
 
 
 def nvfp4_quantizer(model: torch.nn.Module) -> NVFP4HfQuantizer:

@@ -23,8 +23,9 @@ The compressed-tensors config is written by hand rather than through compressed-
 is only a test dependency of hf_qad; the tests compare it with compressed-tensors' own.
 
 transformers writes ``model.config.quantization_config.to_dict()`` into ``config.json``, so the
-quantizer puts a :class:`SavedQuantizationConfig` there, which asks the quantizer which of the two
-kinds is being saved; the user's :class:`NVFP4Config` stays as plain configuration.
+quantizer puts a :class:`~hf_qad.quantizer.quantizer.SavedQuantizationConfig` there, which asks the
+quantizer which of the two kinds is being saved; the user's :class:`NVFP4Config` stays as plain
+configuration.
 """
 
 from __future__ import annotations
@@ -33,23 +34,18 @@ import importlib.metadata
 import logging
 from collections.abc import Iterable, Mapping
 from contextlib import ExitStack
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn as nn
-from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from hf_qad.nvfp4.conversion import nvfp4_modules
 from hf_qad.nvfp4.format import BLOCK_SIZE
 from hf_qad.version import __version__
-from hf_qad.quantizer.config import QUANT_METHOD, NVFP4Config
-
-if TYPE_CHECKING:
-    from hf_qad.quantizer.quantizer import NVFP4HfQuantizer
+from hf_qad.quantizer.config import NVFP4Config
 
 __all__ = [
     "FORMAT",
-    "SavedQuantizationConfig",
     "compressed_tensors_config",
     "config_from_compressed_tensors",
     "is_hf_qad_checkpoint",
@@ -230,30 +226,3 @@ def packed_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor] | None
             packed[prefix + "weight_scale"] = block_scale.contiguous()
             packed[prefix + "weight_global_scale"] = global_scale.contiguous()
     return packed
-
-
-class SavedQuantizationConfig(QuantizationConfigMixin):
-    """``model.config.quantization_config`` of an hf_qad model: what ``save_pretrained`` writes.
-
-    transformers serializes this object's :meth:`to_dict` into ``config.json``; it answers with
-    the packed export's compressed-tensors config, or inside :func:`hf_qad.master_weight_checkpoint`
-    with the master-weight config. The user's options are ``.nvfp4_config``.
-    """
-
-    def __init__(self, quantizer: NVFP4HfQuantizer) -> None:
-        self.quantizer = quantizer
-
-    @property
-    def nvfp4_config(self) -> NVFP4Config:
-        """The options the model was loaded with."""
-        return self.quantizer.quantization_config
-
-    @property
-    def quant_method(self) -> str:
-        return QUANT_METHOD if self.quantizer.saving_master_weights else "compressed-tensors"
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.quantizer.checkpoint_config()
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.nvfp4_config!r}, saves {self.quant_method})"

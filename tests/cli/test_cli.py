@@ -29,9 +29,10 @@ def test_quantize_writes_a_calibrated_packed_checkpoint(tiny, text_file, tmp_pat
     assert "wrote packed NVFP4 (w4a4" in capsys.readouterr().out
     config = json.loads((tmp_path / "ptq" / "config.json").read_text())["quantization_config"]
     assert config["format"] == "nvfp4-pack-quantized"
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ptq")
+    model = hf_qad.load_packed_model(tmp_path / "ptq")
     assert model.model.layers[0].mlp.up_proj.is_packed and model.model.layers[0].mlp.up_proj.input_calibrated
     assert (tmp_path / "ptq" / "tokenizer.json").exists()
+    assert "nvfp4-pack-quantized" in (tmp_path / "ptq" / "README.md").read_text()  # the model card
 
 
 def test_quantize_w4a4_without_calibration_data_is_a_clear_error(tiny, tmp_path):
@@ -64,10 +65,11 @@ def test_train_from_flags_and_yaml_then_export(tiny, text_file, tmp_path):
     main(["train", "--config", str(config), "--output_dir", str(tmp_path / "run"), "--max_length", "48"])
     final = json.loads((tmp_path / "run" / "config.json").read_text())["quantization_config"]
     assert final["format"] == "nvfp4-pack-quantized" and final["hf_qad"]["scheme"] == "w4a16"
+    assert "## Training" in (tmp_path / "run" / "README.md").read_text()  # the trainer writes the card
     checkpoint = tmp_path / "run" / "checkpoint-1"
     assert json.loads((checkpoint / "config.json").read_text())["quantization_config"]["weights_format"] == "master"
     main(["export", "--checkpoint", str(checkpoint), "--output_dir", str(tmp_path / "exported")])
-    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
+    exported = hf_qad.load_packed_model(tmp_path / "exported")
     assert exported.model.layers[0].mlp.up_proj.is_packed
 
 

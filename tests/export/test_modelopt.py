@@ -80,7 +80,7 @@ def test_layout_names_dtypes_and_shapes(bf16_path, tmp_path, scheme):
 def test_scales_are_reciprocals_and_weights_match_the_packed_model(bf16_path, tmp_path):
     model = _calibrated(bf16_path)
     model.save_pretrained(tmp_path / "ct")
-    packed = AutoModelForCausalLM.from_pretrained(tmp_path / "ct")  # packed-mode NVFP4Linear layers
+    packed = hf_qad.load_packed_model(tmp_path / "ct")  # packed-mode NVFP4Linear layers
     save_modelopt_checkpoint(model, tmp_path / "from_fake")
     save_modelopt_checkpoint(packed, tmp_path / "from_packed")
     from_fake, from_packed = _tensors(tmp_path / "from_fake"), _tensors(tmp_path / "from_packed")

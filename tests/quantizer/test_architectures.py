@@ -36,7 +36,7 @@ def test_round_trip_on_other_architectures(tmp_path, model_cls, config_cls):
     with torch.no_grad():
         expected = model(ids).logits
     model.save_pretrained(tmp_path / "packed")
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "packed")
+    reloaded = hf_qad.load_packed_model(tmp_path / "packed")
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, expected)
 

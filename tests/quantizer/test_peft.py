@@ -30,10 +30,11 @@ def _load(path, **config):
     return AutoModelForCausalLM.from_pretrained(path, quantization_config=NVFP4Config(**config), dtype=torch.bfloat16)
 
 
-def _lora(model, **kwargs):
+def _lora(model, registered=True, **kwargs):
     # init_lora_weights=False: random B as well as A, so adapters change outputs from step 0
     kwargs.setdefault("target_modules", "all-linear")
-    return get_peft_model(model, LoraConfig(r=4, init_lora_weights=False, **kwargs))
+    config = LoraConfig(r=4, init_lora_weights=False, **kwargs)
+    return get_peft_model(model, hf_qad.register_nvfp4_lora(config) if registered else config)
 
 
 def _logits(model, ids):
@@ -63,7 +64,7 @@ def test_adapters_train_on_a_frozen_base_quantized_once(bf16_path, monkeypatch, 
     layers = nvfp4_modules(model)
     assert len(layers) == 14 and all(not layer.weight.requires_grad for layer in layers.values())
     wrapper = model.base_model.model.model.layers[0].mlp.up_proj
-    assert isinstance(wrapper.base_layer, NVFP4Linear)  # peft's stock LoRA Linear wraps it
+    assert isinstance(wrapper, hf_qad.NVFP4LoraLinear) and isinstance(wrapper.base_layer, NVFP4Linear)
     lora_a = wrapper.lora_A["default"].weight.detach().clone()
 
     weight_quantizations = []
@@ -109,8 +110,8 @@ def test_merge_and_unload_then_save_pretrained_exports_packed_nvfp4(bf16_path, t
     expected = _logits(merged, ids)
     assert not torch.equal(expected, quantized_base)  # the merged weights are the ones quantized
     merged.save_pretrained(tmp_path)
-    exported = AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert exported.config.quantization_config.weights_format == "packed"
+    exported = hf_qad.load_packed_model(tmp_path)
+    assert exported.hf_quantizer.packed
     assert exported.get_submodule(LAYER).is_packed
     assert torch.equal(_logits(exported, ids), expected)
 
@@ -133,8 +134,24 @@ def test_merge_adapter_and_unmerge_adapter_requantize_the_base(bf16_path):
     assert not torch.equal(_logits(model, ids), merged)
 
 
+@pytest.mark.parametrize("registered", [True, False])
+def test_merge_without_the_registration_is_still_exact(bf16_path, registered):
+    # peft's stock LoRA Linear writes merges through weight.data, which the frozen-weight cache cannot see:
+    # the cache is only on under NVFP4LoraLinear, whose merges drop it.
+    model = _lora(_load(bf16_path, scheme="w4a16"), registered=registered)
+    wrapper = model.base_model.model.model.layers[0].mlp.up_proj
+    assert isinstance(wrapper, hf_qad.NVFP4LoraLinear) == registered == wrapper.base_layer.cache_frozen_weight
+    ids = token_batches(1)[0]
+    _logits(model, ids)  # fills the caches where they are on
+    merged = model.merge_and_unload()
+    got = _logits(merged, ids)
+    for layer in nvfp4_modules(merged).values():
+        layer.cache_frozen_weight = False  # recompute every quantized weight from the merged masters
+    assert torch.equal(got, _logits(merged, ids))
+
+
 def test_lora_on_a_packed_base_trains_and_refuses_to_merge(packed_path, tmp_path):
-    base = AutoModelForCausalLM.from_pretrained(packed_path)
+    base = hf_qad.load_packed_model(packed_path)
     codes = base.get_submodule(LAYER).weight_packed.clone()
     model = _lora(base)
     wrapper = model.base_model.model.model.layers[0].mlp.up_proj
@@ -147,7 +164,7 @@ def test_lora_on_a_packed_base_trains_and_refuses_to_merge(packed_path, tmp_path
 
     expected = _logits(model, ids)
     model.save_pretrained(tmp_path / "adapter")
-    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(packed_path), tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(hf_qad.load_packed_model(packed_path), tmp_path / "adapter")
     assert torch.equal(_logits(reloaded, ids), expected)
 
     with pytest.raises(ValueError, match=r"packed NVFP4 weights.*hf_qad\.unpack_model\(model\)"):
@@ -160,7 +177,7 @@ def test_lora_on_a_packed_base_trains_and_refuses_to_merge(packed_path, tmp_path
     hf_qad.unpack_model(model)
     merged = model.merge_and_unload()
     merged.save_pretrained(tmp_path / "merged")
-    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    exported = hf_qad.load_packed_model(tmp_path / "merged")
     assert torch.equal(_logits(exported, ids), _logits(merged, ids))
 
 
@@ -193,7 +210,7 @@ def test_teacher_mode_refuses_what_is_not_the_teacher(bf16_path, packed_path):
         with hf_qad.teacher_mode(_load(bf16_path, scheme="w4a16")):
             pass
     with pytest.raises(ValueError, match="packed NVFP4"):
-        with hf_qad.teacher_mode(_lora(AutoModelForCausalLM.from_pretrained(packed_path))):
+        with hf_qad.teacher_mode(_lora(hf_qad.load_packed_model(packed_path))):
             pass
     model = _lora(_load(bf16_path, scheme="w4a16"))
     model.base_model.model.get_submodule(LAYER).base_layer.weight.requires_grad_(True)

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from distributed_qad_run import GLOBAL_BATCH, STEPS, texts, train
+import hf_qad
 from hf_qad import NVFP4Config
 from hf_qad.trainer import QADConfig, QADTrainer
 from tiny_models import tiny_tokenizer
@@ -114,7 +115,7 @@ def _assert_one_packed_export_of_the_master_weights(out: Path, tiny_path, tmp_pa
     assert exported.keys() == expected.keys()
     for name, value in expected.items():
         assert torch.equal(_bits(exported[name]), _bits(value)), name
-    packed = AutoModelForCausalLM.from_pretrained(final)
+    packed = hf_qad.load_packed_model(final)
     for name, scale in _record(out)["input_global_scale"].items():
         assert packed.get_submodule(name).input_global_scale.item() == scale, name
 
