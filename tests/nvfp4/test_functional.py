@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from hf_qad.nvfp4 import format as ref
+from hf_qad.nvfp4 import reference as ref
 from hf_qad.nvfp4 import functional
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from hf_qad.nvfp4 import format as ref
+from hf_qad.nvfp4 import reference as ref
 from hf_qad.nvfp4 import triton_kernels
 from hf_qad.nvfp4.triton_kernels import _round_to_bf16
 from nvfp4_cases import _cases
