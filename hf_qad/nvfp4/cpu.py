@@ -1,4 +1,8 @@
-"""Fast NVFP4 on CPU in eager PyTorch, bit for bit equal to :mod:`hf_qad.nvfp4.format`.
+"""Fast NVFP4 in eager PyTorch, bit for bit equal to :mod:`hf_qad.nvfp4.reference`.
+
+The backend :mod:`hf_qad.nvfp4.functional` picks for CPU tensors (and for CUDA tensors
+when ``HF_QAD_DISABLE_TRITON=1``); its ops take the same arguments as
+:mod:`hf_qad.nvfp4.triton_kernels`'.
 
 The reference builds a dozen full-size temporaries; this path runs every CPU
 fake-quant of the training loop, so it is organised around memory traffic instead:
@@ -22,18 +26,25 @@ both formats); subtracting ``C`` again is exact. E2M1 (``p = 1, emin = 0``) is
 rounded this way after clamping to 6, e4m3 block scales (``p = 3, emin = -6``) after
 clamping to 448. For E2M1 the float32 bits of ``v + C`` are ``bits(C) + n``, where
 ``n`` counts grid steps, so the 3-bit code ``n + 2e`` takes two integer operations.
+The formats' parameters (mantissa bits, smallest normals) come from
+:mod:`hf_qad.nvfp4.format`.
+
+The linear ops dequantize the weight to the activations' dtype and call ``F.linear``.
 
 Example:
     >>> import torch
-    >>> from hf_qad.nvfp4 import cpu, format
+    >>> from hf_qad.nvfp4 import cpu, reference
     >>> w = torch.randn(64, 128, dtype=torch.bfloat16)
-    >>> torch.equal(cpu.fake_quant(w), format.fake_quant(w))
+    >>> torch.equal(cpu.fake_quant(w), reference.fake_quant(w))
     True
     >>> q = cpu.quantize(w)
-    >>> torch.equal(q.packed, format.quantize(w).packed)
+    >>> torch.equal(q.packed, reference.quantize(w).packed)
     True
-    >>> torch.equal(cpu.dequantize(*q), format.dequantize(*q))
+    >>> torch.equal(cpu.dequantize(*q), reference.dequantize(*q))
     True
+    >>> x = torch.randn(2, 128, dtype=torch.bfloat16)
+    >>> cpu.w4a16_linear(x, *q).shape
+    torch.Size([2, 64])
 """
 
 from __future__ import annotations
@@ -42,20 +53,26 @@ import math
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 
 from hf_qad.nvfp4.format import (
     BLOCK_SIZE,
+    E2M1_MANTISSA_BITS,
     E2M1_MAX,
+    E2M1_SMALLEST_NORMAL,
     E2M1_VALUES,
+    E4M3_MANTISSA_BITS,
     E4M3_MAX,
+    E4M3_SMALLEST_NORMAL,
     ZERO_BLOCK_SCALE,
     NVFP4Quantized,
+    check_block_scale,
     check_quantizable,
-    effective_scales,
     global_scale_from_amax,
 )
+from hf_qad.nvfp4.reference import effective_scales
 
-__all__ = ["CHUNK", "dequantize", "fake_quant", "quantize"]
+__all__ = ["CHUNK", "dequantize", "fake_quant", "quantize", "w4a16_linear", "w4a4_linear"]
 
 CHUNK = 1 << 19
 """Elements per chunk of the second pass (a multiple of :data:`BLOCK_SIZE`).
@@ -65,14 +82,15 @@ the chunk is as large as cache allows: three 2 MiB float32 buffers. On 2 Zen 4
 cores, 2**19 beat L2-sized chunks (2**16 by about 35%, 2**17 by 20%) and 2**21 (15%).
 """
 
-_EXPONENT_MASK = 0x7F800000
+_F32_MANTISSA_BITS = 23
+_F32_EXPONENT_BIAS = 127
+_EXPONENT_MASK = 0x7F800000  # float32 exponent field
 _SIGN_BIT = -(2**31)  # 0x80000000 as an int32
-_E2M1_SMALLEST_NORMAL = 1.0
-_E2M1_MANTISSA_BITS = 1
-_E4M3_SMALLEST_NORMAL = 2.0**-6
-_E4M3_MANTISSA_BITS = 3
-_CODE_BIAS = 2 * (127 + 23 - _E2M1_MANTISSA_BITS)  # bits(C) >> 22 == _CODE_BIAS + 2e for E2M1
-_SIGN_CODE = 8
+# For E2M1, C = 2**(23 - p + e) with p mantissa bits, so bits(C) >> (23 - p) is
+# (127 + 23 - p + e) << p == _CODE_BIAS + (e << p), and e << p is the code of the
+# first value of binade e.
+_CODE_BIAS = (_F32_EXPONENT_BIAS + _F32_MANTISSA_BITS - E2M1_MANTISSA_BITS) << E2M1_MANTISSA_BITS
+_SIGN_CODE = len(E2M1_VALUES)  # the sign bit sits just above the magnitude's index
 _INT_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -105,7 +123,7 @@ def _chunk_rows(num_rows: int, chunk: int) -> int:
 
 
 def _block_amax(blocks: torch.Tensor) -> torch.Tensor:
-    """Absolute maximum of each block in float32, as :func:`~hf_qad.nvfp4.format.block_amax`."""
+    """Absolute maximum of each block in float32, as :func:`~hf_qad.nvfp4.reference.block_amax`."""
     bits = blocks.view(_INT_OF_WIDTH[blocks.element_size()])
     sign_off = torch.iinfo(bits.dtype).max
     amax_bits = bits.new_empty(bits.shape[0])
@@ -140,12 +158,12 @@ def _add_rounding_constant(
     """
     torch.clamp(values, min=smallest_normal, out=constant)
     constant.view(torch.int32).bitwise_and_(_EXPONENT_MASK)
-    constant.mul_(2.0 ** (23 - mantissa_bits))
+    constant.mul_(2.0 ** (_F32_MANTISSA_BITS - mantissa_bits))
     values.add_(constant)
 
 
 def _amax_block_scales(amax: torch.Tensor, global_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """:func:`~hf_qad.nvfp4.format.block_scales` as float32 values, in the same order.
+    """:func:`~hf_qad.nvfp4.reference.block_scales` as float32 values, in the same order.
 
     PyTorch's float8 conversion is scalar code (about 4 ns an element); the same
     round-to-nearest-even onto the e4m3 grid by :func:`_add_rounding_constant` is
@@ -154,7 +172,7 @@ def _amax_block_scales(amax: torch.Tensor, global_scale: torch.Tensor, dtype: to
     scale = (amax.to(dtype) / E2M1_MAX).float()  # amax / 6 rounded in x's dtype, as the reference
     scale.mul_(global_scale).clamp_(-E4M3_MAX, E4M3_MAX)
     constant = torch.empty_like(scale)
-    _add_rounding_constant(scale, constant, _E4M3_SMALLEST_NORMAL, _E4M3_MANTISSA_BITS)
+    _add_rounding_constant(scale, constant, E4M3_SMALLEST_NORMAL, E4M3_MANTISSA_BITS)
     scale.sub_(constant)
     return scale.masked_fill_(scale == 0, ZERO_BLOCK_SCALE)
 
@@ -173,7 +191,7 @@ def _round_chunk(
     # sign bit. Adding +0.0 clears it and changes nothing else.
     signed.add_(0.0)
     torch.abs(signed, out=magnitude).clamp_(max=E2M1_MAX)
-    _add_rounding_constant(magnitude, magic, _E2M1_SMALLEST_NORMAL, _E2M1_MANTISSA_BITS)
+    _add_rounding_constant(magnitude, magic, E2M1_SMALLEST_NORMAL, E2M1_MANTISSA_BITS)
 
 
 def _rounded_chunks(
@@ -194,11 +212,13 @@ def _rounded_chunks(
 def _prepare(
     x: torch.Tensor,
     global_scale: torch.Tensor | None,
-    name: str | None,
     block_scale: torch.Tensor | None,
+    name: str | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Checks ``x``; returns its blocks, float32 block scales, effective scales and global scale."""
     _check_dtype_and_shape(x, name)
+    if block_scale is not None:
+        check_block_scale(x, block_scale, name)
     blocks = _blocks(x)
     amax = _block_amax(blocks)
     global_scale = _global_scale(amax, global_scale, x, name)
@@ -213,17 +233,18 @@ def _prepare(
 def fake_quant(
     x: torch.Tensor,
     global_scale: torch.Tensor | None = None,
-    name: str | None = None,
     block_scale: torch.Tensor | None = None,
+    *,
+    name: str | None = None,
 ) -> torch.Tensor:
-    """Quantize and dequantize ``x``; bit for bit :func:`hf_qad.nvfp4.format.fake_quant`.
+    """Quantize and dequantize ``x``; bit for bit :func:`hf_qad.nvfp4.reference.fake_quant`.
 
     Args:
         x: floating-point tensor whose last dimension is a multiple of 16.
         global_scale: a fixed global scale (``2688 / amax``); computed from ``x`` when ``None``.
-        name: how to call ``x`` in error messages.
         block_scale: chosen e4m3 block scales ``[..., K / 16]`` (see
             :mod:`hf_qad.nvfp4.scale_search`); ``e4m3(gs * amax / 6)`` when ``None``.
+        name: how to call ``x`` in error messages.
 
     Returns:
         A new tensor with the shape and dtype of ``x``, without autograd history.
@@ -234,7 +255,7 @@ def fake_quant(
         >>> fake_quant(torch.tensor([[0.1, -0.3] + [6.0] * 14])).tolist()[0][:3]
         [0.0, -0.5, 6.0]
     """
-    blocks, _, scale, _ = _prepare(x, global_scale, name, block_scale)
+    blocks, _, scale, _ = _prepare(x, global_scale, block_scale, name)
     out = torch.empty_like(blocks)
     for rows, signed, magnitude, magic in _rounded_chunks(blocks, scale):
         magnitude.sub_(magic)  # exact: the E2M1 magnitude
@@ -248,7 +269,7 @@ def _codes(signed: torch.Tensor, magnitude: torch.Tensor, magic: torch.Tensor) -
     """The int32 codes ``sign << 3 | n + 2e`` of a rounded chunk, computed in place."""
     magic_bits = magic.view(torch.int32)
     codes = magnitude.view(torch.int32).sub_(magic_bits)  # n, the grid steps
-    exponent = magic_bits.bitwise_right_shift_(23 - _E2M1_MANTISSA_BITS)  # _CODE_BIAS + 2e
+    exponent = magic_bits.bitwise_right_shift_(_F32_MANTISSA_BITS - E2M1_MANTISSA_BITS)  # _CODE_BIAS + 2e
     codes.add_(exponent).sub_(_CODE_BIAS)
     sign = signed.view(torch.int32).bitwise_right_shift_(31).bitwise_and_(_SIGN_CODE)
     return codes.bitwise_or_(sign)
@@ -267,17 +288,18 @@ def _pack(codes: torch.Tensor, out: torch.Tensor) -> None:
 def quantize(
     x: torch.Tensor,
     global_scale: torch.Tensor | None = None,
-    name: str | None = None,
     block_scale: torch.Tensor | None = None,
+    *,
+    name: str | None = None,
 ) -> NVFP4Quantized:
-    """Quantize ``x`` to packed NVFP4; bit for bit :func:`hf_qad.nvfp4.format.quantize`.
+    """Quantize ``x`` to packed NVFP4; bit for bit :func:`hf_qad.nvfp4.reference.quantize`.
 
     Args:
         x: floating-point tensor whose last dimension is a multiple of 16.
         global_scale: a fixed global scale (``2688 / amax``); computed from ``x`` when ``None``.
-        name: how to call ``x`` in error messages.
         block_scale: chosen e4m3 block scales ``[..., K / 16]``, returned as given;
             ``e4m3(gs * amax / 6)`` when ``None``.
+        name: how to call ``x`` in error messages.
 
     Example:
         >>> import torch
@@ -286,7 +308,7 @@ def quantize(
         >>> hex(q.packed[0, 0].item()), q.block_scale.float().tolist(), q.global_scale.tolist()
         ('0xf1', [[448.0]], [448.0])
     """
-    blocks, scale_b, scale, global_scale = _prepare(x, global_scale, name, block_scale)
+    blocks, scale_b, scale, global_scale = _prepare(x, global_scale, block_scale, name)
     packed = blocks.new_empty(blocks.shape[0], BLOCK_SIZE // 2, dtype=torch.uint8)
     for rows, signed, magnitude, magic in _rounded_chunks(blocks, scale):
         _pack(_codes(signed, magnitude, magic), packed[rows])
@@ -319,7 +341,7 @@ def dequantize(
     global_scale: torch.Tensor,
     dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
-    """Dequantize packed NVFP4 to ``dtype``; bit for bit :func:`hf_qad.nvfp4.format.dequantize`.
+    """Dequantize packed NVFP4 to ``dtype``; bit for bit :func:`hf_qad.nvfp4.reference.dequantize`.
 
     Each byte is looked up in a 256-entry table of value pairs, then multiplied by its
     block's ``sb / gs`` in float32 and rounded once to ``dtype``.
@@ -346,3 +368,45 @@ def dequantize(
         torch.index_select(table, 0, chunk_index, out=values[:count].view(-1, 2))
         torch.mul(values[:count], scale[rows], out=out[rows])  # float32, then one rounding
     return out.view(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def w4a16_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    block_scale: torch.Tensor,
+    global_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` with ``W = dequantize(packed, block_scale, global_scale, x.dtype)``.
+
+    Args:
+        x: ``[..., K]`` activations.
+        packed: ``uint8 [N, K / 2]``.
+        block_scale: ``float8_e4m3fn [N, K / 16]``.
+        global_scale: ``float32 [1]``.
+        bias: optional ``[N]``.
+
+    Returns:
+        ``[..., N]`` in ``x.dtype``.
+    """
+    return F.linear(x, dequantize(packed, block_scale, global_scale, dtype=x.dtype), bias)
+
+
+def w4a4_linear(
+    x: torch.Tensor,
+    input_global_scale: torch.Tensor,
+    packed: torch.Tensor,
+    block_scale: torch.Tensor,
+    global_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`w4a16_linear` of ``fake_quant(x, input_global_scale)``: NVFP4 weights and
+    activations, what vLLM's NVFP4 emulation computes.
+
+    Args:
+        x: ``[..., K]`` activations.
+        input_global_scale: the calibrated static activation global scale, ``float32 [1]``.
+        packed, block_scale, global_scale: the packed weight (see :func:`w4a16_linear`).
+        bias: optional ``[N]``.
+    """
+    return w4a16_linear(fake_quant(x, input_global_scale), packed, block_scale, global_scale, bias)

@@ -1,8 +1,11 @@
-"""NVFP4 format: constants and the pure-PyTorch reference math.
+"""NVFP4 format: its definition, every constant of it, and the checks all paths share.
 
-Every other implementation in hf_qad (the fast CPU path, the Triton kernels, the
-checkpoint exporters) is tested against the functions in this module, so they are
-written for clarity and exactness, not speed.
+This module is the one place the format's numbers are written down: the reference math
+(:mod:`hf_qad.nvfp4.reference`), the fast CPU path (:mod:`hf_qad.nvfp4.cpu`) and the
+Triton kernels (:mod:`hf_qad.nvfp4.triton_kernels`) all import them from here, derived
+where they follow from each other. The ops to call are :func:`hf_qad.nvfp4.quantize`,
+:func:`~hf_qad.nvfp4.dequantize`, :func:`~hf_qad.nvfp4.fake_quant` and
+:func:`~hf_qad.nvfp4.linear`.
 
 The format
 ----------
@@ -32,7 +35,7 @@ every path follows compressed-tensors' NVFP4 order exactly:
 3. ``y = x / (sb / gs)`` in float32 (the effective scale ``sb / gs`` is rounded to
    float32 first), clamped to ``[-6, 6]`` and rounded to the nearest E2M1 value,
    ties to even (0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4,
-   5 -> 4).
+   5 -> 4): see :data:`E2M1_THRESHOLDS` and :data:`E2M1_TIES_ROUND_UP`.
 4. ``code = sign << 3 | index`` where ``sign = y < 0`` (so a negative value that
    rounds to zero is stored as negative zero, as compressed-tensors does) and
    ``index`` is the position of the magnitude in :data:`E2M1_VALUES`.
@@ -55,49 +58,93 @@ so such layers are left unquantized by the model-level code instead.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import warnings
+from typing import Any, NamedTuple
 
 import torch
 
 __all__ = [
     "BLOCK_SIZE",
+    "E2M1_MANTISSA_BITS",
     "E2M1_MAX",
+    "E2M1_SMALLEST_NORMAL",
+    "E2M1_THRESHOLDS",
+    "E2M1_TIES_ROUND_UP",
     "E2M1_VALUES",
+    "E4M3_EXPONENT_BIAS",
+    "E4M3_MANTISSA_BITS",
     "E4M3_MAX",
+    "E4M3_MIN_EXPONENT",
+    "E4M3_SMALLEST_NORMAL",
+    "E4M3_SUBNORMAL_STEP",
     "GLOBAL_SCALE_NUMERATOR",
     "ZERO_BLOCK_SCALE",
     "NVFP4Quantized",
-    "block_amax",
-    "block_scales",
+    "check_block_scale",
     "check_quantizable",
-    "codes_to_values",
-    "dequantize",
-    "effective_scales",
-    "fake_quant",
     "global_scale_from_amax",
-    "pack_codes",
-    "quantize",
-    "round_to_e2m1_codes",
-    "unpack_codes",
 ]
 
 BLOCK_SIZE = 16
 """Elements per block scale, along the last (K) dimension."""
 
-E2M1_MAX = 6.0
-"""Largest E2M1 magnitude."""
+# ------------------------------------------------------------------ E2M1 elements
+
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+"""E2M1 magnitudes; the index of a magnitude is its 3-bit code (``ee m``)."""
+
+E2M1_MAX = E2M1_VALUES[-1]
+"""Largest E2M1 magnitude, 6."""
+
+E2M1_MANTISSA_BITS = 1
+"""Explicit mantissa bits of E2M1: the lowest bit of a code's index."""
+
+E2M1_SMALLEST_NORMAL = E2M1_VALUES[2 ** E2M1_MANTISSA_BITS]
+"""1.0: the first value of exponent field 1; below it the step is the subnormal 0.5."""
+
+E2M1_THRESHOLDS = tuple((low + high) / 2 for low, high in zip(E2M1_VALUES, E2M1_VALUES[1:]))
+"""Rounding boundaries between consecutive E2M1 magnitudes: 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.
+
+A magnitude at or past boundary ``i`` rounds to index ``i + 1`` or above; the number of
+boundaries passed is the index. The midpoints are exact in every float format.
+"""
+
+E2M1_TIES_ROUND_UP = tuple(index % 2 == 0 for index in range(1, len(E2M1_VALUES)))
+"""Per boundary, whether a tie rounds up (compare with ``>=``) or down (``>``).
+
+Ties go to the even mantissa, the lowest bit of the index: up when the index above the
+boundary is even (0.75 -> 1, 1.75 -> 2, 3.5 -> 4), down otherwise (0.25 -> 0, 1.25 -> 1,
+2.5 -> 2, 5 -> 4), as compressed-tensors' ``cast_to_fp4`` rounds.
+"""
+
+# ------------------------------------------------------------ e4m3 block scales
+
+E4M3_MANTISSA_BITS = 3
+"""Explicit mantissa bits of ``float8_e4m3fn``."""
+
+E4M3_EXPONENT_BIAS = 7
+"""Exponent bias of ``float8_e4m3fn``."""
+
+E4M3_MIN_EXPONENT = 1 - E4M3_EXPONENT_BIAS
+"""-6: the exponent of the smallest normal e4m3 value; subnormals keep its step."""
+
+E4M3_SMALLEST_NORMAL = 2.0**E4M3_MIN_EXPONENT
+"""2**-6, the smallest normal e4m3 value."""
+
+E4M3_SUBNORMAL_STEP = 2.0 ** (E4M3_MIN_EXPONENT - E4M3_MANTISSA_BITS)
+"""2**-9, the spacing of e4m3 values below :data:`E4M3_SMALLEST_NORMAL` (and the smallest)."""
 
 E4M3_MAX = 448.0
-"""Largest float8_e4m3fn magnitude."""
+"""Largest float8_e4m3fn magnitude (``1.75 * 2**8``: the all-ones mantissa of the top
+exponent is NaN in the ``fn`` variant)."""
+
+# ------------------------------------------------------------------------- scales
 
 GLOBAL_SCALE_NUMERATOR = E4M3_MAX * E2M1_MAX
 """2688: the global scale is ``2688 / amax`` (compressed-tensors' reciprocal form)."""
 
 ZERO_BLOCK_SCALE = 0.125
 """Stored block scale of a block whose scale rounds to zero (compressed-tensors' eps)."""
-
-E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-"""E2M1 magnitudes; the index of a magnitude is its 3-bit code."""
 
 
 class NVFP4Quantized(NamedTuple):
@@ -114,6 +161,10 @@ class NVFP4Quantized(NamedTuple):
     global_scale: torch.Tensor
 
 
+def _what(name: str | None) -> str:
+    return f"'{name}'" if name else "tensor"
+
+
 def check_quantizable(x: torch.Tensor, name: str | None = None) -> None:
     """Raise ``ValueError`` if ``x`` cannot be quantized to NVFP4.
 
@@ -121,7 +172,7 @@ def check_quantizable(x: torch.Tensor, name: str | None = None) -> None:
         x: the tensor, blocks along its last dimension.
         name: what to call the tensor in the message (e.g. a module path).
     """
-    what = f"'{name}'" if name else "tensor"
+    what = _what(name)
     if not x.is_floating_point():
         raise ValueError(f"NVFP4 quantizes floating-point tensors; {what} has dtype {x.dtype}.")
     if x.dim() == 0 or x.shape[-1] % BLOCK_SIZE != 0:
@@ -137,10 +188,34 @@ def check_quantizable(x: torch.Tensor, name: str | None = None) -> None:
         )
 
 
+def check_block_scale(x: torch.Tensor, block_scale: torch.Tensor, name: str | None = None) -> None:
+    """Raise unless ``block_scale`` is e4m3 ``[..., K / 16]`` for ``x [..., K]``.
+
+    Cheap (no data is read): every backend runs it before using given block scales, so
+    that a kernel never reads past them.
+    """
+    if not torch.is_tensor(block_scale):
+        raise TypeError(
+            f"block_scale must be a float8_e4m3fn tensor, got {type(block_scale).__name__}; "
+            "pass the tensor's name as name=..."
+        )
+    expected = (*x.shape[:-1], x.shape[-1] // BLOCK_SIZE)
+    if block_scale.dtype != torch.float8_e4m3fn or tuple(block_scale.shape) != expected:
+        raise ValueError(
+            f"block scales of {_what(name)} {tuple(x.shape)} must be float8_e4m3fn {expected}, "
+            f"got {block_scale.dtype} {tuple(block_scale.shape)}."
+        )
+
+
 def global_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
     """Global scale ``2688 / amax`` in float32, shape ``[1]`` (compressed-tensors' form).
 
     A non-finite quotient (zero or tiny amax) falls back to 1.0, as compressed-tensors does.
+
+    Example:
+        >>> import torch
+        >>> global_scale_from_amax(torch.tensor([-5.6, 2.0])).tolist(), global_scale_from_amax(torch.zeros(3)).tolist()
+        ([480.0], [1.0])
     """
     amax = amax.detach().float().abs().reshape(-1).amax()
     amax = torch.clamp(amax, min=torch.finfo(torch.float32).tiny)
@@ -149,144 +224,52 @@ def global_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
     return scale.reshape(1)
 
 
-def block_amax(x: torch.Tensor) -> torch.Tensor:
-    """Absolute maximum of each block of 16 along the last dimension, float32."""
-    blocks = x.detach().float().unflatten(-1, (-1, BLOCK_SIZE))
-    return blocks.abs().amax(dim=-1)
+# The reference math lived here until it moved to hf_qad.nvfp4.reference; the old names
+# keep working, with a DeprecationWarning, until the next minor release.
+_MOVED_TO_REFERENCE = (
+    "block_amax",
+    "block_scales",
+    "codes_to_values",
+    "effective_scales",
+    "pack_codes",
+    "round_to_e2m1_codes",
+    "unpack_codes",
+)
+_MOVED_OPS = ("dequantize", "fake_quant", "quantize")
 
 
-def block_scales(
-    amax: torch.Tensor, global_scale: torch.Tensor, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """E4M3 block scales ``e4m3(clamp(gs * (amax / 6)))``; zero scales become 0.125.
+def _old_signature(op: str) -> Any:
+    """The reference ``op`` called as it was: ``(x, global_scale, name, block_scale)``."""
+    from hf_qad.nvfp4 import reference
 
-    ``amax / 6`` is rounded to ``dtype``, the dtype of the quantized tensor.
-    """
-    scale = global_scale.float() * (amax.to(dtype) / E2M1_MAX).float()
-    scale = torch.clamp(scale, -E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    zero = scale.float() == 0
-    return torch.where(zero, torch.tensor(ZERO_BLOCK_SCALE, dtype=scale.dtype), scale)
+    new = getattr(reference, op)
+    if op == "dequantize":
+        return new
 
+    def moved(x, global_scale=None, name=None, block_scale=None):
+        return new(x, global_scale, block_scale, name=name)
 
-def effective_scales(block_scale: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
-    """The float32 scale ``sb / gs`` that multiplies an E2M1 value (one per block)."""
-    return block_scale.float() / global_scale.float()
+    moved.__doc__ = new.__doc__
+    return moved
 
 
-def round_to_e2m1_codes(y: torch.Tensor) -> torch.Tensor:
-    """4-bit codes (``sign << 3 | index``, as uint8) of ``y`` rounded to E2M1.
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_OPS:
+        warnings.warn(
+            f"hf_qad.nvfp4.format.{name} moved: call hf_qad.nvfp4.{name} (the fast op, same "
+            f"bits{', with a straight-through gradient' if name == 'fake_quant' else ''}), or "
+            f"hf_qad.nvfp4.reference.{name} for the pure-PyTorch reference.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return _old_signature(name)
+    if name in _MOVED_TO_REFERENCE:
+        warnings.warn(
+            f"hf_qad.nvfp4.format.{name} moved to hf_qad.nvfp4.reference.{name}.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        from hf_qad.nvfp4 import reference
 
-    ``y`` is clamped to ``[-6, 6]`` and rounded to the nearest E2M1 value, ties to
-    the even mantissa. The thresholds are those of compressed-tensors' ``cast_to_fp4``.
-    """
-    y = y.float()
-    magnitude = y.abs().clamp(max=E2M1_MAX)
-    # Upper bound of each code's interval; ">" versus ">=" encodes ties to even.
-    index = (
-        (magnitude > 0.25).to(torch.uint8)
-        + (magnitude >= 0.75)
-        + (magnitude > 1.25)
-        + (magnitude >= 1.75)
-        + (magnitude > 2.5)
-        + (magnitude >= 3.5)
-        + (magnitude > 5.0)
-    ).to(torch.uint8)
-    sign = (y < 0).to(torch.uint8) << 3
-    return sign | index
-
-
-def codes_to_values(codes: torch.Tensor) -> torch.Tensor:
-    """Float32 values of 4-bit E2M1 codes."""
-    table = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=codes.device)
-    magnitude = table[(codes & 0x7).long()]
-    return torch.where((codes & 0x8) != 0, -magnitude, magnitude)
-
-
-def pack_codes(codes: torch.Tensor) -> torch.Tensor:
-    """Pack 4-bit codes two per byte: element ``2i`` low nibble, ``2i + 1`` high nibble."""
-    pairs = codes.to(torch.uint8).unflatten(-1, (-1, 2))
-    return pairs[..., 0] | (pairs[..., 1] << 4)
-
-
-def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: ``uint8 [..., K / 2]`` to codes ``[..., K]``."""
-    if packed.dtype != torch.uint8:
-        raise ValueError(f"packed NVFP4 data must be uint8, got {packed.dtype}.")
-    return torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2)
-
-
-def _codes_and_scales(
-    x: torch.Tensor,
-    global_scale: torch.Tensor | None,
-    name: str | None,
-    block_scale: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    check_quantizable(x, name)
-    if global_scale is None:
-        global_scale = global_scale_from_amax(x.detach().abs().amax())
-    global_scale = global_scale.detach().float().reshape(1).to(x.device)
-    scale_b = block_scales(block_amax(x), global_scale, x.dtype) if block_scale is None else block_scale
-    scale = effective_scales(scale_b, global_scale)
-    y = x.detach().float().unflatten(-1, (-1, BLOCK_SIZE)) / scale.unsqueeze(-1)
-    codes = round_to_e2m1_codes(y).flatten(-2)
-    return codes, scale_b, global_scale
-
-
-def quantize(
-    x: torch.Tensor,
-    global_scale: torch.Tensor | None = None,
-    name: str | None = None,
-    block_scale: torch.Tensor | None = None,
-) -> NVFP4Quantized:
-    """Quantize ``x`` to packed NVFP4.
-
-    Args:
-        x: floating-point tensor whose last dimension is a multiple of 16.
-        global_scale: a fixed global scale (``2688 / amax``, e.g. calibrated for
-            activations or shared by fused q/k/v); computed from ``x`` when ``None``.
-        name: how to call ``x`` in error messages.
-        block_scale: chosen e4m3 block scales (e.g. by an MSE search, see
-            :mod:`hf_qad.nvfp4.scale_search`); ``e4m3(gs * amax / 6)`` when ``None``.
-
-    Example:
-        >>> import torch
-        >>> from hf_qad.nvfp4.format import quantize, dequantize
-        >>> w = torch.randn(8, 32)
-        >>> q = quantize(w)
-        >>> q.packed.shape, q.block_scale.shape, q.global_scale.shape
-        (torch.Size([8, 16]), torch.Size([8, 2]), torch.Size([1]))
-        >>> dequantize(*q, dtype=torch.float32).shape
-        torch.Size([8, 32])
-    """
-    codes, scale_b, global_scale = _codes_and_scales(x, global_scale, name, block_scale)
-    return NVFP4Quantized(pack_codes(codes), scale_b, global_scale)
-
-
-def dequantize(
-    packed: torch.Tensor,
-    block_scale: torch.Tensor,
-    global_scale: torch.Tensor,
-    dtype: torch.dtype = torch.bfloat16,
-) -> torch.Tensor:
-    """Dequantize packed NVFP4 to ``dtype``: ``value(code) * (sb / gs)``."""
-    values = codes_to_values(unpack_codes(packed)).unflatten(-1, (-1, BLOCK_SIZE))
-    scale = effective_scales(block_scale, global_scale.reshape(1))
-    return (values * scale.unsqueeze(-1)).flatten(-2).to(dtype)
-
-
-def fake_quant(
-    x: torch.Tensor,
-    global_scale: torch.Tensor | None = None,
-    name: str | None = None,
-    block_scale: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Quantize and dequantize ``x`` in one step; same shape and dtype as ``x``.
-
-    Equal, bit for bit, to ``dequantize(*quantize(x, global_scale, name, block_scale), dtype=x.dtype)``.
-    No gradient flows through this reference; see :mod:`hf_qad.nvfp4.functional`
-    for the straight-through version used in training.
-    """
-    codes, scale_b, global_scale = _codes_and_scales(x, global_scale, name, block_scale)
-    values = codes_to_values(codes).unflatten(-1, (-1, BLOCK_SIZE))
-    scale = effective_scales(scale_b, global_scale)
-    return (values * scale.unsqueeze(-1)).flatten(-2).to(x.dtype)
+        return getattr(reference, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,14 +1,21 @@
 """Functional NVFP4 API: backend dispatch and the straight-through estimator.
 
-Three implementations compute the same bits:
+Two backends compute the bits of the reference (:mod:`hf_qad.nvfp4.reference`) and take
+the same arguments, op for op:
 
-* :mod:`hf_qad.nvfp4.format` — the readable reference every other path is tested against;
-* :mod:`hf_qad.nvfp4.cpu` — the fast path for CPU tensors;
-* :mod:`hf_qad.nvfp4.triton_kernels` — fused Triton kernels for CUDA tensors.
+* :mod:`hf_qad.nvfp4.cpu` — eager PyTorch, for CPU tensors;
+* :mod:`hf_qad.nvfp4.triton_kernels` — fused Triton kernels, for CUDA tensors.
 
-This module picks the backend from the tensor's device and adds autograd. Setting the
-environment variable ``HF_QAD_DISABLE_TRITON=1`` sends CUDA tensors through the PyTorch
-path too (same bits, slower): a way to rule the kernels out when debugging a GPU run.
+:func:`_backend` picks one from the tensor, and every op here forwards its arguments
+unchanged; this module only adds autograd. Setting the environment variable
+``HF_QAD_DISABLE_TRITON=1`` sends CUDA tensors through the PyTorch backend too (same
+bits, slower): a way to rule the kernels out when debugging a GPU run. Only the
+PyTorch backend checks inputs for NaN and Inf (raising a ``ValueError`` that uses
+``name``): on a GPU the check would cost a device sync in every training step.
+
+:func:`fake_quant`, :func:`quantize` and :func:`dequantize` are exported as
+:func:`hf_qad.nvfp4.fake_quant` and so on. :func:`linear` is not: the name
+``hf_qad.nvfp4.linear`` is the module of :class:`~hf_qad.nvfp4.linear.NVFP4Linear`.
 
 Straight-through estimator
 --------------------------
@@ -18,7 +25,7 @@ saturate at the block or calibrated range. We keep the plain STE, without a clip
 mask, because weight blocks never saturate (their scales come from their own amax)
 and activations saturate only beyond the calibrated amax, where a zero gradient would
 stop the student from learning to move back into range. The scales are treated as
-constants (no gradient flows into the amax).
+constants (no gradient flows into the amax or into given block scales).
 
 Example:
     >>> import torch
@@ -35,9 +42,8 @@ import os
 from types import ModuleType
 
 import torch
-import torch.nn.functional as F
 
-from hf_qad.nvfp4 import cpu, format
+from hf_qad.nvfp4 import cpu
 from hf_qad.nvfp4.format import NVFP4Quantized
 
 __all__ = ["dequantize", "fake_quant", "linear", "quantize"]
@@ -48,7 +54,7 @@ def _use_triton(tensor: torch.Tensor) -> bool:
 
 
 def _backend(tensor: torch.Tensor) -> ModuleType:
-    """Triton kernels for CUDA tensors, the fast PyTorch path for everything else."""
+    """Triton kernels for CUDA tensors, the eager PyTorch backend for everything else."""
     if _use_triton(tensor):
         from hf_qad.nvfp4 import triton_kernels  # imported lazily: triton needs a GPU driver
 
@@ -58,14 +64,8 @@ def _backend(tensor: torch.Tensor) -> ModuleType:
 
 class _FakeQuantSTE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, global_scale, name, block_scale):
-        if block_scale is not None:
-            # Searched weight scales (hf_qad.nvfp4.scale_search): the search already costs
-            # several reference passes, so the reference math applies them.
-            return format.fake_quant(x, global_scale, name=name, block_scale=block_scale)
-        if _use_triton(x):
-            return _backend(x).fake_quant(x, global_scale)
-        return cpu.fake_quant(x, global_scale, name=name)
+    def forward(ctx, x, global_scale, block_scale, name):
+        return _backend(x).fake_quant(x, global_scale, block_scale, name=name)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
@@ -75,8 +75,9 @@ class _FakeQuantSTE(torch.autograd.Function):
 def fake_quant(
     x: torch.Tensor,
     global_scale: torch.Tensor | None = None,
-    name: str | None = None,
     block_scale: torch.Tensor | None = None,
+    *,
+    name: str | None = None,
 ) -> torch.Tensor:
     """Quantize-dequantize ``x`` to NVFP4 with a straight-through gradient.
 
@@ -84,27 +85,29 @@ def fake_quant(
         x: tensor whose last dimension is a multiple of 16 (bf16, fp16 or fp32).
         global_scale: static global scale ``2688 / amax`` (activations, or a scale
             shared by fused layers); computed from ``x`` when ``None``.
+        block_scale: e4m3 block scales ``[..., K / 16]`` chosen by a search (see
+            :mod:`hf_qad.nvfp4.scale_search`); ``e4m3(gs * amax / 6)`` when ``None``.
         name: how to call ``x`` in error messages (e.g. the module path).
-        block_scale: e4m3 block scales chosen by a search; ``amax / 6`` when ``None``.
 
     Returns:
-        A tensor of ``x``'s shape and dtype holding NVFP4-representable values.
+        A tensor of ``x``'s shape and dtype holding NVFP4-representable values, equal
+        bit for bit to :func:`hf_qad.nvfp4.reference.fake_quant`.
     """
-    return _FakeQuantSTE.apply(x, global_scale, name, block_scale)
+    return _FakeQuantSTE.apply(x, global_scale, block_scale, name)
 
 
 def quantize(
     x: torch.Tensor,
     global_scale: torch.Tensor | None = None,
-    name: str | None = None,
     block_scale: torch.Tensor | None = None,
+    *,
+    name: str | None = None,
 ) -> NVFP4Quantized:
-    """Quantize ``x`` to packed NVFP4 (see :func:`hf_qad.nvfp4.format.quantize`)."""
-    if block_scale is not None:
-        return format.quantize(x.detach(), global_scale, name=name, block_scale=block_scale)
-    if _use_triton(x):
-        return _backend(x).quantize(x.detach(), global_scale)
-    return cpu.quantize(x.detach(), global_scale, name=name)
+    """Quantize ``x`` to packed NVFP4, the bytes of :func:`hf_qad.nvfp4.reference.quantize`.
+
+    Arguments as :func:`fake_quant`; given block scales are returned as given.
+    """
+    return _backend(x).quantize(x.detach(), global_scale, block_scale, name=name)
 
 
 def dequantize(
@@ -113,7 +116,7 @@ def dequantize(
     global_scale: torch.Tensor,
     dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
-    """Dequantize packed NVFP4 to ``dtype`` (see :func:`hf_qad.nvfp4.format.dequantize`)."""
+    """Dequantize packed NVFP4 to ``dtype`` (see :func:`hf_qad.nvfp4.reference.dequantize`)."""
     return _backend(packed).dequantize(packed, block_scale, global_scale, dtype)
 
 
@@ -129,12 +132,18 @@ def linear(
     (W4A4, what serving engines' NVFP4 emulation computes); without it the weight only
     is quantized (W4A16). On CUDA the weight is dequantized in registers by the Triton
     matmul; elsewhere it is dequantized to ``x``'s dtype and multiplied by PyTorch.
+
+    Example:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from hf_qad.nvfp4 import dequantize, quantize
+        >>> from hf_qad.nvfp4.functional import linear
+        >>> w, x = torch.randn(8, 32), torch.randn(2, 32)
+        >>> q = quantize(w)
+        >>> torch.equal(linear(x, q), F.linear(x, dequantize(*q, dtype=x.dtype)))
+        True
     """
-    if _use_triton(x):
-        kernels = _backend(x)
-        if input_global_scale is not None:
-            return kernels.w4a4_linear(x, input_global_scale, *weight, bias=bias)
-        return kernels.w4a16_linear(x, *weight, bias=bias)
-    if input_global_scale is not None:
-        x = cpu.fake_quant(x, input_global_scale)
-    return F.linear(x, cpu.dequantize(*weight, dtype=x.dtype), bias)
+    backend = _backend(x)
+    if input_global_scale is None:
+        return backend.w4a16_linear(x, *weight, bias=bias)
+    return backend.w4a4_linear(x, input_global_scale, *weight, bias=bias)

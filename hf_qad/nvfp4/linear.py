@@ -200,18 +200,14 @@ class NVFP4Linear(nn.Linear):
         weight = self.weight
         if weight.requires_grad or not self.cache_frozen_weight:
             self._frozen_cache = None
-            return functional.fake_quant(weight, *self._weight_scales_for_fake_quant())
+            return functional.fake_quant(weight, *self._weight_scales(), name=self._name())
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.device,
                tuple(p.weight._version for p in self.global_scale_peers))
         if self._frozen_cache is None or self._frozen_cache[0] != key:
             with torch.no_grad():
-                value = functional.fake_quant(weight, *self._weight_scales_for_fake_quant())
+                value = functional.fake_quant(weight, *self._weight_scales(), name=self._name())
             self._frozen_cache = (key, value)
         return self._frozen_cache[1]
-
-    def _weight_scales_for_fake_quant(self) -> tuple[torch.Tensor, str | None, torch.Tensor | None]:
-        global_scale, block_scale = self._weight_scales()
-        return global_scale, self._name(), block_scale
 
     @torch.no_grad()
     def pack(self) -> NVFP4Linear:

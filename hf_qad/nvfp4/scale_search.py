@@ -20,7 +20,7 @@ Each candidate costs one fake-quantization pass over the weight.
 
 Example:
     >>> import torch
-    >>> from hf_qad.nvfp4.format import fake_quant, global_scale_from_amax
+    >>> from hf_qad.nvfp4 import fake_quant, global_scale_from_amax
     >>> from hf_qad.nvfp4.scale_search import search_block_scales
     >>> w = torch.randn(64, 256)
     >>> gs = global_scale_from_amax(w.abs().amax())
@@ -34,9 +34,8 @@ from __future__ import annotations
 
 import torch
 
-from hf_qad.nvfp4.format import (
-    BLOCK_SIZE,
-    E2M1_MAX,
+from hf_qad.nvfp4.format import BLOCK_SIZE, E2M1_MAX
+from hf_qad.nvfp4.reference import (
     block_amax,
     block_scales,
     codes_to_values,

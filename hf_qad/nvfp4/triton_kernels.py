@@ -1,9 +1,13 @@
-"""NVFP4 Triton kernels for CUDA tensors, bit for bit equal to :mod:`hf_qad.nvfp4.format`.
+"""NVFP4 Triton kernels for CUDA tensors, bit for bit equal to :mod:`hf_qad.nvfp4.reference`.
+
+The backend :mod:`hf_qad.nvfp4.functional` picks for CUDA tensors; its ops take the same
+arguments as :mod:`hf_qad.nvfp4.cpu`'s.
 
 Kernels
 -------
 * :func:`fake_quant` — one fused pass per tile of 16-element blocks: block amax, e4m3
-  block scale, effective scale, E2M1 rounding, dequantization and the store.
+  block scale, effective scale, E2M1 rounding, dequantization and the store. Given
+  block scales (e.g. searched weight scales) are loaded instead of computed.
 * :func:`quantize` / :func:`dequantize` — the same math writing (reading) the packed
   ``nvfp4-pack-quantized`` layout.
 * :func:`w4a16_linear` — a tiled matmul that dequantizes packed weights in registers;
@@ -12,7 +16,7 @@ Kernels
 Exactness
 ---------
 Every step follows the order of operations of :mod:`hf_qad.nvfp4.format` (its docstring
-lists them): divisions use ``tl.div_rn`` (Triton's ``/`` on float32 is approximate on
+lists them; the format's constants come from there too): divisions use ``tl.div_rn`` (Triton's ``/`` on float32 is approximate on
 GPUs), ``amax / 6`` is rounded to the input's dtype as in the reference, and no float
 addition follows a multiplication, so no FMA contraction can change a rounding. The
 conversions whose rounding matters are done with integer arithmetic on the float32 bits
@@ -25,13 +29,14 @@ float32 -> bfloat16 and rounds float8 differently from PyTorch:
   casts round to nearest even on both.)
 
 Scales are read and written as uint8 bits, so no kernel needs float8 support from the
-GPU (Ampere works).
+GPU (Ampere works). Unlike the PyTorch backend, no op scans its input for NaN or Inf
+(that would cost a device sync); ``name`` only labels the shape and dtype errors.
 
 The matmul
 ----------
 :func:`w4a16_linear` never materializes W: each program loads packed bytes and scale
 bytes (3.5x fewer bytes than bf16 weights), decodes them to float32, rounds to the
-activation dtype (the weight :func:`format.dequantize` would give) and feeds ``tl.dot``
+activation dtype (the weight :func:`reference.dequantize` would give) and feeds ``tl.dot``
 with float32 accumulation. Small M (decode) uses 16-row tiles and splits K until there
 are about :data:`_TARGET_PROGRAMS` programs, so that reading the weights, the bound at
 batch 1, uses the whole GPU; the split partial sums are added in a fixed order
@@ -39,13 +44,17 @@ batch 1, uses the whole GPU; the split partial sums are added in a fixed order
 
 Example (on CPU tensors this needs ``TRITON_INTERPRET=1`` set before importing triton):
     >>> import torch
-    >>> from hf_qad.nvfp4 import format, triton_kernels
+    >>> from hf_qad.nvfp4 import reference, triton_kernels
     >>> device = "cuda" if torch.cuda.is_available() else "cpu"
     >>> w = torch.randn(64, 128, dtype=torch.bfloat16, device=device)
-    >>> torch.equal(triton_kernels.fake_quant(w), format.fake_quant(w))
+    >>> torch.equal(triton_kernels.fake_quant(w), reference.fake_quant(w))
     True
     >>> q = triton_kernels.quantize(w)
-    >>> torch.equal(q.packed, format.quantize(w).packed)
+    >>> torch.equal(q.packed, reference.quantize(w).packed)
+    True
+    >>> searched = q.block_scale.float().mul(0.75).to(torch.float8_e4m3fn)
+    >>> torch.equal(triton_kernels.fake_quant(w, q.global_scale, searched),
+    ...             reference.fake_quant(w, q.global_scale, searched))
     True
     >>> x = torch.randn(2, 128, dtype=torch.bfloat16, device=device)
     >>> triton_kernels.w4a16_linear(x, *q).shape
@@ -62,19 +71,51 @@ import triton.language as tl
 
 from hf_qad.nvfp4.format import (
     BLOCK_SIZE,
+    E2M1_MANTISSA_BITS,
     E2M1_MAX,
+    E2M1_THRESHOLDS,
+    E2M1_TIES_ROUND_UP,
+    E4M3_EXPONENT_BIAS,
+    E4M3_MANTISSA_BITS,
     E4M3_MAX,
+    E4M3_MIN_EXPONENT,
+    E4M3_SMALLEST_NORMAL,
+    E4M3_SUBNORMAL_STEP,
     ZERO_BLOCK_SCALE,
     NVFP4Quantized,
+    check_block_scale,
     global_scale_from_amax,
 )
 
 __all__ = ["dequantize", "fake_quant", "quantize", "w4a16_linear", "w4a4_linear"]
 
 # The format's constants, made visible to compiled kernels (which only read constexpr globals).
+_BLOCK_SIZE = tl.constexpr(BLOCK_SIZE)
+_BYTES_PER_BLOCK = tl.constexpr(BLOCK_SIZE // 2)  # two E2M1 codes per byte
 _E2M1_MAX = tl.constexpr(E2M1_MAX)
+_E2M1_THRESHOLDS = tl.constexpr(E2M1_THRESHOLDS)
+_E2M1_TIES_ROUND_UP = tl.constexpr(E2M1_TIES_ROUND_UP)
+_E2M1_BOUNDARIES = tl.constexpr(len(E2M1_THRESHOLDS))
 _E4M3_MAX = tl.constexpr(E4M3_MAX)
+_E4M3_MANTISSA_BITS = tl.constexpr(E4M3_MANTISSA_BITS)
+_E4M3_MANTISSA_MASK = tl.constexpr((1 << E4M3_MANTISSA_BITS) - 1)
+_E4M3_EXPONENT_MASK = tl.constexpr((1 << (7 - E4M3_MANTISSA_BITS)) - 1)  # 8 bits less sign
+_E4M3_MIN_EXPONENT = tl.constexpr(E4M3_MIN_EXPONENT)
+_E4M3_SMALLEST_NORMAL = tl.constexpr(E4M3_SMALLEST_NORMAL)
+_E4M3_SUBNORMAL_STEP = tl.constexpr(E4M3_SUBNORMAL_STEP)
+_E4M3_SUBNORMALS_PER_UNIT = tl.constexpr(1 / E4M3_SUBNORMAL_STEP)  # 512, exact
 _ZERO_BLOCK_SCALE = tl.constexpr(ZERO_BLOCK_SCALE)
+# float32 layout: 23 mantissa bits, exponent bias 127.
+_F32_MANTISSA_BITS = tl.constexpr(23)
+_F32_EXPONENT_BIAS = tl.constexpr(127)
+# float32 bits dropped to keep e4m3's mantissa, and the float32 -> e4m3 exponent rebias.
+_E4M3_DROPPED_BITS = tl.constexpr(23 - E4M3_MANTISSA_BITS)
+_E4M3_REBIAS = tl.constexpr(127 - E4M3_EXPONENT_BIAS)
+# E2M1 "s ee m" moved into a float16 (10 mantissa bits, bias 15): its mantissa bit lands
+# on the float16 mantissa's top bit, and the float16 is the value times 2**(1 - 15).
+_E2M1_TO_F16_SHIFT = tl.constexpr(10 - E2M1_MANTISSA_BITS)
+_E2M1_SIGN_TO_F16_SHIFT = tl.constexpr(15 - 3)
+_E2M1_F16_RESCALE = tl.constexpr(2.0 ** (15 - 1))
 
 _BLOCKS_PER_PROGRAM = 64
 """16-element blocks per program of the elementwise kernels (1024 elements)."""
@@ -102,15 +143,17 @@ def _round_to_e4m3(v):
     ``M`` are dropped with round-to-nearest-even and the result is rebuilt as a float.
     """
     bits = tl.abs(v).to(tl.int32, bitcast=True)
-    exponent = (bits >> 23) - 127
+    exponent = (bits >> _F32_MANTISSA_BITS) - _F32_EXPONENT_BIAS
     # 20 = 23 - 3 mantissa bits; below 2**-6 one more bit per binade (subnormals). Capping at
     # 25 drops all 24 bits plus the half-way bit, which rounds zero and float32 subnormals
     # (whose missing implicit bit we do not restore) to zero.
-    drop = tl.minimum(20 + tl.maximum(-6 - exponent, 0), 25)
+    drop = _E4M3_DROPPED_BITS + tl.maximum(_E4M3_MIN_EXPONENT - exponent, 0)
+    drop = tl.minimum(drop, _F32_MANTISSA_BITS + 2)
     significand = (bits & 0x7FFFFF) | 0x800000
     half_minus_one = (1 << (drop - 1)) - 1
     rounded = (significand + half_minus_one + ((significand >> drop) & 1)) >> drop
-    magnitude = rounded.to(tl.float32) * _exp2i(tl.maximum(exponent, -6) - 3)
+    step = _exp2i(tl.maximum(exponent, _E4M3_MIN_EXPONENT) - _E4M3_MANTISSA_BITS)
+    magnitude = rounded.to(tl.float32) * step
     return tl.where(v < 0, -magnitude, magnitude)
 
 
@@ -119,9 +162,11 @@ def _e4m3_bits(scale):
     """The e4m3 byte (as int32) of a float32 ``scale`` that is exactly an e4m3 value."""
     magnitude = tl.abs(scale)
     bits = magnitude.to(tl.int32, bitcast=True)
-    normal = (((bits >> 23) - 120) << 3) | ((bits >> 20) & 7)  # rebias 127 -> 7, keep 3 bits
-    subnormal = (magnitude * 512.0).to(tl.int32)  # multiples of 2**-9
-    byte = tl.where(magnitude >= 0.015625, normal, subnormal)
+    exponent = (bits >> _F32_MANTISSA_BITS) - _E4M3_REBIAS  # rebias 127 -> 7
+    mantissa = (bits >> _E4M3_DROPPED_BITS) & _E4M3_MANTISSA_MASK  # keep 3 bits
+    normal = (exponent << _E4M3_MANTISSA_BITS) | mantissa
+    subnormal = (magnitude * _E4M3_SUBNORMALS_PER_UNIT).to(tl.int32)  # multiples of 2**-9
+    byte = tl.where(magnitude >= _E4M3_SMALLEST_NORMAL, normal, subnormal)
     return tl.where(scale < 0, byte | 0x80, byte)
 
 
@@ -129,11 +174,11 @@ def _e4m3_bits(scale):
 def _e4m3_value(byte):
     """Float32 value of e4m3 bits (uint8 or int32 tensor); NaN encodings are not expected."""
     byte = byte.to(tl.int32)
-    exponent = (byte >> 3) & 0xF
-    mantissa = byte & 7
-    normal = (((exponent + 120) << 23) | (mantissa << 20)).to(tl.float32, bitcast=True)
-    subnormal = mantissa.to(tl.float32) * 0.001953125  # 2**-9
-    magnitude = tl.where(exponent == 0, subnormal, normal)
+    exponent = (byte >> _E4M3_MANTISSA_BITS) & _E4M3_EXPONENT_MASK
+    mantissa = byte & _E4M3_MANTISSA_MASK
+    normal = ((exponent + _E4M3_REBIAS) << _F32_MANTISSA_BITS) | (mantissa << _E4M3_DROPPED_BITS)
+    subnormal = mantissa.to(tl.float32) * _E4M3_SUBNORMAL_STEP
+    magnitude = tl.where(exponent == 0, subnormal, normal.to(tl.float32, bitcast=True))
     return tl.where((byte & 0x80) != 0, -magnitude, magnitude)
 
 
@@ -163,19 +208,18 @@ def _round_to(v, dtype: tl.constexpr):
 def _e2m1_codes(y):
     """4-bit codes (int32, ``sign << 3 | index``) of float32 ``y`` rounded to E2M1.
 
-    The thresholds of :func:`hf_qad.nvfp4.format.round_to_e2m1_codes`: ``>`` versus ``>=``
-    encodes ties to the even mantissa; magnitudes above 6 saturate at index 7.
+    As :func:`hf_qad.nvfp4.reference.round_to_e2m1_codes`: the index counts the
+    :data:`~hf_qad.nvfp4.format.E2M1_THRESHOLDS` passed, ``>=`` where a tie rounds up
+    and ``>`` where it rounds down (ties to the even mantissa); magnitudes above 6
+    saturate at index 7. The loop is unrolled at compile time.
     """
     m = tl.abs(y)
-    index = (
-        (m > 0.25).to(tl.int32)
-        + (m >= 0.75).to(tl.int32)
-        + (m > 1.25).to(tl.int32)
-        + (m >= 1.75).to(tl.int32)
-        + (m > 2.5).to(tl.int32)
-        + (m >= 3.5).to(tl.int32)
-        + (m > 5.0).to(tl.int32)
-    )
+    index = tl.zeros(m.shape, tl.int32)
+    for boundary in tl.static_range(_E2M1_BOUNDARIES):
+        if _E2M1_TIES_ROUND_UP[boundary]:
+            index += (m >= _E2M1_THRESHOLDS[boundary]).to(tl.int32)
+        else:
+            index += (m > _E2M1_THRESHOLDS[boundary]).to(tl.int32)
     return ((y < 0).to(tl.int32) << 3) | index
 
 
@@ -188,8 +232,8 @@ def _e2m1_value(code):
     one multiply by ``2**14`` finishes the decode without a table.
     """
     code = code.to(tl.int32)
-    half_bits = ((code & 7) << 9) | ((code & 8) << 12)
-    return half_bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * 16384.0
+    half_bits = ((code & 7) << _E2M1_TO_F16_SHIFT) | ((code & 8) << _E2M1_SIGN_TO_F16_SHIFT)
+    return half_bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * _E2M1_F16_RESCALE
 
 
 @triton.jit
@@ -220,53 +264,67 @@ def _load_blocks(x_ptr, n_blocks, blocks_per_row, row_stride, BLOCKS: tl.constex
     block = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
     mask = block < n_blocks
     row = block // blocks_per_row
-    start = row * row_stride + (block - row * blocks_per_row) * 16
-    x = tl.load(x_ptr + start[:, None] + tl.arange(0, 16)[None, :], mask=mask[:, None], other=0.0)
+    start = row * row_stride + (block - row * blocks_per_row) * _BLOCK_SIZE
+    x = tl.load(x_ptr + start[:, None] + tl.arange(0, _BLOCK_SIZE)[None, :], mask=mask[:, None], other=0.0)
     return x.to(tl.float32), block, mask
 
 
 @triton.jit
-def _quantize_blocks(x, global_scale, dtype: tl.constexpr):
-    """E2M1 codes ``[BLOCKS, 16]``, stored and effective block scales of blocks ``x``."""
-    block_scale, scale = _block_scales(tl.max(tl.abs(x), axis=1), global_scale, dtype)
+def _quantize_blocks(x, global_scale, scale_ptr, block, mask, dtype: tl.constexpr,
+                     GIVEN_SCALE: tl.constexpr):  # fmt: skip
+    """E2M1 codes ``[BLOCKS, 16]``, stored and effective block scales of blocks ``x``.
+
+    With GIVEN_SCALE the stored scales are the e4m3 bytes at ``scale_ptr`` (one per block,
+    numbered as ``x``'s blocks); otherwise they are computed from each block's amax.
+    """
+    if GIVEN_SCALE:
+        block_scale = _e4m3_value(tl.load(scale_ptr + block, mask=mask, other=0))
+        scale = tl.div_rn(block_scale, global_scale)
+    else:
+        block_scale, scale = _block_scales(tl.max(tl.abs(x), axis=1), global_scale, dtype)
     return _e2m1_codes(tl.div_rn(x, scale[:, None])), block_scale, scale
 
 
 @triton.jit
 def _fake_quant_kernel(
-    x_ptr, gs_ptr, out_ptr, n_blocks, blocks_per_row, row_stride, BLOCKS: tl.constexpr
-):
+    x_ptr, gs_ptr, scale_ptr, out_ptr, n_blocks, blocks_per_row, row_stride,
+    BLOCKS: tl.constexpr, GIVEN_SCALE: tl.constexpr,
+):  # fmt: skip
     x, block, mask = _load_blocks(x_ptr, n_blocks, blocks_per_row, row_stride, BLOCKS)
-    codes, _, scale = _quantize_blocks(x, tl.load(gs_ptr), x_ptr.dtype.element_ty)
+    codes, _, scale = _quantize_blocks(x, tl.load(gs_ptr), scale_ptr, block, mask,
+                                       x_ptr.dtype.element_ty, GIVEN_SCALE)  # fmt: skip
     x_hat = _round_to(_e2m1_value(codes) * scale[:, None], out_ptr.dtype.element_ty)
-    offsets = block[:, None] * 16 + tl.arange(0, 16)[None, :]
+    offsets = block[:, None] * _BLOCK_SIZE + tl.arange(0, _BLOCK_SIZE)[None, :]
     tl.store(out_ptr + offsets, x_hat, mask=mask[:, None])
 
 
 @triton.jit
 def _quantize_kernel(
     x_ptr, gs_ptr, packed_ptr, scale_ptr, n_blocks, blocks_per_row, row_stride,
-    BLOCKS: tl.constexpr,
+    BLOCKS: tl.constexpr, GIVEN_SCALE: tl.constexpr,
 ):  # fmt: skip
+    """Packs the codes; stores the computed scales at ``scale_ptr``, or reads given ones there."""
     x, block, mask = _load_blocks(x_ptr, n_blocks, blocks_per_row, row_stride, BLOCKS)
-    codes, block_scale, _ = _quantize_blocks(x, tl.load(gs_ptr), x_ptr.dtype.element_ty)
-    low, high = tl.split(tl.reshape(codes, (BLOCKS, 8, 2)))  # element 2i: low nibble of byte i
-    offsets = block[:, None] * 8 + tl.arange(0, 8)[None, :]
+    codes, block_scale, _ = _quantize_blocks(x, tl.load(gs_ptr), scale_ptr, block, mask,
+                                             x_ptr.dtype.element_ty, GIVEN_SCALE)  # fmt: skip
+    low, high = tl.split(tl.reshape(codes, (BLOCKS, _BYTES_PER_BLOCK, 2)))  # element 2i: low nibble of byte i
+    offsets = block[:, None] * _BYTES_PER_BLOCK + tl.arange(0, _BYTES_PER_BLOCK)[None, :]
     tl.store(packed_ptr + offsets, (low | (high << 4)).to(tl.uint8), mask=mask[:, None])
-    tl.store(scale_ptr + block, _e4m3_bits(block_scale).to(tl.uint8), mask=mask)
+    if not GIVEN_SCALE:
+        tl.store(scale_ptr + block, _e4m3_bits(block_scale).to(tl.uint8), mask=mask)
 
 
 @triton.jit
 def _dequantize_kernel(packed_ptr, scale_ptr, gs_ptr, out_ptr, n_blocks, BLOCKS: tl.constexpr):
     block = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
     mask = block < n_blocks
-    bytes_offsets = block[:, None] * 8 + tl.arange(0, 8)[None, :]
+    bytes_offsets = block[:, None] * _BYTES_PER_BLOCK + tl.arange(0, _BYTES_PER_BLOCK)[None, :]
     packed = tl.load(packed_ptr + bytes_offsets, mask=mask[:, None], other=0)
     sb = _e4m3_value(tl.load(scale_ptr + block, mask=mask, other=0))
     scale = tl.div_rn(sb, tl.load(gs_ptr))[:, None]
-    values = tl.reshape(tl.join(_e2m1_value(packed), _e2m1_value(packed >> 4)), (BLOCKS, 16))
+    values = tl.reshape(tl.join(_e2m1_value(packed), _e2m1_value(packed >> 4)), (BLOCKS, _BLOCK_SIZE))
     x_hat = _round_to(values * scale, out_ptr.dtype.element_ty)
-    offsets = block[:, None] * 16 + tl.arange(0, 16)[None, :]
+    offsets = block[:, None] * _BLOCK_SIZE + tl.arange(0, _BLOCK_SIZE)[None, :]
     tl.store(out_ptr + offsets, x_hat, mask=mask[:, None])
 
 
@@ -282,13 +340,13 @@ def _weight_tile(packed_ptr, scale_ptr, global_scale, offs_n, n_mask, k_block0, 
     of K (element ``2i`` is the low nibble of byte ``i``), so each block's scale broadcasts
     over its bytes and the flattening is free. Blocks past K (and rows past N) get zero.
     """
-    k_blocks: tl.constexpr = BLOCK_K // 16
+    k_blocks: tl.constexpr = BLOCK_K // _BLOCK_SIZE
     blk = k_block0 + tl.arange(0, k_blocks)
     mask = n_mask[:, None] & (blk < n_k_blocks)[None, :]
     n_offsets = offs_n.to(tl.int64)[:, None]
     sb = tl.load(scale_ptr + n_offsets * stride_sn + blk[None, :], mask=mask, other=0)
     scale = tl.div_rn(_e4m3_value(sb), global_scale)[:, :, None]
-    byte = blk[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
+    byte = blk[None, :, None] * _BYTES_PER_BLOCK + tl.arange(0, _BYTES_PER_BLOCK)[None, None, :]
     packed = tl.load(packed_ptr + n_offsets[:, :, None] * stride_pn + byte,
                      mask=mask[:, :, None], other=0)  # fmt: skip
     w = tl.join(_e2m1_value(packed) * scale, _e2m1_value(packed >> 4) * scale)
@@ -339,7 +397,7 @@ def _w4a16_kernel(
     first_tile = split * k_tiles_per_split
     for tile in range(first_tile, tl.minimum(first_tile + k_tiles_per_split, tl.cdiv(K, BLOCK_K))):
         w = _weight_tile(packed_ptr, scale_ptr, global_scale, offs_n, n_mask,
-                         tile * (BLOCK_K // 16), K // 16, stride_pn, stride_sn,
+                         tile * (BLOCK_K // _BLOCK_SIZE), K // _BLOCK_SIZE, stride_pn, stride_sn,
                          BLOCK_K, BLOCK_N)  # fmt: skip
         offs_k = tile * BLOCK_K + tl.arange(0, BLOCK_K)
         x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :],
@@ -373,13 +431,14 @@ def _sum_splits_kernel(partial_ptr, bias_ptr, out_ptr, numel, N,
 # ------------------------------------------------------------------------ host wrappers
 
 
-def _check_blocks(x: torch.Tensor) -> None:
+def _check_blocks(x: torch.Tensor, name: str | None = None) -> None:
     """Refuse what the kernels cannot take (cheap checks only: no NaN scan, no sync)."""
+    what = f"'{name}'" if name else "the tensor"
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"NVFP4 kernels take bf16, fp16 or fp32 tensors, got {x.dtype}.")
+        raise ValueError(f"NVFP4 kernels take bf16, fp16 or fp32 tensors, got {x.dtype} for {what}.")
     if x.dim() == 0 or x.shape[-1] % BLOCK_SIZE != 0:
         raise ValueError(
-            f"NVFP4 needs the last dimension to be a multiple of {BLOCK_SIZE}, "
+            f"NVFP4 needs the last dimension of {what} to be a multiple of {BLOCK_SIZE}, "
             f"got shape {tuple(x.shape)}."
         )
 
@@ -390,7 +449,7 @@ def _check_packed(packed: torch.Tensor, block_scale: torch.Tensor) -> None:
             "packed NVFP4 data must be uint8 and block scales float8_e4m3fn, "
             f"got {packed.dtype} and {block_scale.dtype}."
         )
-    if packed.shape[:-1] != block_scale.shape[:-1] or packed.shape[-1] != block_scale.shape[-1] * 8:
+    if packed.shape[:-1] != block_scale.shape[:-1] or packed.shape[-1] * 2 != block_scale.shape[-1] * BLOCK_SIZE:
         raise ValueError(
             f"packed {tuple(packed.shape)} and block_scale {tuple(block_scale.shape)} do not "
             "describe the same tensor (expected [..., K / 2] and [..., K / 16])."
@@ -419,50 +478,86 @@ def _grid(n_blocks: int) -> tuple[int]:
     return (triton.cdiv(n_blocks, _BLOCKS_PER_PROGRAM),)
 
 
-def fake_quant(x: torch.Tensor, global_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Quantize-dequantize ``x`` to NVFP4; equal bit for bit to :func:`format.fake_quant`.
+def _given_scale_bits(
+    x: torch.Tensor, block_scale: torch.Tensor | None, name: str | None
+) -> torch.Tensor | None:
+    """Given block scales as the kernels read them: contiguous e4m3 bytes, one per block."""
+    if block_scale is None:
+        return None
+    check_block_scale(x, block_scale, name)
+    return block_scale.detach().to(x.device).contiguous().view(torch.uint8)
+
+
+def fake_quant(
+    x: torch.Tensor,
+    global_scale: torch.Tensor | None = None,
+    block_scale: torch.Tensor | None = None,
+    *,
+    name: str | None = None,
+) -> torch.Tensor:
+    """Quantize-dequantize ``x`` to NVFP4; equal bit for bit to :func:`reference.fake_quant`.
 
     Args:
         x: bf16, fp16 or fp32 tensor whose last dimension is a multiple of 16 (finite:
             unlike the reference, NaN and Inf are not checked, which would cost a sync).
         global_scale: static global scale ``2688 / amax``; computed from ``x`` when ``None``.
+        block_scale: chosen e4m3 block scales ``[..., K / 16]`` (see
+            :mod:`hf_qad.nvfp4.scale_search`), read by the kernel; ``e4m3(gs * amax / 6)``
+            when ``None``.
+        name: how to call ``x`` in error messages.
 
     Returns:
         A contiguous tensor of ``x``'s shape and dtype.
     """
-    _check_blocks(x)
+    _check_blocks(x, name)
+    scale_bits = _given_scale_bits(x, block_scale, name)
     rows = _rows(x)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     n_blocks = rows.numel() // BLOCK_SIZE
     _fake_quant_kernel[_grid(n_blocks)](
-        rows, _global_scale(x, global_scale), out,
-        n_blocks, rows.shape[1] // BLOCK_SIZE, rows.stride(0), BLOCKS=_BLOCKS_PER_PROGRAM,
+        rows, _global_scale(x, global_scale), out if scale_bits is None else scale_bits, out,
+        n_blocks, rows.shape[1] // BLOCK_SIZE, rows.stride(0),
+        BLOCKS=_BLOCKS_PER_PROGRAM, GIVEN_SCALE=scale_bits is not None,
     )  # fmt: skip
     return out
 
 
-def quantize(x: torch.Tensor, global_scale: torch.Tensor | None = None) -> NVFP4Quantized:
-    """Quantize ``x`` to packed NVFP4; the same bytes as :func:`format.quantize`.
+def quantize(
+    x: torch.Tensor,
+    global_scale: torch.Tensor | None = None,
+    block_scale: torch.Tensor | None = None,
+    *,
+    name: str | None = None,
+) -> NVFP4Quantized:
+    """Quantize ``x`` to packed NVFP4; the same bytes as :func:`reference.quantize`.
 
     Args:
         x: bf16, fp16 or fp32 tensor whose last dimension is a multiple of 16 (finite).
         global_scale: static global scale ``2688 / amax``; computed from ``x`` when ``None``.
+        block_scale: chosen e4m3 block scales ``[..., K / 16]``, read by the kernel and
+            returned as given; ``e4m3(gs * amax / 6)`` when ``None``.
+        name: how to call ``x`` in error messages.
 
     Returns:
         ``packed`` uint8 ``[..., K / 2]``, ``block_scale`` float8_e4m3fn ``[..., K / 16]``
         and the float32 ``[1]`` global scale used.
     """
-    _check_blocks(x)
+    _check_blocks(x, name)
+    given_bits = _given_scale_bits(x, block_scale, name)
     rows = _rows(x)
     gs = _global_scale(x, global_scale)
     leading, k = x.shape[:-1], x.shape[-1]
     packed = torch.empty((*leading, k // 2), dtype=torch.uint8, device=x.device)
-    scale_bits = torch.empty((*leading, k // BLOCK_SIZE), dtype=torch.uint8, device=x.device)
+    scale_bits = given_bits
+    if scale_bits is None:
+        scale_bits = torch.empty((*leading, k // BLOCK_SIZE), dtype=torch.uint8, device=x.device)
     n_blocks = rows.numel() // BLOCK_SIZE
     _quantize_kernel[_grid(n_blocks)](
-        rows, gs, packed, scale_bits,
-        n_blocks, k // BLOCK_SIZE, rows.stride(0), BLOCKS=_BLOCKS_PER_PROGRAM,
+        rows, gs, packed, scale_bits, n_blocks, k // BLOCK_SIZE, rows.stride(0),
+        BLOCKS=_BLOCKS_PER_PROGRAM, GIVEN_SCALE=given_bits is not None,
     )  # fmt: skip
+    if block_scale is not None:
+        return NVFP4Quantized(packed, block_scale, gs)
     return NVFP4Quantized(packed, scale_bits.view(torch.float8_e4m3fn), gs)
 
 
@@ -472,7 +567,7 @@ def dequantize(
     global_scale: torch.Tensor,
     dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
-    """Dequantize packed NVFP4 to ``dtype``; equal bit for bit to :func:`format.dequantize`.
+    """Dequantize packed NVFP4 to ``dtype``; equal bit for bit to :func:`reference.dequantize`.
 
     Args:
         packed: ``uint8 [..., K / 2]``, element ``2i`` in the low nibble.

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hf_qad.nvfp4 import cpu, format
+from hf_qad.nvfp4 import cpu, format, reference
 from hf_qad.nvfp4.scale_search import search_block_scales
 from nvfp4_cases import _cases
 
@@ -28,16 +28,16 @@ def assert_same_as_reference(
     x: torch.Tensor, global_scale: torch.Tensor | None = None, block_scale: torch.Tensor | None = None
 ) -> None:
     """fake_quant, quantize and dequantize of ``x`` equal the reference's bits."""
-    expected = format.quantize(x, global_scale, block_scale=block_scale)
+    expected = reference.quantize(x, global_scale, block_scale=block_scale)
     q = cpu.quantize(x, global_scale, block_scale=block_scale)
     for actual_part, expected_part in zip(q, expected):
         assert_bit_equal(actual_part, expected_part)
     assert_bit_equal(
         cpu.fake_quant(x, global_scale, block_scale=block_scale),
-        format.fake_quant(x, global_scale, block_scale=block_scale),
+        reference.fake_quant(x, global_scale, block_scale=block_scale),
     )
     for dtype in DTYPES:
-        assert_bit_equal(cpu.dequantize(*q, dtype=dtype), format.dequantize(*expected, dtype=dtype))
+        assert_bit_equal(cpu.dequantize(*q, dtype=dtype), reference.dequantize(*expected, dtype=dtype))
 
 
 @pytest.fixture
@@ -86,15 +86,15 @@ def test_rounding_constant_matches_float8_conversion_at_every_e4m3_midpoint():
     values = _midpoints_and_neighbours(grid)
     rounded = values.clone()
     constant = torch.empty_like(values)
-    cpu._add_rounding_constant(rounded, constant, cpu._E4M3_SMALLEST_NORMAL, cpu._E4M3_MANTISSA_BITS)
+    cpu._add_rounding_constant(rounded, constant, format.E4M3_SMALLEST_NORMAL, format.E4M3_MANTISSA_BITS)
     assert torch.equal(rounded - constant, values.to(torch.float8_e4m3fn).float())
 
 
 def test_rounding_constant_matches_reference_at_every_e2m1_midpoint():
     values = _midpoints_and_neighbours(torch.tensor(format.E2M1_VALUES))
-    expected_codes = format.round_to_e2m1_codes(values)
+    expected_codes = reference.round_to_e2m1_codes(values)
     signed, magnitude, magic = values.clone(), values.clone(), torch.empty_like(values)
-    cpu._add_rounding_constant(magnitude, magic, cpu._E2M1_SMALLEST_NORMAL, cpu._E2M1_MANTISSA_BITS)
+    cpu._add_rounding_constant(magnitude, magic, format.E2M1_SMALLEST_NORMAL, format.E2M1_MANTISSA_BITS)
     assert torch.equal(cpu._codes(signed, magnitude, magic).to(torch.uint8), expected_codes)
 
 

@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from hf_qad.nvfp4 import format as ref
+from hf_qad.nvfp4 import reference as ref
 from hf_qad.nvfp4 import functional
 
 
@@ -53,3 +53,42 @@ def test_disable_triton_sends_cuda_tensors_to_the_pytorch_path(monkeypatch):
     assert not functional._use_triton(cuda_like)
     assert functional._backend(cuda_like) is cpu
     assert not functional._use_triton(SimpleNamespace(is_cuda=False))
+
+
+def test_backends_take_the_same_arguments_op_for_op():
+    import inspect
+
+    from hf_qad.nvfp4 import cpu, triton_kernels
+
+    for op in ("fake_quant", "quantize", "dequantize", "w4a16_linear", "w4a4_linear"):
+        assert op in cpu.__all__ and op in triton_kernels.__all__
+        cpu_signature = inspect.signature(getattr(cpu, op))
+        assert cpu_signature == inspect.signature(getattr(triton_kernels, op)), op
+
+
+def test_given_block_scales_go_to_the_backend_with_a_straight_through_gradient(monkeypatch):
+    from hf_qad.nvfp4 import cpu
+    from hf_qad.nvfp4.scale_search import search_block_scales
+
+    x = torch.randn(8, 64, requires_grad=True)
+    gs = ref.global_scale_from_amax(x.abs().amax())
+    block_scale = search_block_scales(x, gs, "mse")
+    calls = []
+    original = cpu.fake_quant
+    monkeypatch.setattr(cpu, "fake_quant", lambda *a, **k: calls.append(1) or original(*a, **k))
+    y = functional.fake_quant(x, gs, block_scale, name="w")
+    assert calls == [1]
+    assert torch.equal(y, ref.fake_quant(x, gs, block_scale))
+    y.sum().backward()
+    assert bool((x.grad == 1).all())
+    q = functional.quantize(x, gs, block_scale)
+    assert q.block_scale is block_scale
+    assert torch.equal(q.packed, ref.quantize(x, gs, block_scale).packed)
+
+
+def test_package_exports_the_dispatching_ops():
+    import hf_qad.nvfp4 as nvfp4
+
+    assert nvfp4.fake_quant is functional.fake_quant
+    assert nvfp4.quantize is functional.quantize
+    assert nvfp4.dequantize is functional.dequantize

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_qad.nvfp4 import format as ref
+from hf_qad.nvfp4 import reference as ref
 from hf_qad.nvfp4 import functional
 from hf_qad.nvfp4.calibration import calibrate
-from hf_qad.nvfp4.format import unpack_codes
+from hf_qad.nvfp4.reference import unpack_codes
 from hf_qad.nvfp4.linear import NVFP4Linear
 
 

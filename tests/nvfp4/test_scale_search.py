@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ct_oracle import ct_compress
-from hf_qad.nvfp4 import format as ref
+from hf_qad.nvfp4 import reference as ref
 from hf_qad.nvfp4.scale_search import SCALE_METHODS, search_block_scales
 
 

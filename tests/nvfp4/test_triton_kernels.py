@@ -18,8 +18,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from hf_qad.nvfp4 import format as ref
+from hf_qad.nvfp4 import reference as ref
 from hf_qad.nvfp4 import triton_kernels
+from hf_qad.nvfp4.scale_search import search_block_scales
 from hf_qad.nvfp4.triton_kernels import _round_to_bf16
 from nvfp4_cases import _cases
 
@@ -181,6 +182,49 @@ def test_bf16_rounding_is_nearest_even_where_the_interpreter_truncates():
     assert torch.equal(out, out.to(torch.bfloat16).float())  # exactly representable
 
 
+# ------------------------------------------------------------------ given block scales
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_given_block_scales_are_bit_exact(case, dtype):
+    """Searched weight scales (some map the amax past 6, so values clip) read by the kernels."""
+    x = CASES[case].to(dtype)
+    gs = ref.global_scale_from_amax(x.abs().amax())
+    block_scale = search_block_scales(x, gs, "mse")
+    _assert_bits_equal(tk.fake_quant(x, gs, block_scale), ref.fake_quant(x, gs, block_scale))
+    _assert_same_bytes(tk.quantize(x, gs, block_scale), ref.quantize(x, gs, block_scale))
+
+
+@pytest.mark.parametrize("case", sorted(_strided_views()))
+def test_given_block_scales_strided_and_odd_shapes(case):
+    x = _strided_views()[case].to(torch.bfloat16)
+    gs = ref.global_scale_from_amax(x.abs().amax())
+    block_scale = search_block_scales(x, gs, "four_over_six")
+    _assert_bits_equal(tk.fake_quant(x, gs, block_scale), ref.fake_quant(x, gs, block_scale))
+    _assert_same_bytes(tk.quantize(x, gs, block_scale), ref.quantize(x, gs, block_scale))
+
+
+def test_every_given_scale_byte_is_read_like_the_reference():
+    """Every finite e4m3 byte, zero, subnormals and negatives included, as a block's scale."""
+    scale_bytes = torch.cat([torch.arange(0, 127), torch.arange(128, 255)]).to(torch.uint8)
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(scale_bytes.numel(), 32, generator=g) * torch.logspace(-3, 3, 32)
+    block_scale = scale_bytes[:, None].repeat(1, 2).view(torch.float8_e4m3fn)
+    gs = torch.tensor([0.37])
+    for dtype in DTYPES:
+        xd = x.to(dtype)
+        _assert_bits_equal(tk.fake_quant(xd, gs, block_scale), ref.fake_quant(xd, gs, block_scale))
+        _assert_same_bytes(tk.quantize(xd, gs, block_scale), ref.quantize(xd, gs, block_scale))
+
+
+def test_given_block_scales_are_returned_as_given():
+    x = torch.randn(4, 64, device=DEVICE)
+    gs = ref.global_scale_from_amax(x.abs().amax())
+    block_scale = search_block_scales(x, gs, "mse")
+    assert triton_kernels.quantize(x, gs, block_scale).block_scale is block_scale
+
+
 # ------------------------------------------------------------------------- linear
 
 
@@ -284,3 +328,15 @@ def test_bad_shapes_and_dtypes_are_refused():
         tk.dequantize(q.packed, q.block_scale.float(), q.global_scale)
     with pytest.raises(ValueError, match="bias"):
         tk.w4a16_linear(torch.randn(2, 32), *q, bias=torch.zeros(3))
+
+
+def test_errors_name_the_tensor_and_refuse_wrong_block_scales():
+    name = "model.layers.0.mlp.up_proj.weight"
+    with pytest.raises(ValueError, match=f"'{name}' to be a multiple of 16"):
+        tk.fake_quant(torch.randn(4, 24), name=name)
+    x = torch.randn(4, 32)
+    gs = torch.ones(1)
+    with pytest.raises(ValueError, match=f"'{name}'.*float8_e4m3fn \\(4, 2\\)"):
+        tk.quantize(x, gs, torch.ones(4, 1).to(torch.float8_e4m3fn), name=name)
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        tk.fake_quant(x, gs, torch.ones(4, 2))
