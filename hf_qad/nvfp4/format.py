@@ -238,12 +238,9 @@ _MOVED_TO_REFERENCE = (
 _MOVED_OPS = ("dequantize", "fake_quant", "quantize")
 
 
-def _old_signature(op: str) -> Any:
-    """The reference ``op`` called as it was: ``(x, global_scale, name, block_scale)``."""
-    from hf_qad.nvfp4 import reference
-
-    new = getattr(reference, op)
-    if op == "dequantize":
+def _old_signature(new: Any) -> Any:
+    """The reference op ``new`` called as it was: ``(x, global_scale, name, block_scale)``."""
+    if new.__name__ == "dequantize":
         return new
 
     def moved(x, global_scale=None, name=None, block_scale=None):
@@ -254,6 +251,8 @@ def _old_signature(op: str) -> Any:
 
 
 def __getattr__(name: str) -> Any:
+    from hf_qad.nvfp4 import reference  # only ever imported for a moved name
+
     if name in _MOVED_OPS:
         warnings.warn(
             f"hf_qad.nvfp4.format.{name} moved: call hf_qad.nvfp4.{name} (the fast op, same "
@@ -262,14 +261,12 @@ def __getattr__(name: str) -> Any:
             DeprecationWarning,
             stacklevel=2,
         )
-        return _old_signature(name)
+        return _old_signature(getattr(reference, name))
     if name in _MOVED_TO_REFERENCE:
         warnings.warn(
             f"hf_qad.nvfp4.format.{name} moved to hf_qad.nvfp4.reference.{name}.",
             DeprecationWarning,
             stacklevel=2,
         )
-        from hf_qad.nvfp4 import reference
-
         return getattr(reference, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

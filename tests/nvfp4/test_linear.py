@@ -83,10 +83,29 @@ def test_frozen_weight_is_quantized_once_until_it_changes(monkeypatch):
     monkeypatch.setattr(functional, "fake_quant", lambda *a, **k: calls.append(1) or original(*a, **k))
     x = torch.randn(2, 64)
     first = layer(x)
+    assert torch.equal(layer(x), first) and len(calls) == 2  # no cache unless asked for (see NVFP4LoraLinear)
+    layer.cache_frozen_weight = True
+    calls.clear()
+    first = layer(x)
     assert torch.equal(layer(x), first) and len(calls) == 1
     with torch.no_grad():
         layer.weight.mul_(2)  # an in-place change must invalidate the cache
     assert not torch.equal(layer(x), first) and len(calls) == 2
+
+
+def test_using_master_weight_quantizes_from_the_given_weight_and_puts_the_live_one_back():
+    layer = _layer(False)
+    live = layer.weight
+    full = torch.randn_like(live)
+    expected = NVFP4Linear.from_linear(torch.nn.Linear(64, 32), quantize_activations=False)
+    expected.weight = torch.nn.Parameter(full.clone())
+    with layer.using_master_weight(full):
+        packed = layer.quantized_weight()
+    assert layer.weight is live
+    for got, want in zip(packed, expected.quantized_weight()):
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    with pytest.raises(ValueError, match="packed"), layer.pack().using_master_weight(full):
+        pass
 
 
 @pytest.mark.parametrize("cast", ["to_bf16", "half", "float", "double"])
