@@ -31,6 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hf_qad.trainer.losses import token_kl
+
 __all__ = [
     "ComparisonResult",
     "chunk_token_ids",
@@ -99,12 +101,12 @@ def compare_to_teacher(
             s_logp = F.log_softmax(_logits(student, input_ids.to(device))[:, :-1], dim=-1)
             t_logp = F.log_softmax(_logits(teacher, input_ids.to(teacher_device))[:, :-1], dim=-1).to(device)
             target = input_ids[:, 1:].to(device).unsqueeze(-1)
-            token_kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
-            kl += float(token_kl.double().sum())
-            if kl_positions is None or kl_positions.shape[0] == token_kl.shape[1]:
-                position_sum = token_kl.double().sum(0).cpu()
+            kl_rows = token_kl(t_logp, s_logp)
+            kl += float(kl_rows.double().sum())
+            if kl_positions is None or kl_positions.shape[0] == kl_rows.shape[1]:
+                position_sum = kl_rows.double().sum(0).cpu()
                 kl_positions = position_sum if kl_positions is None else kl_positions + position_sum
-                rows += token_kl.shape[0]
+                rows += kl_rows.shape[0]
             agree += float((s_logp.argmax(-1) == t_logp.argmax(-1)).sum())
             nll_s -= float(s_logp.gather(-1, target).double().sum())
             nll_t -= float(t_logp.gather(-1, target).double().sum())

@@ -1,5 +1,12 @@
 """Token-level distillation losses, computed in chunks so memory does not grow with length.
 
+Two losses, one per teacher source, both walking the tokens ``chunk_size`` at a time:
+
+* :func:`chunked_distillation_loss`: against a live teacher, from both models' final hidden
+  states and output layers (any divergence below);
+* :func:`cached_distillation_loss`: against a teacher cache
+  (:mod:`hf_qad.trainer.teacher_cache`), the forward KL over the teacher's top-k tokens.
+
 The naive loss materializes ``[tokens, vocab]`` logits for the student and the teacher
 plus their softmaxes and gradients: at vocabulary 49k and 2k tokens that is several
 GB. Here both models' heads are applied to ``chunk_size`` tokens at a time and only sums
@@ -42,7 +49,16 @@ Divergences (``p``: teacher, ``q``: student, both at temperature ``T``):
 
 With a temperature the divergence is multiplied by ``T**2`` (Hinton et al.), so that
 gradient magnitudes stay comparable across temperatures. The logged ``kl`` metric is
-always the forward KL at ``T = 1``, the quantity evaluations report.
+always the forward KL at ``T = 1``, the quantity evaluations report
+(:func:`hf_qad.evaluation.compare_to_teacher` computes it with :func:`token_kl`).
+
+The cached loss is the forward KL between two distributions over ``k + 1`` buckets, the
+top-k tokens and one tail bucket. Teacher: its cached top-k probabilities and tail mass.
+Student: its probabilities of the same ``k`` tokens and its own remaining mass. With ``k`` =
+vocabulary size this is the full KL; with smaller ``k`` it is a lower bound of it (merging
+outcomes never increases a KL) that misses only how the student spreads the tail (measured
+in ``benchmarks/RESULTS.md``). Each chunk applies the student's head as a module inside
+``torch.utils.checkpoint``, as the live loss does for heads other than a plain ``nn.Linear``.
 
 Example:
     >>> import torch
@@ -66,7 +82,15 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["DIVERGENCES", "DistillationSums", "chunked_distillation_loss", "token_divergence"]
+__all__ = [
+    "DIVERGENCES",
+    "DistillationSums",
+    "cached_distillation_loss",
+    "check_divergence",
+    "chunked_distillation_loss",
+    "token_divergence",
+    "token_kl",
+]
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
@@ -88,6 +112,35 @@ class DistillationSums:
     tokens: int
 
 
+def check_divergence(divergence: str, beta: float = 0.5, temperature: float = 1.0) -> None:
+    """Raise ``ValueError`` unless ``divergence``, ``beta`` and ``temperature`` define a loss (see the module doc).
+
+    Example:
+        >>> check_divergence("jsd", beta=1.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: jsd needs 0 < beta < 1, got 1.0; beta=0 or 1 is a plain KL.
+    """
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}.")
+    if divergence == "jsd" and not 0.0 < beta < 1.0:
+        raise ValueError(f"jsd needs 0 < beta < 1, got {beta}; beta=0 or 1 is a plain KL.")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}.")
+
+
+def token_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Per-row KL(p || q) ``[...]`` from log-probabilities ``[..., vocab]`` (``log_p``: the reference, the teacher).
+
+    Example:
+        >>> import torch
+        >>> log_p = torch.tensor([[0.5, 0.5]]).log()
+        >>> token_kl(log_p, torch.tensor([[0.25, 0.75]]).log())  # 0.5 * log(2) + 0.5 * log(2/3)
+        tensor([0.1438])
+    """
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
 def token_divergence(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -96,19 +149,16 @@ def token_divergence(
     temperature: float = 1.0,
 ) -> torch.Tensor:
     """Per-token divergence ``[n]`` between teacher and student logits ``[n, vocab]`` (see module doc)."""
+    check_divergence(divergence, beta, temperature)
     q = F.log_softmax(student_logits.float() / temperature, dim=-1)
     p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     if divergence == "forward_kl":
-        value = (p.exp() * (p - q)).sum(-1)
+        value = token_kl(p, q)
     elif divergence == "reverse_kl":
-        value = (q.exp() * (q - p)).sum(-1)
-    elif divergence == "jsd":
-        if not 0.0 < beta < 1.0:
-            raise ValueError(f"jsd needs 0 < beta < 1, got {beta}; beta=0 or 1 is a plain KL.")
+        value = token_kl(q, p)
+    else:  # jsd
         m = torch.logsumexp(torch.stack([p + math.log(beta), q + math.log(1 - beta)]), dim=0)
-        value = beta * (p.exp() * (p - m)).sum(-1) + (1 - beta) * (q.exp() * (q - m)).sum(-1)
-    else:
-        raise ValueError(f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}.")
+        value = beta * token_kl(p, m) + (1 - beta) * token_kl(q, m)
     return value * temperature**2
 
 
@@ -164,7 +214,7 @@ def _chunk_forward(s_logits, teacher_hidden, teacher_head, targets, divergence, 
         r = _row_dot(Q, diff)
         value = r.sum()
         saved = (Q, diff, r)
-    elif divergence == "jsd":
+    else:  # jsd (check_divergence ran at the loss's entry)
         kl = _total_dot(p.exp(), p - q) if kl is None else kl
         m = torch.logaddexp(p + math.log(beta), q + math.log(1 - beta))  # log M
         P, Q = p.exp(), q.exp()
@@ -174,8 +224,6 @@ def _chunk_forward(s_logits, teacher_hidden, teacher_head, targets, divergence, 
         value = beta * _total_dot(P, dp) + (1 - beta) * r.sum()
         del P, dp
         saved = (Q, dq, r)
-    else:
-        raise ValueError(f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}.")
     if student_ce is not None:
         saved = (*saved, student_ce)
     return (value * T**2, student_nll, kl, agree, teacher_nll), saved
@@ -322,7 +370,7 @@ def _plain_linear(head) -> bool:
     )
 
 
-def _chunk_sums(
+def _live_chunk_sums(
     student_hidden: torch.Tensor,
     teacher_hidden: torch.Tensor,
     targets: torch.Tensor,
@@ -330,13 +378,70 @@ def _chunk_sums(
     teacher_head: Callable[[torch.Tensor], torch.Tensor],
     options: tuple,
 ) -> tuple[torch.Tensor, ...]:
+    """One chunk of :func:`chunked_distillation_loss` for any student head: ``(loss, *metrics)``."""
     # The student's logits are passed straight in: nothing outside _ChunkLoss holds them once it has run.
     return _ChunkLoss.apply(student_head(student_hidden), teacher_hidden, teacher_head, targets, options)
+
+
+def _cached_chunk_sums(
+    student_hidden: torch.Tensor,
+    top_ids: torch.Tensor,
+    top_logprobs: torch.Tensor,
+    tail: torch.Tensor,
+    target_logprob: torch.Tensor,
+    targets: torch.Tensor,
+    student_head: Callable[[torch.Tensor], torch.Tensor],
+    kl_weight: float,
+    ce_weight: float,
+) -> tuple[torch.Tensor, ...]:
+    """One chunk of :func:`cached_distillation_loss`: ``(loss, *metrics)``, its ``kl`` being its divergence."""
+    logits = student_head(student_hidden).float()
+    student = F.log_softmax(logits, dim=-1)
+    # The student's own tail: a finite fill keeps the gradient finite when the top k cover the vocabulary.
+    student_tail = student.scatter(-1, top_ids, torch.finfo(student.dtype).min).logsumexp(-1)
+    student_buckets = torch.cat([student.gather(-1, top_ids), student_tail[:, None]], dim=-1)
+    # Renormalized so float16 rounding of the stored log-probs cannot make the teacher sum past 1.
+    teacher = F.log_softmax(torch.cat([top_logprobs.float(), tail.float()[:, None]], dim=-1), dim=-1)
+    # Not token_kl: an empty tail bucket (k = vocabulary) has log-probability -inf, and 0 * -inf is NaN.
+    terms = torch.where(teacher.isneginf(), 0.0, teacher.exp() * (teacher - student_buckets))
+    divergence = terms.sum()
+    student_nll = -student.gather(-1, targets[:, None]).sum()
+    with torch.no_grad():
+        agree = (logits.argmax(-1) == top_ids[:, 0]).sum().float()
+        teacher_nll = -target_logprob.float().sum()
+    loss = weighted_loss(divergence, student_nll, kl_weight, ce_weight)
+    kl = divergence.detach()
+    return loss, kl, student_nll.detach(), kl, agree, teacher_nll
+
+
+def _sum_chunks(chunk_sums: Callable[..., tuple[torch.Tensor, ...]], chunk_size: int,
+                per_token: tuple[torch.Tensor, ...], *shared: object) -> tuple[torch.Tensor, ...]:
+    """The sums of ``chunk_sums(*chunk of each per_token tensor, *shared)`` over ``chunk_size``-token chunks.
+
+    Each chunk runs under ``torch.utils.checkpoint``, so its vocabulary-sized temporaries are freed
+    when it returns and remade, one chunk at a time, in the backward.
+    """
+    totals = None
+    for start in range(0, per_token[0].shape[0], chunk_size):
+        part = slice(start, start + chunk_size)
+        outputs = checkpoint(chunk_sums, *(tensor[part] for tensor in per_token), *shared, use_reentrant=False)
+        totals = outputs if totals is None else tuple(total + value for total, value in zip(totals, outputs))
+    return totals
 
 
 def _as_sums(outputs: tuple[torch.Tensor, ...], tokens: int) -> DistillationSums:
     loss, *metrics = outputs
     return DistillationSums(loss, *(metric.detach() for metric in metrics), tokens=tokens)
+
+
+def _no_token_sums(student_hidden: torch.Tensor) -> DistillationSums:
+    zero = student_hidden.sum() * 0.0  # keeps the graph connected when there are no loss tokens
+    return DistillationSums(zero, *(torch.zeros((), device=student_hidden.device) for _ in range(5)), tokens=0)
+
+
+def _check_chunk_size(chunk_size: int) -> None:
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
 
 
 def chunked_distillation_loss(
@@ -353,7 +458,7 @@ def chunked_distillation_loss(
     kl_weight: float = 1.0,
     ce_weight: float = 0.0,
 ) -> DistillationSums:
-    """Distillation sums over ``n`` loss tokens, ``chunk_size`` tokens at a time.
+    """Distillation sums over ``n`` loss tokens against a live teacher, ``chunk_size`` tokens at a time.
 
     Args:
         student_hidden: ``[n, hidden]`` final hidden states of the student at the loss
@@ -373,16 +478,11 @@ def chunked_distillation_loss(
     call and kept until ``loss.backward()`` (a hidden-states-sized and a head-weight-sized
     buffer), so backward through ``loss`` once.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}.")
-    if divergence == "jsd" and not 0.0 < beta < 1.0:
-        raise ValueError(f"jsd needs 0 < beta < 1, got {beta}; beta=0 or 1 is a plain KL.")
+    _check_chunk_size(chunk_size)
+    check_divergence(divergence, beta, temperature)
     n = student_hidden.shape[0]
     if n == 0:
-        zero = student_hidden.sum() * 0.0  # keeps the graph connected when there are no loss tokens
-        return DistillationSums(zero, *(torch.zeros((), device=student_hidden.device) for _ in range(5)), tokens=0)
+        return _no_token_sums(student_hidden)
     options = (divergence, beta, temperature, kl_weight, ce_weight)
     if _plain_linear(student_head):
         outputs = _LinearHeadLoss.apply(
@@ -390,12 +490,60 @@ def chunked_distillation_loss(
             chunk_size, torch.is_grad_enabled(),
         )
         return _as_sums(outputs, n)
-    totals = None
-    for start in range(0, n, chunk_size):
-        end = min(start + chunk_size, n)
-        outputs = checkpoint(
-            _chunk_sums, student_hidden[start:end], teacher_hidden[start:end], targets[start:end], student_head,
-            teacher_head, options, use_reentrant=False,
+    totals = _sum_chunks(_live_chunk_sums, chunk_size, (student_hidden, teacher_hidden, targets), student_head,
+                         teacher_head, options)
+    return _as_sums(totals, n)
+
+
+def cached_distillation_loss(
+    student_hidden: torch.Tensor,
+    student_head: Callable[[torch.Tensor], torch.Tensor],
+    top_ids: torch.Tensor,
+    top_logprobs: torch.Tensor,
+    tail: torch.Tensor,
+    target_logprob: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    chunk_size: int = 1024,
+    kl_weight: float = 1.0,
+    ce_weight: float = 0.0,
+) -> DistillationSums:
+    """Top-k forward KL sums over ``n`` loss tokens against a teacher cache, ``chunk_size`` at a time.
+
+    Args:
+        student_hidden: ``[n, hidden]`` student final hidden states at the loss positions.
+        student_head: the student's output layer, applied per chunk (recomputed in the backward).
+        top_ids, top_logprobs: ``[n, k]`` cached teacher top-k token ids and log-probabilities.
+        tail: ``[n]`` cached log of the teacher's mass outside the top k.
+        target_logprob: ``[n]`` cached teacher log-probability of ``targets`` (for ``teacher_nll``).
+        targets: ``[n]`` next-token ids of the data.
+        chunk_size: tokens per chunk, as in :func:`chunked_distillation_loss`.
+        kl_weight, ce_weight: the differentiable ``loss`` is
+            ``kl_weight * divergence + ce_weight * student_nll``; the other fields are metrics.
+
+    The four cached tensors are what :func:`hf_qad.trainer.teacher_cache.teacher_topk` makes of the
+    teacher's logits, as the cache stores them. The divergence is the forward KL at temperature 1, so
+    the logged ``kl`` is the divergence itself.
+
+    Example:
+        >>> import torch
+        >>> from hf_qad.trainer.teacher_cache import teacher_topk
+        >>> head = torch.nn.Linear(8, 32, bias=False)
+        >>> h, targets = torch.randn(5, 8), torch.randint(0, 32, (5,))
+        >>> cache = teacher_topk(head(h), targets, top_k=32)  # the teacher is the student itself
+        >>> sums = cached_distillation_loss(h, head, *cache, targets)
+        >>> abs(round(float(sums.divergence), 5)), float(sums.top1_agreement), sums.tokens  # abs: -0.0 prints 0.0
+        (0.0, 5.0, 5)
+    """
+    _check_chunk_size(chunk_size)
+    n = student_hidden.shape[0]
+    if not top_ids.shape[0] == top_logprobs.shape[0] == tail.shape[0] == target_logprob.shape[0] == n:
+        raise ValueError(
+            f"the teacher cache has {top_ids.shape[0]} entries for {n} loss tokens: it does not line up "
+            "with this batch. Rebuild it with the training config (same dataset, tokenizer, max_length)."
         )
-        totals = outputs if totals is None else tuple(total + value for total, value in zip(totals, outputs))
+    if n == 0:
+        return _no_token_sums(student_hidden)
+    totals = _sum_chunks(_cached_chunk_sums, chunk_size, (student_hidden, top_ids, top_logprobs, tail,
+                                                          target_logprob, targets), student_head, kl_weight, ce_weight)
     return _as_sums(totals, n)

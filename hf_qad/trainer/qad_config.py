@@ -8,7 +8,7 @@ from typing import Any
 from trl import SFTConfig
 
 from hf_qad.quantizer.config import NVFP4Config
-from hf_qad.trainer.losses import DIVERGENCES
+from hf_qad.trainer.losses import check_divergence
 
 __all__ = ["QADConfig"]
 
@@ -85,12 +85,7 @@ class QADConfig(SFTConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.divergence not in DIVERGENCES:
-            raise ValueError(f"unknown divergence {self.divergence!r}; choose one of {', '.join(DIVERGENCES)}.")
-        if self.divergence == "jsd" and not 0.0 < self.beta < 1.0:
-            raise ValueError(f"divergence='jsd' needs 0 < beta < 1, got {self.beta}.")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature}.")
+        check_divergence(self.divergence, self.beta, self.temperature)
         if self.kl_weight < 0 or self.ce_weight < 0 or self.kl_weight + self.ce_weight == 0:
             raise ValueError("kl_weight and ce_weight must be >= 0 and not both 0.")
         if not 0.0 <= self.lmbda <= 1.0:

@@ -54,15 +54,9 @@ from hf_qad.trainer.generation import (
     is_prompt_only,
     tokenize_prompts,
 )
-from hf_qad.trainer.losses import chunked_distillation_loss
+from hf_qad.trainer.losses import DistillationSums, cached_distillation_loss, chunked_distillation_loss
 from hf_qad.trainer.qad_config import QADConfig
-from hf_qad.trainer.teacher_cache import (
-    CACHE_COLUMNS,
-    TeacherCacheCollator,
-    attach_teacher_cache,
-    cached_distillation_loss,
-    read_cache_info,
-)
+from hf_qad.trainer.teacher_cache import CACHE_COLUMNS, TeacherCacheCollator, attach_teacher_cache, read_cache_info
 
 __all__ = ["QADTrainer"]
 
@@ -89,6 +83,11 @@ def _is_peft(model: nn.Module) -> bool:
 def _causal_lm(model: nn.Module) -> PreTrainedModel:
     """The transformers model inside a peft wrapper (or the model itself)."""
     return model.base_model.model if _is_peft(model) else model
+
+
+def _model_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
+    """The batch's model arguments: what the student and the teacher are called with."""
+    return {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS and k != "use_cache"}
 
 
 def _backbone_hidden(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
@@ -426,49 +425,19 @@ class QADTrainer(SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         labels = inputs["shift_labels"] if "shift_labels" in inputs else inputs["labels"][:, 1:]
-        model_inputs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS and k != "use_cache"}
+        model_inputs = _model_inputs(inputs)
         unwrapped = self.accelerator.unwrap_model(model)
         # The redirection replaces the forward that accelerate wrapped in its mixed-precision autocast.
         with self.accelerator.autocast():
             student_hidden = self._forward_redirection(model, unwrapped, _backbone_hidden, unwrapped, model_inputs)
+        # Position i predicts labels[:, i]: without shift_labels the last position predicts nothing.
+        student_hidden = student_hidden[:, : labels.shape[1]]
         mask = labels != -100
+        student_head = _causal_lm(unwrapped).get_output_embeddings()
         if CACHE_COLUMNS[0] in inputs:  # offline teacher: its cached top-k, one entry per loss token
-            if "shift_labels" not in inputs:
-                student_hidden = student_hidden[:, :-1]
-            sums = cached_distillation_loss(
-                student_hidden[mask],
-                _causal_lm(unwrapped).get_output_embeddings(),
-                *(inputs[column] for column in CACHE_COLUMNS),
-                labels[mask],
-                chunk_size=self.args.loss_chunk_size,
-                kl_weight=self.args.kl_weight,
-                ce_weight=self.args.ce_weight,
-            )
+            sums = self._cached_teacher_sums(inputs, student_hidden, student_head, mask, labels[mask])
         else:
-            if self.teacher_model is None and not self.shared_teacher:
-                raise ValueError("this batch has no cached teacher outputs and no teacher is loaded.")
-            with torch.no_grad(), self.accelerator.autocast(), self._teacher() as teacher:
-                unwrapped_teacher = self.accelerator.unwrap_model(teacher)
-                teacher_hidden = self._forward_redirection(
-                    teacher, unwrapped_teacher, _backbone_hidden, unwrapped_teacher, model_inputs
-                )
-            if "shift_labels" not in inputs:
-                student_hidden, teacher_hidden = student_hidden[:, :-1], teacher_hidden[:, :-1]
-            # Under the training precision: the head matmuls run in the autocast dtype, as the model's lm_head would.
-            with self.accelerator.autocast():
-                sums = chunked_distillation_loss(
-                    student_hidden[mask],
-                    _causal_lm(unwrapped).get_output_embeddings(),
-                    teacher_hidden[mask].to(student_hidden.device),
-                    self._teacher_head(),
-                    labels[mask],
-                    divergence=self.args.divergence,
-                    beta=self.args.beta,
-                    temperature=self.args.temperature,
-                    chunk_size=self.args.loss_chunk_size,
-                    kl_weight=self.args.kl_weight,
-                    ce_weight=self.args.ce_weight,
-                )
+            sums = self._live_teacher_sums(inputs, student_hidden, student_head, mask, labels[mask])
         total = sums.loss
         tokens = torch.as_tensor(num_items_in_batch if num_items_in_batch is not None else sums.tokens)
         loss = total / tokens.to(total.device).clamp(min=1)
@@ -481,6 +450,51 @@ class QADTrainer(SFTTrainer):
             )
         self._log_distillation_metrics(mode, sums)
         return (loss, None) if return_outputs else loss
+
+    def _live_teacher_sums(self, inputs: dict[str, Any], student_hidden: torch.Tensor, student_head: nn.Module,
+                           mask: torch.Tensor, targets: torch.Tensor) -> DistillationSums:
+        """Loss sums against the teacher model, run on the student's inputs.
+
+        ``student_hidden`` is ``[batch, positions, hidden]``, ``mask`` picks its loss positions and
+        ``targets`` are their labels; the teacher's hidden states are picked by the same mask.
+        """
+        if self.teacher_model is None and not self.shared_teacher:
+            raise ValueError("this batch has no cached teacher outputs and no teacher is loaded.")
+        model_inputs = _model_inputs(inputs)
+        with torch.no_grad(), self.accelerator.autocast(), self._teacher() as teacher:
+            unwrapped_teacher = self.accelerator.unwrap_model(teacher)
+            teacher_hidden = self._forward_redirection(
+                teacher, unwrapped_teacher, _backbone_hidden, unwrapped_teacher, model_inputs
+            )
+        teacher_hidden = teacher_hidden[:, : mask.shape[1]]
+        # Under the training precision: the head matmuls run in the autocast dtype, as the model's lm_head would.
+        with self.accelerator.autocast():
+            return chunked_distillation_loss(
+                student_hidden[mask],
+                student_head,
+                teacher_hidden[mask].to(student_hidden.device),
+                self._teacher_head(),
+                targets,
+                divergence=self.args.divergence,
+                beta=self.args.beta,
+                temperature=self.args.temperature,
+                chunk_size=self.args.loss_chunk_size,
+                kl_weight=self.args.kl_weight,
+                ce_weight=self.args.ce_weight,
+            )
+
+    def _cached_teacher_sums(self, inputs: dict[str, Any], student_hidden: torch.Tensor, student_head: nn.Module,
+                             mask: torch.Tensor, targets: torch.Tensor) -> DistillationSums:
+        """Loss sums against the batch's cached teacher top-k, one entry per loss token (arguments as above)."""
+        return cached_distillation_loss(
+            student_hidden[mask],
+            student_head,
+            *(inputs[column] for column in CACHE_COLUMNS),
+            targets,
+            chunk_size=self.args.loss_chunk_size,
+            kl_weight=self.args.kl_weight,
+            ce_weight=self.args.ce_weight,
+        )
 
     def _log_distillation_metrics(self, mode: str, sums) -> None:
         # One row of token sums per process, added up: gather, not gather_for_metrics, which takes the rows

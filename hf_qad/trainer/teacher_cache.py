@@ -25,48 +25,31 @@ the rows ``QADTrainer`` prepares are compared token for token with the cached on
 changed dataset, tokenizer, chat template or ``max_length`` is an error, not a silent
 misalignment. Packing is refused: it cuts and merges examples after tokenization.
 
-Loss (:func:`cached_distillation_loss`): forward KL between two distributions over ``k + 1``
-buckets, the top-k tokens and one tail bucket. Teacher: its top-k probabilities and its tail
-mass. Student: its probabilities of the same ``k`` tokens and its own remaining mass. With
-``k`` = vocabulary size this is the full KL; with smaller ``k`` it is a lower bound of it
-(merging outcomes never increases a KL) that misses only how the student spreads the tail.
-
-Measured (teacher: the BF16 weights in float32; student: its W4A4 NVFP4 fake-quant, calibrated
-on the same text; per-token KL of the bucketed loss against the full KL, and the cosine between
-the two losses' gradients over all student weights; float16 log-probs, whose float32 version
-gives the same gradient cosines to 3 digits and, at k = vocabulary size, the exact KL):
-
-=============================  =====  =================  ==================  ===============  =========
-model (loss tokens)            top-k  per-token KL corr  mean KL rel. error  gradient cosine  tail mass
-=============================  =====  =================  ==================  ===============  =========
-tiny test Llama, vocab 128     8      0.51               -92%                0.740            0.92
-(random weights, 252 tokens)   32     0.84               -69%                0.917            0.70
-                               128    0.9997             +0.26% (fp16)       1.0000           0
-SmolLM2-135M-Instruct, 49152   8      0.964              -29%                0.983            0.23
-(wikitext-2 valid, 381 tok.,   32     0.981              -17%                0.993            0.13
-full KL 0.57 nats/token)       128    0.993              -9.6%               0.998            0.07
-=============================  =====  =================  ==================  ===============  =========
-
-The random tiny model is nearly uniform (top 32 of 128 hold 30% of the mass), so it is the
-worst case. On SmolLM2 the gradient direction is close from k = 32 on while the KL value is
-under-estimated (the student's spread over the teacher's tail is invisible to the bucket), so
-the logged ``kl`` of a cached run reads lower than a live run's. Measured on CPU with 3
-paragraphs of 128 tokens; a larger run on longer data is still to be made.
+Loss: :func:`hf_qad.trainer.losses.cached_distillation_loss`, the forward KL over the
+teacher's top-k tokens plus one tail bucket (a lower bound of the full KL, exact at ``k`` =
+vocabulary size). How close it comes at smaller ``k``, in value and gradient direction, is
+measured in ``benchmarks/RESULTS.md`` ("Teacher cache: top-k loss against the full KL"): on
+SmolLM2-135M the gradient direction is close from k = 32 on, while the logged ``kl`` of a
+cached run reads lower than a live run's.
 
 Example:
     >>> import torch
-    >>> from hf_qad.trainer.teacher_cache import cached_distillation_loss, teacher_topk
+    >>> from hf_qad.trainer.losses import cached_distillation_loss
+    >>> from hf_qad.trainer.teacher_cache import teacher_topk
     >>> head = torch.nn.Linear(8, 32, bias=False)
     >>> h, targets = torch.randn(5, 8), torch.randint(0, 32, (5,))
-    >>> cache = teacher_topk(head(h), targets, top_k=32)  # the teacher is the student itself
-    >>> sums = cached_distillation_loss(h, head, *cache, targets)
-    >>> abs(round(float(sums.divergence), 5)), float(sums.top1_agreement), sums.tokens  # abs: -0.0 prints as 0.0
-    (0.0, 5.0, 5)
+    >>> cache = teacher_topk(head(h), targets, top_k=8)  # per loss token, the four CACHE_COLUMNS
+    >>> [tuple(entry.shape) for entry in cache]
+    [(5, 8), (5, 8), (5,), (5,)]
+    >>> sums = cached_distillation_loss(h, head, *cache, targets)  # the teacher is the student itself
+    >>> abs(round(float(sums.divergence), 5))  # abs: -0.0 prints as 0.0
+    0.0
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,10 +59,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from datasets import Dataset, Features, IterableDataset, List, Value, concatenate_datasets, load_from_disk
-from torch.utils.checkpoint import checkpoint
 
 from hf_qad.trainer.generation import eval_mode, is_prompt_only
-from hf_qad.trainer.losses import DistillationSums, weighted_loss
 
 __all__ = [
     "CACHE_COLUMNS",
@@ -87,7 +68,6 @@ __all__ = [
     "TeacherCacheInfo",
     "attach_teacher_cache",
     "build_teacher_cache",
-    "cached_distillation_loss",
     "read_cache_info",
     "teacher_topk",
 ]
@@ -126,85 +106,15 @@ def read_cache_info(path: str | Path) -> TeacherCacheInfo:
 def teacher_topk(
     logits: torch.Tensor, targets: torch.Tensor, top_k: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The cache entries of ``[n, vocab]`` teacher logits: top-k ids and log-probs, tail and target log-prob."""
+    """The cache entries of ``[n, vocab]`` teacher logits: top-k ids and log-probs, tail and target log-prob.
+
+    The entry format of the cache (its :data:`CACHE_COLUMNS`, in order) and the arguments that
+    :func:`hf_qad.trainer.losses.cached_distillation_loss` reads.
+    """
     logprobs = F.log_softmax(logits.float(), dim=-1)
     top_logprobs, top_ids = logprobs.topk(top_k, dim=-1)
     tail = logprobs.scatter(-1, top_ids, float("-inf")).logsumexp(-1)
     return top_ids, top_logprobs, tail, logprobs.gather(-1, targets[:, None])[:, 0]
-
-
-def _chunk_sums(
-    student_hidden: torch.Tensor,
-    student_head: Callable[[torch.Tensor], torch.Tensor],
-    top_ids: torch.Tensor,
-    top_logprobs: torch.Tensor,
-    tail: torch.Tensor,
-    target_logprob: torch.Tensor,
-    targets: torch.Tensor,
-    kl_weight: float,
-    ce_weight: float,
-) -> tuple[torch.Tensor, ...]:
-    logits = student_head(student_hidden).float()
-    student = F.log_softmax(logits, dim=-1)
-    # The student's own tail: a finite fill keeps the gradient finite when the top k cover the vocabulary.
-    student_tail = student.scatter(-1, top_ids, torch.finfo(student.dtype).min).logsumexp(-1)
-    student_buckets = torch.cat([student.gather(-1, top_ids), student_tail[:, None]], dim=-1)
-    # Renormalized so float16 rounding of the stored log-probs cannot make the teacher sum past 1.
-    teacher = F.log_softmax(torch.cat([top_logprobs.float(), tail.float()[:, None]], dim=-1), dim=-1)
-    terms = torch.where(teacher.isneginf(), 0.0, teacher.exp() * (teacher - student_buckets))
-    divergence = terms.sum()
-    student_nll = -student.gather(-1, targets[:, None]).sum()
-    with torch.no_grad():
-        agree = (logits.argmax(-1) == top_ids[:, 0]).sum().float()
-        teacher_nll = -target_logprob.float().sum()
-    return weighted_loss(divergence, student_nll, kl_weight, ce_weight), divergence.detach(), student_nll.detach(), agree, teacher_nll
-
-
-def cached_distillation_loss(
-    student_hidden: torch.Tensor,
-    student_head: Callable[[torch.Tensor], torch.Tensor],
-    top_ids: torch.Tensor,
-    top_logprobs: torch.Tensor,
-    tail: torch.Tensor,
-    target_logprob: torch.Tensor,
-    targets: torch.Tensor,
-    *,
-    chunk_size: int = 1024,
-    kl_weight: float = 1.0,
-    ce_weight: float = 0.0,
-) -> DistillationSums:
-    """Top-k forward KL sums over ``n`` loss tokens (see the module docstring), ``chunk_size`` at a time.
-
-    Args:
-        student_hidden: ``[n, hidden]`` student final hidden states at the loss positions.
-        student_head: the student's output layer, applied per chunk (recomputed in the backward).
-        top_ids, top_logprobs: ``[n, k]`` cached teacher top-k token ids and log-probabilities.
-        tail: ``[n]`` cached log of the teacher's mass outside the top k.
-        target_logprob: ``[n]`` cached teacher log-probability of ``targets`` (for ``teacher_nll``).
-        targets: ``[n]`` next-token ids of the data.
-        chunk_size: tokens per chunk, as in :func:`hf_qad.trainer.losses.chunked_distillation_loss`.
-        kl_weight, ce_weight: the differentiable ``loss`` is
-            ``kl_weight * divergence + ce_weight * student_nll``; the other fields are metrics.
-    """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
-    n = student_hidden.shape[0]
-    if not top_ids.shape[0] == top_logprobs.shape[0] == tail.shape[0] == target_logprob.shape[0] == n:
-        raise ValueError(
-            f"the teacher cache has {top_ids.shape[0]} entries for {n} loss tokens: it does not line up "
-            "with this batch. Rebuild it with the training config (same dataset, tokenizer, max_length)."
-        )
-    zero = student_hidden.sum() * 0.0  # keeps the graph connected when there are no loss tokens
-    totals = [zero] + [torch.zeros((), device=student_hidden.device) for _ in range(4)]
-    for start in range(0, n, chunk_size):
-        part = slice(start, min(start + chunk_size, n))
-        sums = checkpoint(
-            _chunk_sums, student_hidden[part], student_head, top_ids[part], top_logprobs[part], tail[part],
-            target_logprob[part], targets[part], kl_weight, ce_weight, use_reentrant=False,
-        )
-        totals = [total + value for total, value in zip(totals, sums)]
-    loss, divergence, student_nll, agree, teacher_nll = totals
-    return DistillationSums(loss, divergence, student_nll, divergence, agree.detach(), teacher_nll.detach(), n)
 
 
 def _loss_token_count(labels: list[int]) -> int:
@@ -371,3 +281,18 @@ def attach_teacher_cache(dataset: Dataset | IterableDataset, path: str | Path, *
                 "Rebuild the cache with the training config."
             )
     return concatenate_datasets([dataset, cache.select_columns(list(CACHE_COLUMNS))], axis=1)
+
+
+def __getattr__(name: str) -> Any:
+    # cached_distillation_loss was public here; it now lives with the live-teacher loss in losses.py.
+    if name == "cached_distillation_loss":
+        warnings.warn(
+            "hf_qad.trainer.teacher_cache.cached_distillation_loss moved to "
+            "hf_qad.trainer.losses.cached_distillation_loss; import it from there.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        from hf_qad.trainer.losses import cached_distillation_loss
+
+        return cached_distillation_loss
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

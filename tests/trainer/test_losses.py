@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_qad.trainer.losses import _chunk_sums, chunked_distillation_loss, token_divergence
+from hf_qad.trainer.losses import _live_chunk_sums, chunked_distillation_loss, token_divergence
 
 
 def _setup(n=37, hidden=16, vocab=50, seed=0):
@@ -94,7 +94,7 @@ def test_a_chunk_keeps_two_vocabulary_sized_tensors_for_its_backward(divergence,
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        _chunk_sums(h_s, h_t, targets, head, t_head, (divergence, 0.5, temperature, 1.0, float(ce_grad)))
+        _live_chunk_sums(h_s, h_t, targets, head, t_head, (divergence, 0.5, temperature, 1.0, float(ce_grad)))
     assert sum(shape == (6, 50) for shape in saved) == kept, saved
 
 

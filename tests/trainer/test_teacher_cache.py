@@ -8,13 +8,8 @@ from transformers import AutoModelForCausalLM
 
 from hf_qad import NVFP4Config
 from hf_qad.trainer import QADConfig, QADTrainer
-from hf_qad.trainer.losses import chunked_distillation_loss, token_divergence
-from hf_qad.trainer.teacher_cache import (
-    TeacherCacheCollator,
-    build_teacher_cache,
-    cached_distillation_loss,
-    teacher_topk,
-)
+from hf_qad.trainer.losses import cached_distillation_loss, chunked_distillation_loss, token_divergence
+from hf_qad.trainer.teacher_cache import TeacherCacheCollator, build_teacher_cache, teacher_topk
 from tiny_models import TEXTS, VOCAB, tiny_tokenizer
 
 COMMON = dict(use_cpu=True, report_to=[], save_strategy="no", seed=0, logging_steps=1, dataloader_drop_last=True,
@@ -85,6 +80,12 @@ def test_no_loss_tokens_and_misaligned_entries():
     cache = teacher_topk(t_head(h), targets, top_k=4)
     with pytest.raises(ValueError, match="4 entries for 5 loss tokens"):
         cached_distillation_loss(h, s_head, *(c[:4] for c in cache), targets)
+
+
+def test_the_old_import_of_the_loss_warns_and_gives_the_same_function():
+    with pytest.warns(DeprecationWarning, match="moved to hf_qad.trainer.losses.cached_distillation_loss"):
+        from hf_qad.trainer.teacher_cache import cached_distillation_loss as old
+    assert old is cached_distillation_loss
 
 
 # ------------------------------------------------------------------ the trainer
@@ -178,7 +179,7 @@ def test_unsupported_options(tmp_path, field, value):
 
 
 def test_gradient_approaches_the_full_kl_gradient_as_k_grows(tiny_path):
-    """The tiny model's measurement (hf_qad.trainer.teacher_cache): gradient cosine to the full KL's."""
+    """The tiny model's measurement (benchmarks/RESULTS.md, teacher cache): gradient cosine to the full KL's."""
     teacher, student = _model(tiny_path, quantized=False), _model(tiny_path)
     ids = torch.tensor([tiny_tokenizer()(t)["input_ids"][:24] for t in TEXTS[:4]])
     targets = ids[:, 1:].flatten()
