@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 import hf_qad
 from hf_qad.cli.main import main
-from tiny_models import TEXTS, save_tiny_llama_with_tokenizer
+from tests.tiny_models import TEXTS, save_tiny_llama_with_tokenizer
 
 
 @pytest.fixture(scope="module")

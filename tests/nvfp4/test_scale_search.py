@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from ct_oracle import ct_compress
 from hf_qad.nvfp4 import format as ref
 from hf_qad.nvfp4.scale_search import SCALE_METHODS, search_block_scales
+from tests.ct_oracle import ct_compress
 
 
 def _weight():

@@ -21,7 +21,7 @@ import triton.language as tl
 from hf_qad.nvfp4 import format as ref
 from hf_qad.nvfp4 import triton_kernels
 from hf_qad.nvfp4.triton_kernels import _round_to_bf16
-from nvfp4_cases import _cases
+from tests.nvfp4_cases import _cases
 
 DEVICE = torch.device(os.environ.get("HF_QAD_TEST_DEVICE", "cpu"))
 

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import hf_qad
 from hf_qad import NVFP4Config, NVFP4Linear
-from tiny_models import save_tiny_llama, token_batches
+from tests.tiny_models import save_tiny_llama, token_batches
 
 
 @pytest.fixture(scope="module")

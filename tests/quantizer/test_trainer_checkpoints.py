@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 import hf_qad
 from hf_qad import NVFP4Config
-from tiny_models import save_tiny_llama, token_batches
+from tests.tiny_models import save_tiny_llama, token_batches
 
 MAX_STEPS = 3
 RESUME_STEP = 1

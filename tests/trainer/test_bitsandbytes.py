@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from hf_qad import NVFP4Config
 from hf_qad.quantizer.conversion import nvfp4_modules
 from hf_qad.trainer import QADConfig, QADTrainer
-from tiny_models import TEXTS, save_tiny_llama_with_tokenizer, tiny_tokenizer
+from tests.tiny_models import TEXTS, save_tiny_llama_with_tokenizer, tiny_tokenizer
 
 bnb = pytest.importorskip("bitsandbytes")
 
