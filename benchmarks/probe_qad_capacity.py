@@ -31,21 +31,12 @@ import torch
 from datasets import Dataset
 from transformers import AutoTokenizer, TrainerCallback
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_accuracy import EVAL_TEXT, batches, load_student, load_teacher, token_stream, train_config
+from common import machine
 
-from bench_accuracy import (  # noqa: E402
-    EVAL_TEXT,
-    batches,
-    load_student,
-    load_teacher,
-    machine,
-    token_stream,
-    train_config,
-)
-
-from hf_qad.assets import smollm2_path  # noqa: E402
-from hf_qad.evaluation import chunk_token_ids, compare_to_teacher  # noqa: E402
-from hf_qad.trainer import QADTrainer  # noqa: E402
+from hf_qad.evaluation import chunk_token_ids, compare_to_teacher
+from hf_qad.smollm2 import smollm2_path
+from hf_qad.trainer import QADTrainer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

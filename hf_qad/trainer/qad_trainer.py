@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from accelerate.utils import fsdp2_prepare_model
-from peft import LoraConfig
+from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, PreTrainedModel, TrainerCallback, TrainingArguments
 from trl import SFTTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp, unwrap_model_for_generation
@@ -73,10 +73,6 @@ def _drop_int8_cast_warning(record: logging.LogRecord) -> bool:
 
 
 def _is_peft(model: nn.Module) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
     return isinstance(model, PeftModel)
 
 

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 import hf_qad
 from hf_qad.cli.main import main
-from tiny_models import TEXTS, save_tiny_llama_with_tokenizer
+from tests.tiny_models import TEXTS, save_tiny_llama_with_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,9 @@ def test_demo_on_a_tiny_model(tiny, tmp_path, capsys):
     rows = json.loads((tmp_path / "demo" / "demo.json").read_text())["rows"]
     assert [r["model"] for r in rows] == ["BF16 teacher", "NVFP4 w4a4 PTQ", "NVFP4 w4a4 QAD"]
     assert (tmp_path / "demo" / "nvfp4" / "model.safetensors").exists()
-    assert hf_qad.NVFP4Linear is not None and torch.isfinite(torch.tensor(rows[1]["kl"]))
+    assert all(r["kl"] > 0 and torch.isfinite(torch.tensor(r["kl"])) for r in rows[1:])
+    up_proj = AutoModelForCausalLM.from_pretrained(tmp_path / "demo" / "nvfp4").model.layers[0].mlp.up_proj
+    assert isinstance(up_proj, hf_qad.NVFP4Linear) and up_proj.is_packed
 
 
 def test_no_command_prints_help(capsys):

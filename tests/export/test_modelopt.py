@@ -12,7 +12,7 @@ import hf_qad
 from hf_qad import NVFP4Config, save_modelopt_checkpoint
 from hf_qad.nvfp4 import dequantize
 from hf_qad.nvfp4.conversion import nvfp4_modules
-from tiny_models import save_tiny_llama, token_batches
+from tests.tiny_models import save_tiny_llama, token_batches
 
 # E2M1 values by 4-bit code (bit 3 is the sign), as ModelOpt's NVFP4QTensor dequantizes.
 E2M1_BY_CODE = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6])

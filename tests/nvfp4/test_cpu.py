@@ -5,7 +5,7 @@ import torch
 
 from hf_qad.nvfp4 import cpu, format, reference
 from hf_qad.nvfp4.scale_search import search_block_scales
-from nvfp4_cases import _cases
+from tests.nvfp4_cases import _cases
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 CASES = _cases()

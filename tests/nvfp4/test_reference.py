@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ct_oracle import ct_compress, ct_decompress, ct_fake_quant
+from tests.ct_oracle import ct_compress, ct_decompress, ct_fake_quant
 from hf_qad.nvfp4.format import E2M1_VALUES, ZERO_BLOCK_SCALE, global_scale_from_amax
 from hf_qad.nvfp4.reference import (
     codes_to_values,
@@ -14,7 +14,7 @@ from hf_qad.nvfp4.reference import (
     round_to_e2m1_codes,
     unpack_codes,
 )
-from nvfp4_cases import _cases
+from tests.nvfp4_cases import _cases
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from ct_oracle import ct_compress
 from hf_qad.nvfp4 import reference as ref
+from tests.ct_oracle import ct_compress
 from hf_qad.nvfp4.scale_search import SCALE_METHODS, search_block_scales
+from tests.ct_oracle import ct_decompress
 
 
 def _weight():
@@ -39,7 +40,7 @@ def test_mse_is_at_least_as_good_as_four_over_six():
 
 
 def test_searched_scales_pack_exactly_like_compressed_tensors():
-    """compressed-tensors packs any given block scale; our codes must agree with it."""
+    """compressed-tensors packs any given block scale and reads it back; our codes and values must agree."""
     from compressed_tensors.compressors.nvfp4.helpers import quantize_and_pack_fp4
 
     w = _weight().to(torch.bfloat16)
@@ -47,7 +48,8 @@ def test_searched_scales_pack_exactly_like_compressed_tensors():
     scale = search_block_scales(w, gs, "mse")
     q = ref.quantize(w, gs, block_scale=scale)
     assert torch.equal(q.packed, quantize_and_pack_fp4(w, scale.to(torch.bfloat16), global_scale=gs))
-    assert ct_compress is not None
+    stored = {"weight_packed": q.packed, "weight_scale": q.block_scale, "weight_global_scale": q.global_scale}
+    assert torch.equal(ct_decompress(stored), ref.dequantize(*q, dtype=torch.bfloat16))
 
 
 def test_unknown_method():

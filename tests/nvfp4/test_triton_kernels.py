@@ -22,7 +22,7 @@ from hf_qad.nvfp4 import reference as ref
 from hf_qad.nvfp4 import triton_kernels
 from hf_qad.nvfp4.scale_search import search_block_scales
 from hf_qad.nvfp4.triton_kernels import _round_to_bf16
-from nvfp4_cases import _cases
+from tests.nvfp4_cases import _cases
 
 DEVICE = torch.device(os.environ.get("HF_QAD_TEST_DEVICE", "cpu"))
 

@@ -9,7 +9,7 @@ import hf_qad
 from hf_qad import NVFP4Config, NVFP4Linear
 from hf_qad.nvfp4 import functional
 from hf_qad.nvfp4.conversion import nvfp4_modules
-from tiny_models import save_tiny_llama, token_batches
+from tests.tiny_models import save_tiny_llama, token_batches
 
 LAYER = "model.layers.0.mlp.up_proj"
 

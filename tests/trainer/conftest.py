@@ -1,6 +1,6 @@
 import pytest
 
-from tiny_models import save_tiny_llama_with_tokenizer
+from tests.tiny_models import save_tiny_llama_with_tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -5,12 +5,13 @@ under ``torchrun --nproc_per_node 2`` with 4 per process (DDP, FSDP2 with ``--fs
 DeepSpeed ZeRO-3 with ``--zero3``)::
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 \
-        tests/trainer/distributed_qad_run.py TINY_MODEL_DIR OUT_DIR --batch-size 4 [--fsdp2 | --zero3]
+        -m tests.trainer.distributed_qad_run TINY_MODEL_DIR OUT_DIR --batch-size 4 [--fsdp2 | --zero3]
 
 Each rank writes ``rank<r>.json`` (logged losses and metrics, calibrated input global
 scales); ``master_rank<r>.pt`` holds the final master weights as
 ``accelerator.get_state_dict`` gives them (every rank under DDP, rank 0 under FSDP2 and ZeRO-3);
-``trainer.save_model`` writes the packed export to ``OUT_DIR/final``.
+``trainer.save_model`` writes the packed export to ``OUT_DIR/final``. Run it from the
+repository root, where ``-m`` finds the ``tests`` package.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -27,12 +27,10 @@ from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tiny_models, when run as a script
-
-from hf_qad import NVFP4Config  # noqa: E402
-from hf_qad.nvfp4.conversion import nvfp4_modules  # noqa: E402
-from hf_qad.trainer import QADConfig, QADTrainer  # noqa: E402
-from tiny_models import TEXTS, tiny_tokenizer  # noqa: E402
+from hf_qad import NVFP4Config
+from hf_qad.nvfp4.conversion import nvfp4_modules
+from hf_qad.trainer import QADConfig, QADTrainer
+from tests.tiny_models import TEXTS, tiny_tokenizer
 
 GLOBAL_BATCH = 8
 STEPS = 4

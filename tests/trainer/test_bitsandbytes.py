@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from hf_qad import NVFP4Config
 from hf_qad.nvfp4.conversion import nvfp4_modules
 from hf_qad.trainer import QADConfig, QADTrainer
-from tiny_models import TEXTS, save_tiny_llama_with_tokenizer, tiny_tokenizer
+from tests.tiny_models import TEXTS, save_tiny_llama_with_tokenizer, tiny_tokenizer
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -122,8 +122,9 @@ def test_8bit_teacher_trains_and_matches_the_full_precision_teacher(tiny_path, o
 def test_8bit_teacher_costs_little_next_to_the_nvfp4_gap(caplog):
     from transformers import AutoTokenizer
 
-    from hf_qad.assets import read_text, shared_data_dir, smollm2_path
     from hf_qad.evaluation import chunk_token_ids, compare_to_teacher
+    from hf_qad.smollm2 import smollm2_path
+    from tests.shared_data import read_text, shared_data_dir
 
     if shared_data_dir() is None:
         pytest.skip("../shared/data is absent (only present beside the development checkout)")

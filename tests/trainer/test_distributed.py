@@ -1,6 +1,6 @@
 """Data-parallel and sharded QAD on 2 CPU processes (gloo) give the 1-process run with the same global batch.
 
-The 2-process runs are ``torchrun`` on ``distributed_qad_run.py`` in a subprocess: DDP (what
+The 2-process runs are ``torchrun`` on ``tests.trainer.distributed_qad_run`` in a subprocess: DDP (what
 accelerate does on CPU), FSDP2 forced onto CPU (accelerate enables FSDP on accelerators
 only; see ``FSDP2OnCPUTrainer``), and DeepSpeed ZeRO-3 on DeepSpeed's CPU accelerator (gloo;
 see ``_count_every_process``). The 1-process runs (8 per step, and 4 x gradient
@@ -22,11 +22,11 @@ from datasets import Dataset
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from distributed_qad_run import GLOBAL_BATCH, STEPS, texts, train
 import hf_qad
 from hf_qad import NVFP4Config
 from hf_qad.trainer import QADConfig, QADTrainer
-from tiny_models import tiny_tokenizer
+from tests.tiny_models import tiny_tokenizer
+from tests.trainer.distributed_qad_run import GLOBAL_BATCH, STEPS, texts, train
 
 needs_gloo = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),
@@ -37,8 +37,8 @@ needs_deepspeed = pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed (pip install deepspeed)"
 )
 
-SCRIPT = Path(__file__).with_name("distributed_qad_run.py")
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "accelerate"
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples" / "accelerate"
 METRICS = ("loss", "kl", "top1_agreement", "student_ce", "teacher_ce")
 
 
@@ -52,8 +52,10 @@ def _master(out: Path, rank: int = 0) -> dict[str, torch.Tensor]:
 
 def _two_processes(tiny_path, out: Path, *options: str) -> Path:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(SCRIPT), str(tiny_path), str(out), "--batch-size", str(GLOBAL_BATCH // 2), *options]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)  # a rank waiting alone hangs
+               "-m", "tests.trainer.distributed_qad_run", str(tiny_path), str(out), "--batch-size", str(GLOBAL_BATCH // 2),
+               *options]
+    # cwd: `-m` finds the tests package from the repository root. timeout: a rank waiting alone hangs.
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return out
 

@@ -82,7 +82,8 @@ def test_at_ce_weight_0_the_ce_is_a_metric_and_the_divergence_gradient_is_unchan
     ("forward_kl", 1.0, False, 2), ("forward_kl", 1.0, True, 2), ("forward_kl", 2.0, False, 2),
     ("forward_kl", 2.0, True, 3), ("reverse_kl", 1.0, False, 2), ("jsd", 1.0, True, 2),
 ])
-def test_a_chunk_keeps_two_vocabulary_sized_tensors_for_its_backward(divergence, temperature, ce_grad, kept):
+def test_a_chunk_keeps_two_vocabulary_sized_tensors_three_with_a_tempered_ce_gradient(divergence, temperature,
+                                                                                      ce_grad, kept):
     # Outside the checkpoint, what the chunk's graph saves is what its backward holds at once: the CE
     # adds nothing at temperature 1 (it shares the student softmax) and one tensor otherwise.
     s_head, t_head, h_s, h_t, targets = _setup(n=6, vocab=50)

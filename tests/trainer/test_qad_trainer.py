@@ -12,7 +12,7 @@ from trl import SFTConfig, SFTTrainer
 from hf_qad import NVFP4Config
 from hf_qad.nvfp4.conversion import nvfp4_modules
 from hf_qad.trainer import QADConfig, QADTrainer
-from tiny_models import TEXTS, save_tiny_llama_with_tokenizer, tiny_tokenizer
+from tests.tiny_models import TEXTS, save_tiny_llama_with_tokenizer, tiny_tokenizer
 
 COMMON = dict(use_cpu=True, report_to=[], save_strategy="no", seed=0, logging_steps=1, dataloader_drop_last=True)
 

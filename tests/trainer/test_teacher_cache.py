@@ -10,7 +10,7 @@ from hf_qad import NVFP4Config
 from hf_qad.trainer import QADConfig, QADTrainer
 from hf_qad.trainer.losses import cached_distillation_loss, chunked_distillation_loss, token_divergence
 from hf_qad.trainer.teacher_cache import TeacherCacheCollator, build_teacher_cache, teacher_topk
-from tiny_models import TEXTS, VOCAB, tiny_tokenizer
+from tests.tiny_models import TEXTS, VOCAB, tiny_tokenizer
 
 COMMON = dict(use_cpu=True, report_to=[], save_strategy="no", seed=0, logging_steps=1, dataloader_drop_last=True,
               nvfp4_scheme="w4a16", per_device_train_batch_size=4, learning_rate=1e-3, max_steps=2)

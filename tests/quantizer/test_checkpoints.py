@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 import hf_qad
 from hf_qad import NVFP4Config
-from tiny_models import save_tiny_llama, token_batches
+from tests.tiny_models import save_tiny_llama, token_batches
 
 MAX_STEPS = 3
 RESUME_STEP = 1
@@ -28,8 +28,13 @@ def dataset():
     return Dataset.from_dict({"input_ids": ids, "labels": ids})
 
 
-def _load(path, scheme):
+def _load(path, scheme="w4a4"):
     return AutoModelForCausalLM.from_pretrained(path, quantization_config=NVFP4Config(scheme=scheme), dtype=torch.bfloat16)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
 
 
 def _trainer(model, dataset, output_dir):
@@ -96,3 +101,32 @@ def test_checkpoints_hold_master_weights_and_resume_exactly(bf16_path, dataset, 
     for name, tensor in final.items():
         assert torch.equal(resumed_final[name], tensor), name
     assert not torch.equal(final[f"{LAYER}.weight"], _load(bf16_path, scheme).state_dict()[f"{LAYER}.weight"])
+
+
+def test_master_weight_checkpoint_resumes_exactly(bf16_path, tmp_path):
+    model = _load(bf16_path)
+    ids = token_batches(1)[0]
+    hf_qad.calibrate(model, [ids])
+    with hf_qad.master_weight_checkpoint(model):
+        model.save_pretrained(tmp_path)
+    quant_config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert quant_config["quant_method"] == "hf_qad_nvfp4" and quant_config["weights_format"] == "master"
+    assert not model.hf_quantizer.saving_master_weights  # switched back
+    assert json.loads(model.config.to_json_string())["quantization_config"]["quant_method"] == "compressed-tensors"
+    resumed = AutoModelForCausalLM.from_pretrained(tmp_path)
+    layer = resumed.model.layers[0].mlp.up_proj
+    assert not layer.is_packed and layer.input_calibrated
+    assert torch.equal(layer.weight, model.model.layers[0].mlp.up_proj.weight)
+    assert torch.equal(_logits(resumed, ids), _logits(model, ids))
+
+
+def test_unpacked_packed_model_continues_training_with_same_codes(bf16_path, tmp_path):
+    model = _load(bf16_path, scheme="w4a16")
+    model.save_pretrained(tmp_path)
+    packed = hf_qad.load_packed_model(tmp_path)
+    ids = token_batches(1)[0]
+    expected = _logits(packed, ids)
+    hf_qad.unpack_model(packed)
+    assert packed.hf_quantizer.is_qat_trainable
+    assert packed.model.layers[0].mlp.up_proj.weight.requires_grad
+    assert torch.equal(_logits(packed, ids), expected)

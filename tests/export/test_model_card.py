@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 import hf_qad
 from hf_qad import NVFP4Config, attach_model_card
 from hf_qad.export.model_card import CARD_MARKER
-from tiny_models import save_tiny_llama, token_batches
+from tests.tiny_models import save_tiny_llama, token_batches
 
 REPO = "me/tiny-llama-nvfp4"
 

@@ -14,7 +14,7 @@ from hf_qad.trainer.generation import (
     generate_completions,
     is_prompt_only,
 )
-from tiny_models import TEXTS, tiny_tokenizer
+from tests.tiny_models import TEXTS, tiny_tokenizer
 
 COMMON = dict(use_cpu=True, report_to=[], save_strategy="no", seed=0, logging_steps=1, dataloader_drop_last=True,
               nvfp4_scheme="w4a16", max_new_tokens=4, per_device_train_batch_size=2, learning_rate=1e-3)
