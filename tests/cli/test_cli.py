@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 import hf_qad
 from hf_qad.cli.main import main
@@ -87,7 +86,7 @@ def test_demo_on_a_tiny_model(tiny, tmp_path, capsys):
     assert [r["model"] for r in rows] == ["BF16 teacher", "NVFP4 w4a4 PTQ", "NVFP4 w4a4 QAD"]
     assert (tmp_path / "demo" / "nvfp4" / "model.safetensors").exists()
     assert all(r["kl"] > 0 and torch.isfinite(torch.tensor(r["kl"])) for r in rows[1:])
-    up_proj = AutoModelForCausalLM.from_pretrained(tmp_path / "demo" / "nvfp4").model.layers[0].mlp.up_proj
+    up_proj = hf_qad.load_packed_model(tmp_path / "demo" / "nvfp4").model.layers[0].mlp.up_proj
     assert isinstance(up_proj, hf_qad.NVFP4Linear) and up_proj.is_packed
 
 
