@@ -152,9 +152,9 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     # The weights are plain tensors now. Transformers versions that keep the GGUF
     # quantization config on a dequantized model would save it, and reloading would
     # then look for a .gguf file (5.24 already drops it; older 5.x releases did not).
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
     model.save_pretrained(out_dir)
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out_dir)
 
