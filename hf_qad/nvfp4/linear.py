@@ -40,7 +40,6 @@ from hf_qad.nvfp4.format import (
     BLOCK_SIZE,
     E4M3_MAX,
     E4M3_SUBNORMAL_STEP,
-    GLOBAL_SCALE_NUMERATOR,
     NVFP4Quantized,
     global_scale_from_amax,
 )
@@ -304,7 +303,6 @@ class NVFP4Linear(nn.Linear):
             tensors["input_global_scale"] = ((1,), torch.float32)
         return tensors
 
-    @torch.no_grad()
     def warn_if_outlier_zeroes_blocks(self) -> float | None:
         """Warn when the weight's amax is so far above its typical block that blocks quantize to zero.
 
@@ -317,20 +315,22 @@ class NVFP4Linear(nn.Linear):
             the ratio, or ``None`` when skipped or when most blocks are zero (a pruned weight).
         """
         weight = self.weight
-        if self.is_packed or weight.numel() != self.out_features * self.in_features or weight.is_meta:
+        if self.is_packed or weight.is_meta or weight.numel() != self.out_features * self.in_features:
             return None
         block_amax = weight.detach().abs().unflatten(-1, (-1, BLOCK_SIZE)).amax(-1).float()
         typical = block_amax.median()
         if not bool(typical > 0):
             return None
-        amax = GLOBAL_SCALE_NUMERATOR / self.weight_global_scale_from_master()
+        own = block_amax.max()
+        peers = [peer.weight.detach().abs().amax().float() for peer in self.global_scale_peers]
+        amax = torch.stack([own, *peers]).amax()
         ratio = float(amax / typical)
         if ratio >= ZEROED_BLOCK_RATIO:
-            zeroed = float((block_amax * ZEROED_BLOCK_RATIO <= amax).float().mean())
-            source = "its" if amax.item() <= float(block_amax.max()) else "its fused group's"
+            zeroed = int((block_amax * ZEROED_BLOCK_RATIO <= amax).sum())
+            source = "its" if bool(own >= amax) else "its fused group's"
             warnings.warn(
-                f"NVFP4Linear {self._name() or ''}: {source} largest weight ({amax.item():.3g}) is {ratio:.3g}x the "
-                f"median block amax, so {zeroed:.0%} of its weight blocks quantize to zero (from "
+                f"NVFP4Linear {self._name() or ''}: {source} largest weight ({float(amax):.3g}) is {ratio:.3g}x the "
+                f"median block amax, so {zeroed} of its {block_amax.numel()} weight blocks quantize to zero (from "
                 f"{ZEROED_BLOCK_RATIO:.3g}x on, block scales underflow e4m3). Check the checkpoint for corrupt "
                 "values, or keep this layer in high precision (modules_to_not_convert).",
                 stacklevel=2,
