@@ -181,9 +181,8 @@ def master_checkpoint(tmp_path_factory):
 def test_export_into_the_checkpoint_itself_is_refused(master_checkpoint):
     before = sorted(p.name for p in master_checkpoint.iterdir())
     for output in (master_checkpoint, master_checkpoint.parent):  # the checkpoint, or the run folder holding it
-        with pytest.raises(CommandError, match="the input") as error:
+        with pytest.raises(CommandError, match="the input"):
             main(["export", "--checkpoint", str(master_checkpoint), "--output_dir", str(output), "--overwrite"])
-        assert error.value.code.count("\n") == 0
     assert sorted(p.name for p in master_checkpoint.iterdir()) == before
     assert json.loads((master_checkpoint / "config.json").read_text())["quantization_config"]["weights_format"] == "master"
 
