@@ -306,35 +306,38 @@ class NVFP4Linear(nn.Linear):
     def warn_if_outlier_zeroes_blocks(self) -> float | None:
         """Warn when the weight's amax is so far above its typical block that blocks quantize to zero.
 
-        One pass over the master weight (meant for load time, not for every step): the ratio of
-        the amax the global scale is computed from (the fused group's) to the median block amax.
-        From :data:`ZEROED_BLOCK_RATIO` on, at least half of the layer's blocks quantize to zero.
-        Packed layers, and weights that are not whole on this process (ZeRO-3 shards), are skipped.
+        Meant for load time, not for every step: one min/max pass over the master weight (and its
+        fused peers, whose amax sets the shared global scale). It warns when at least half of the
+        non-zero blocks fall :data:`ZEROED_BLOCK_RATIO` or more below that amax, i.e. when the ratio
+        of the amax to the median non-zero block amax reaches it (all-zero blocks, as in a pruned
+        weight, are zero anyway). Packed layers, and weights that are not whole on this process
+        (ZeRO-3 shards), are skipped.
 
         Returns:
-            the ratio, or ``None`` when skipped or when most blocks are zero (a pruned weight).
+            the ratio of the amax to the median non-zero block amax when it warned, else ``None``.
         """
         weight = self.weight
         if self.is_packed or weight.is_meta or weight.numel() != self.out_features * self.in_features:
             return None
-        block_amax = weight.detach().abs().unflatten(-1, (-1, BLOCK_SIZE)).amax(-1).float()
-        typical = block_amax.median()
-        if not bool(typical > 0):
-            return None
+        low, high = weight.detach().unflatten(-1, (-1, BLOCK_SIZE)).aminmax(dim=-1)
+        block_amax = torch.maximum(-low, high).float()
         own = block_amax.max()
-        peers = [peer.weight.detach().abs().amax().float() for peer in self.global_scale_peers]
+        peers = [torch.stack(torch.aminmax(peer.weight.detach())).abs().amax().float()
+                 for peer in self.global_scale_peers]
         amax = torch.stack([own, *peers]).amax()
-        ratio = float(amax / typical)
-        if ratio >= ZEROED_BLOCK_RATIO:
-            zeroed = int((block_amax * ZEROED_BLOCK_RATIO <= amax).sum())
-            source = "its" if bool(own >= amax) else "its fused group's"
-            warnings.warn(
-                f"NVFP4Linear {self._name() or ''}: {source} largest weight ({float(amax):.3g}) is {ratio:.3g}x the "
-                f"median block amax, so {zeroed} of its {block_amax.numel()} weight blocks quantize to zero (from "
-                f"{ZEROED_BLOCK_RATIO:.3g}x on, block scales underflow e4m3). Check the checkpoint for corrupt "
-                "values, or keep this layer in high precision (modules_to_not_convert).",
-                stacklevel=2,
-            )
+        nonzero = block_amax[block_amax > 0]
+        zeroed = int((nonzero * ZEROED_BLOCK_RATIO <= amax).sum())
+        if zeroed == 0 or 2 * zeroed < nonzero.numel():
+            return None
+        ratio = float(amax / nonzero.median())
+        source = "its" if bool(own >= amax) else "its fused group's"
+        warnings.warn(
+            f"NVFP4Linear {self._name() or ''}: {source} largest weight ({float(amax):.3g}) is {ratio:.3g}x the "
+            f"median block amax, so {zeroed} of its {block_amax.numel()} weight blocks quantize to zero (from "
+            f"{ZEROED_BLOCK_RATIO:.3g}x on, block scales underflow e4m3). Check the checkpoint for corrupt "
+            "values, or keep this layer in high precision (modules_to_not_convert).",
+            stacklevel=2,
+        )
         return ratio
 
     def _unpacked_weight_unchanged(self) -> bool:
