@@ -3,10 +3,15 @@
 Global scale from ``generate_gparam``, block scales from ``calculate_qparams`` (the
 functions llm-compressor's min-max observers and compressed-tensors' run-time
 activation quantization call, fed min/max in the tensor's own dtype), packing
-from ``NVFP4PackedCompressor.compress`` and dequantization from its ``decompress``.
+from ``NVFP4PackedCompressor.compress`` and dequantization from its ``decompress``; and
+plain transformers + compressed-tensors loading an export, in a process without hf_qad.
 """
 
 from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
 
 import torch
 from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
@@ -57,3 +62,23 @@ def ct_fake_quant(x: torch.Tensor, global_scale: torch.Tensor | None = None) -> 
         global_scale = ct_global_scale(x)
     scale = ct_block_scales(x, global_scale)
     return fake_quantize(x, scale, None, NVFP4_ARGS, global_scale=global_scale)
+
+
+def assert_plain_transformers_logits(path, ids: torch.Tensor, expected: torch.Tensor, tmp_path) -> None:
+    """``path`` loads in plain transformers + compressed-tensors, in a process without hf_qad, with ``expected`` logits."""
+    torch.save((ids, expected), tmp_path / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(path)!r})
+        ids, expected = torch.load({str(tmp_path / "expected.pt")!r})
+        with torch.no_grad():
+            got = model(ids).logits
+        assert "hf_qad" not in sys.modules, "hf_qad was imported"
+        assert torch.equal(got, expected), (got - expected).abs().max()
+        print("OK")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]

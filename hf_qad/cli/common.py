@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterable
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +35,71 @@ def existing_path(value: str) -> str:
     if not Path(value).expanduser().exists():
         raise argparse.ArgumentTypeError(f"{value} does not exist")
     return str(Path(value).expanduser())
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--output_dir`` and ``--overwrite``, as :func:`check_output_dir` reads them."""
+    parser.add_argument("--output_dir", required=True, help=help)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the checkpoint files in a non-empty --output_dir (its subfolders are kept)")
+
+
+def check_output_dir(output_dir: str, overwrite: bool, inputs: Iterable[str]) -> Path:
+    """The folder a command will write a checkpoint into, checked before any work is done.
+
+    Refused: the folder of an input or one holding an input (replacing its files would replace what
+    is being read: a training checkpoint's master weights beside its optimizer state), and a
+    non-empty folder unless ``overwrite``.
+
+    Raises:
+        CommandError: for a refused folder.
+    """
+    out = Path(output_dir).expanduser().resolve()
+    for source in inputs:
+        source_path = Path(source).expanduser().resolve()
+        if source_path == out or out in source_path.parents:
+            raise CommandError(
+                f"--output_dir {output_dir} {'is' if source_path == out else 'holds'} the input {source}; "
+                "write to another folder."
+            )
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--output_dir {output_dir} is a file; give a folder.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise CommandError(
+            f"--output_dir {output_dir} is not empty; pass --overwrite to replace the checkpoint in it, or choose "
+            "an empty folder."
+        )
+    return out
+
+
+@contextmanager
+def writing_into(out: Path) -> Iterator[Path]:
+    """Yields where to write a checkpoint for ``out`` (checked by :func:`check_output_dir`), then puts it in place.
+
+    An empty or new ``out`` is written directly. A non-empty one (``--overwrite``) gets the checkpoint
+    written beside it first; once complete, the old files the new checkpoint does not have (a stale
+    ``model.safetensors.index.json`` and its shards) are removed and the new files moved in, so no file
+    of the old checkpoint can be read as part of the new one, and a failed write leaves the old one whole.
+    Subfolders the new checkpoint does not have are kept.
+    """
+    if not out.is_dir() or not any(out.iterdir()):
+        out.mkdir(parents=True, exist_ok=True)
+        yield out
+        return
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield staging
+        written = {path.name for path in staging.iterdir()}
+        for old in out.iterdir():
+            if old.name not in written and (old.is_file() or old.is_symlink()):
+                old.unlink()
+        for new in staging.iterdir():
+            target = out / new.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(new, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def load_model(path: str, **kwargs: Any) -> PreTrainedModel:

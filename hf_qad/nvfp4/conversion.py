@@ -7,7 +7,7 @@ Kept apart from the transformers quantizer so that it can be used on any
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +24,7 @@ __all__ = [
     "ConversionPlan",
     "plan_conversion",
     "replace_linears",
+    "tied_linears",
     "nvfp4_modules",
 ]
 
@@ -71,13 +72,17 @@ def _fused_expert_parameters(model: nn.Module, patterns: list[str]) -> list[str]
     return found
 
 
-def plan_conversion(model: nn.Module, modules_to_not_convert: Iterable[str]) -> ConversionPlan:
+def plan_conversion(
+    model: nn.Module, modules_to_not_convert: Iterable[str], keep: Mapping[str, str] | None = None
+) -> ConversionPlan:
     """Decide which ``nn.Linear`` layers of ``model`` become NVFP4.
 
     Args:
         model: the model (may live on the meta device).
         modules_to_not_convert: name patterns (transformers' ``should_convert_module``
             rules: prefix at a module boundary, regex, or suffix) kept in high precision.
+        keep: exact layer names kept in high precision whatever the patterns say, with the
+            reason (e.g. :func:`tied_linears`).
 
     Raises:
         ValueError: if the model holds fused expert tensors (3-D weights) that are not
@@ -96,16 +101,37 @@ def plan_conversion(model: nn.Module, modules_to_not_convert: Iterable[str]) -> 
             f"high precision knowingly with modules_to_not_convert=[..., {modules[0]!r}]."
         )
     plan = ConversionPlan()
+    keep = keep or {}
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or isinstance(module, NVFP4Linear):
             continue
-        if not should_convert_module(name, patterns):
+        if name in keep:
+            plan.skipped[name] = keep[name]
+        elif not should_convert_module(name, patterns):
             plan.skipped[name] = "modules_to_not_convert"
         elif module.in_features % BLOCK_SIZE != 0:
             plan.skipped[name] = f"in_features={module.in_features} is not a multiple of {BLOCK_SIZE}"
         else:
             plan.convert.append(name)
     return plan
+
+
+def tied_linears(model: nn.Module) -> dict[str, str]:
+    """Linear layers whose weight is tied to another parameter (a tied ``lm_head``), with the reason.
+
+    They stay in high precision whatever ``modules_to_not_convert`` says: an NVFP4Linear has no
+    ``weight`` parameter to tie in packed form, so a quantized tied ``lm_head`` would give an
+    export that neither hf_qad nor compressed-tensors can load.
+    """
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    linears = {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    found = {}
+    for target, source in tied.items():
+        for key, other in ((target, source), (source, target)):
+            module_name, _, param = key.rpartition(".")
+            if param == "weight" and module_name in linears:
+                found[module_name] = f"weight tied to {other}"
+    return found
 
 
 def replace_linears(

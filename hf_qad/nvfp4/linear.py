@@ -36,7 +36,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hf_qad.nvfp4 import functional
-from hf_qad.nvfp4.format import BLOCK_SIZE, NVFP4Quantized, global_scale_from_amax
+from hf_qad.nvfp4.format import (
+    BLOCK_SIZE,
+    E4M3_MAX,
+    E4M3_SUBNORMAL_STEP,
+    NVFP4Quantized,
+    global_scale_from_amax,
+)
 from hf_qad.nvfp4.scale_search import SCALE_METHODS, search_block_scales
 
 __all__ = ["NVFP4Linear"]
@@ -45,6 +51,12 @@ __all__ = ["NVFP4Linear"]
 # packed codes, e4m3 block scales, and float32 global scales (rounding a global scale
 # to bf16 would change every code computed from it).
 _PROTECTED_BUFFERS = ("weight_packed", "weight_scale", "weight_global_scale", "input_global_scale")
+
+# A weight block's scale is e4m3(gs * amax_block / 6) with gs = 448 * 6 / amax (amax of the
+# tensor, or of its fused group): e4m3(448 * amax_block / amax). Below half the smallest e4m3
+# subnormal (2**-9 / 2) it rounds to zero and the whole block quantizes to zero, so blocks vanish
+# once amax / amax_block reaches 448 / 2**-10 (about 4.6e5; the 6 of E2M1 cancels out).
+ZEROED_BLOCK_RATIO = E4M3_MAX / (E4M3_SUBNORMAL_STEP / 2)
 
 
 class NVFP4Linear(nn.Linear):
@@ -275,6 +287,58 @@ class NVFP4Linear(nn.Linear):
             self._parameters["weight"] = live
             self._unpacked_global_scale = unpacked
             self._frozen_cache = None
+
+    def checkpoint_tensors(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Shape and dtype of each NVFP4 tensor a checkpoint of this layer must hold, by name.
+
+        Packed: ``weight_packed``, ``weight_scale``, ``weight_global_scale``; both modes:
+        ``input_global_scale`` for W4A4. The master weight and bias are ordinary parameters.
+        """
+        tensors = {}
+        if self.is_packed:
+            tensors["weight_packed"] = ((self.out_features, self.in_features // 2), torch.uint8)
+            tensors["weight_scale"] = ((self.out_features, self.in_features // BLOCK_SIZE), torch.float8_e4m3fn)
+            tensors["weight_global_scale"] = ((1,), torch.float32)
+        if self.quantize_activations:
+            tensors["input_global_scale"] = ((1,), torch.float32)
+        return tensors
+
+    def warn_if_outlier_zeroes_blocks(self) -> float | None:
+        """Warn when the weight's amax is so far above its typical block that blocks quantize to zero.
+
+        Meant for load time, not for every step: one min/max pass over the master weight (and its
+        fused peers, whose amax sets the shared global scale). It warns when at least half of the
+        non-zero blocks fall :data:`ZEROED_BLOCK_RATIO` or more below that amax, i.e. when the ratio
+        of the amax to the median non-zero block amax reaches it (all-zero blocks, as in a pruned
+        weight, are zero anyway). Packed layers, and weights that are not whole on this process
+        (ZeRO-3 shards), are skipped.
+
+        Returns:
+            the ratio of the amax to the median non-zero block amax when it warned, else ``None``.
+        """
+        weight = self.weight
+        if self.is_packed or weight.is_meta or weight.numel() != self.out_features * self.in_features:
+            return None
+        low, high = weight.detach().unflatten(-1, (-1, BLOCK_SIZE)).aminmax(dim=-1)
+        block_amax = torch.maximum(-low, high).float()
+        own = block_amax.max()
+        peers = [torch.stack(torch.aminmax(peer.weight.detach())).abs().amax().float()
+                 for peer in self.global_scale_peers]
+        amax = torch.stack([own, *peers]).amax()
+        nonzero = block_amax[block_amax > 0]
+        zeroed = int((nonzero * ZEROED_BLOCK_RATIO <= amax).sum())
+        if zeroed == 0 or 2 * zeroed < nonzero.numel():
+            return None
+        ratio = float(amax / nonzero.median())
+        source = "its" if bool(own >= amax) else "its fused group's"
+        warnings.warn(
+            f"NVFP4Linear {self._name() or ''}: {source} largest weight ({float(amax):.3g}) is {ratio:.3g}x the "
+            f"median block amax, so {zeroed} of its {block_amax.numel()} weight blocks quantize to zero (from "
+            f"{ZEROED_BLOCK_RATIO:.3g}x on, block scales underflow e4m3). Check the checkpoint for corrupt "
+            "values, or keep this layer in high precision (modules_to_not_convert).",
+            stacklevel=2,
+        )
+        return ratio
 
     def _unpacked_weight_unchanged(self) -> bool:
         record = self._unpacked_global_scale

@@ -28,7 +28,14 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers import auto as quantizers_auto
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from hf_qad.nvfp4.conversion import DEFAULT_MODULES_TO_NOT_CONVERT, nvfp4_modules, plan_conversion, replace_linears
+from hf_qad.nvfp4.conversion import (
+    DEFAULT_MODULES_TO_NOT_CONVERT,
+    nvfp4_modules,
+    plan_conversion,
+    replace_linears,
+    tied_linears,
+)
+from hf_qad.nvfp4.linear import NVFP4Linear
 from hf_qad.quantizer.config import QUANT_METHOD, NVFP4Config
 from hf_qad.quantizer.serialization import (
     compressed_tensors_config,
@@ -81,7 +88,8 @@ class NVFP4HfQuantizer(HfQuantizer):
             patterns += list(DEFAULT_MODULES_TO_NOT_CONVERT)
         else:
             patterns = list(config.modules_to_not_convert) + list(keep_in_fp32_modules or [])
-        plan = plan_conversion(model, patterns)
+        # Tied output embeddings stay in high precision even when the user gives their own patterns.
+        plan = plan_conversion(model, patterns, keep=tied_linears(model))
         replace_linears(
             model,
             plan,
@@ -97,13 +105,32 @@ class NVFP4HfQuantizer(HfQuantizer):
             ignored = list(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])
             model._keys_to_ignore_on_load_missing = ignored + [r"\.input_global_scale$"]
 
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        # For a pre-quantized checkpoint, "needs quantization" tells transformers that the tensor is
+        # a quantized one whose shape the quantizer checks itself: a wrong one is then reported with
+        # the missing and wrong-dtype tensors in one error after loading (_check_loaded_tensors).
+        return self.pre_quantized and param_name.rpartition(".")[2] in _NVFP4_TENSORS
+
+    def get_new_dtype(self, converter, param, dtype):
+        # NVFP4 tensors load in the checkpoint's own dtype: transformers would cast a float one to the
+        # buffer's dtype (a float weight_packed to uint8 garbage), hiding a wrong dtype from the check.
+        targets = getattr(converter, "target_patterns", None) or []
+        if any(target.rpartition(".")[2] in _NVFP4_TENSORS for target in targets):
+            return None
+        return super().get_new_dtype(converter, param, dtype)
+
     def _process_model_after_weight_loading(self, model, **kwargs):
         # transformers has just set model.config.quantization_config to our NVFP4Config; what
         # config.json gets must follow the save (packed export or master weights), so the model's
         # config holds the quantizer's view of it instead.
         model.config.quantization_config = SavedQuantizationConfig(self)
         model.add_model_tags(_TAGS)  # for the model card transformers writes on push_to_hub
-        for layer in nvfp4_modules(model).values():
+        layers = nvfp4_modules(model)
+        if self.pre_quantized:
+            _check_loaded_tensors(layers, model.config.name_or_path)
+        for layer in layers.values():
+            if not layer.is_packed:
+                layer.warn_if_outlier_zeroes_blocks()
             if not layer.quantize_activations:
                 continue
             if not self.pre_quantized:
@@ -158,6 +185,44 @@ class NVFP4HfQuantizer(HfQuantizer):
     @property
     def is_compileable(self) -> bool:
         return True
+
+
+_NVFP4_TENSORS = ("weight_packed", "weight_scale", "weight_global_scale", "input_global_scale")
+_LISTED = 4  # tensors named in a loading error; the rest are counted
+
+
+def _listing(names: list[str]) -> str:
+    more = f" (and {len(names) - _LISTED} more)" if len(names) > _LISTED else ""
+    return ", ".join(names[:_LISTED]) + more
+
+
+def _spec(shape: tuple[int, ...], dtype: torch.dtype) -> str:
+    return f"{str(dtype).removeprefix('torch.')} [{'x'.join(map(str, shape))}]"
+
+
+def _check_loaded_tensors(layers: Mapping[str, NVFP4Linear], path: str) -> None:
+    """Raise unless every NVFP4 tensor the checkpoint's config promises was loaded, with its shape and dtype.
+
+    transformers marks each tensor it loads from the checkpoint with ``_is_hf_initialized`` (what
+    its own missing-key initialization goes by); a missing one is left as uninitialized memory.
+    """
+    missing, wrong = [], []
+    for name, layer in layers.items():
+        for tensor_name, (shape, dtype) in layer.checkpoint_tensors().items():
+            key = f"{name}.{tensor_name}"
+            tensor = getattr(layer, tensor_name)
+            if not getattr(tensor, "_is_hf_initialized", False):
+                missing.append(key)
+            elif tuple(tensor.shape) != shape or tensor.dtype != dtype:
+                wrong.append(f"{key} ({_spec(tensor.shape, tensor.dtype)}, expected {_spec(shape, dtype)})")
+    if missing or wrong:
+        problems = ([f"missing {len(missing)}: {_listing(missing)}"] if missing else []) + (
+            [f"wrong {len(wrong)}: {_listing(wrong)}"] if wrong else []
+        )
+        raise ValueError(
+            f"{path} does not hold the NVFP4 tensors its quantization_config promises ({'; '.join(problems)}); "
+            "it is incomplete or was not written for this model: export it again (save_pretrained, hf-qad export)."
+        )
 
 
 class SavedQuantizationConfig(QuantizationConfigMixin):

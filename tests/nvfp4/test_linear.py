@@ -10,7 +10,7 @@ from hf_qad.nvfp4 import reference as ref
 from hf_qad.nvfp4 import functional
 from hf_qad.nvfp4.calibration import calibrate
 from hf_qad.nvfp4.reference import unpack_codes
-from hf_qad.nvfp4.linear import NVFP4Linear
+from hf_qad.nvfp4.linear import ZEROED_BLOCK_RATIO, NVFP4Linear
 
 
 def _layer(w4a4=True, dtype=torch.float32, bias=True, seed=0):
@@ -204,3 +204,25 @@ def test_qweight_only_in_packed_mode():
     layer = _layer(False)
     assert not hasattr(layer, "qweight")
     assert layer.pack().qweight is layer.weight_packed
+
+
+@pytest.mark.parametrize("margin", [0.99, 1.01])
+def test_outlier_warning_starts_where_blocks_quantize_to_zero(margin):
+    # every block's amax is 1 but the first one's, so the median block amax is 1; one all-zero block
+    # (pruned) is not counted as zeroed
+    layer = NVFP4Linear(64, 4, bias=False, quantize_activations=False)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+        layer.weight[0, 0] = ZEROED_BLOCK_RATIO * margin
+        layer.weight[3, 48:] = 0
+    blocks = functional.dequantize(*layer.quantized_weight(), dtype=torch.float32).unflatten(-1, (-1, 16))
+    zeroed = int((blocks == 0).all(-1).sum())
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        ratio = layer.warn_if_outlier_zeroes_blocks()
+    warned = [str(w.message) for w in record if "median block amax" in str(w.message)]
+    if margin < 1:
+        assert zeroed == 1 and not warned and ratio is None
+    else:
+        assert zeroed == 15 and len(warned) == 1 and "14 of its 16 weight blocks" in warned[0]
+        assert ratio == pytest.approx(ZEROED_BLOCK_RATIO * margin)
