@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from transformers import (
@@ -90,19 +91,32 @@ def save_tiny_llama_with_tokenizer(path: Path, seed: int = 0, **overrides) -> Pa
 # in_features is a multiple of 16 (NVFP4's block), so every Linear but the head is converted.
 _SHAPE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2)
-ARCHITECTURES: dict[str, tuple[type[PretrainedConfig], dict, bool]] = {
-    # name: (config class, settings beyond _SHAPE, whether the tokenizer adds BOS)
-    "llama": (LlamaConfig, dict(tie_word_embeddings=False), False),
-    "llama_tied": (LlamaConfig, dict(tie_word_embeddings=True), True),  # Llama-3.2-1B/3B: tied head, BOS
-    "qwen2": (Qwen2Config, dict(tie_word_embeddings=False), False),
-    "mistral": (MistralConfig, dict(tie_word_embeddings=False, sliding_window=8), True),
-    "qwen3": (Qwen3Config, dict(tie_word_embeddings=False, head_dim=16), False),  # q/k RMSNorms
+
+
+class TinyArchitecture(NamedTuple):
+    config_class: type[PretrainedConfig]
+    settings: dict  # beyond _SHAPE
+    adds_bos: bool  # whether the real models' tokenizers start every row with BOS
+
+
+ARCHITECTURES: dict[str, TinyArchitecture] = {
+    "llama": TinyArchitecture(LlamaConfig, dict(tie_word_embeddings=False), False),
+    # Llama-3.2-1B/3B: the head tied to the embedding, BOS
+    "llama_tied": TinyArchitecture(LlamaConfig, dict(tie_word_embeddings=True), True),
+    "qwen2": TinyArchitecture(Qwen2Config, dict(tie_word_embeddings=False), False),
+    "mistral": TinyArchitecture(MistralConfig, dict(tie_word_embeddings=False, sliding_window=8), True),
+    # q/k RMSNorms
+    "qwen3": TinyArchitecture(Qwen3Config, dict(tie_word_embeddings=False, head_dim=16), False),
     # fused qkv_proj and gate_up_proj Linears
-    "phi3": (Phi3Config, dict(tie_word_embeddings=False, sliding_window=8), False),
+    "phi3": TinyArchitecture(Phi3Config, dict(tie_word_embeddings=False, sliding_window=8), False),
     # Gemma-3 text: a scaled embedding tied to the head (262k rows in the real models), q/k norms,
     # sliding-window layers interleaved with global ones (5:1 in the real models), BOS
-    "gemma3": (Gemma3TextConfig, dict(tie_word_embeddings=True, head_dim=16, sliding_window=8,
-                                      layer_types=["sliding_attention", "full_attention"]), True),
+    "gemma3": TinyArchitecture(
+        Gemma3TextConfig,
+        dict(tie_word_embeddings=True, head_dim=16, sliding_window=8,
+             layer_types=["sliding_attention", "full_attention"]),
+        True,
+    ),
 }
 
 
@@ -121,7 +135,7 @@ def save_tiny_model(path: Path, architecture: str, seed: int = 0, dtype: torch.d
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(architecture, **overrides)).to(dtype)
     model.save_pretrained(path)
-    tiny_tokenizer(add_bos=ARCHITECTURES[architecture][2]).save_pretrained(path)
+    tiny_tokenizer(add_bos=ARCHITECTURES[architecture].adds_bos).save_pretrained(path)
     return path
 
 

@@ -56,7 +56,7 @@ def _quantize_train_export(root, architecture):
     # the trained model itself, not the forward accelerate wrapped in the run's mixed-precision autocast
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False).eval()
     ids = tokenizer(TEXTS[0], return_tensors="pt").input_ids  # longer than the sliding windows (8)
-    assert (ids[0, 0] == tokenizer.bos_token_id) == ARCHITECTURES[architecture][2]
+    assert (ids[0, 0] == tokenizer.bos_token_id) == ARCHITECTURES[architecture].adds_bos
     return model, root / "packed", ids, _logits(model, ids)
 
 
