@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    Phi3Config,
+    PretrainedConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 VOCAB = 128
 
@@ -44,9 +55,12 @@ CHAT_TEMPLATE = (
 )
 
 
-def tiny_tokenizer():
-    """A character-level tokenizer (printable ASCII) built with the tokenizers library."""
-    from tokenizers import Tokenizer, decoders, models
+def tiny_tokenizer(add_bos: bool = False):
+    """A character-level tokenizer (printable ASCII) built with the tokenizers library.
+
+    ``add_bos``: encoding starts every row with ``<s>``, as Gemma's and Llama-3's tokenizers do.
+    """
+    from tokenizers import Tokenizer, decoders, models, processors
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<unk>", "<s>", "</s>", "<pad>"]
@@ -54,6 +68,10 @@ def tiny_tokenizer():
     assert len(vocab) <= VOCAB
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     backend.decoder = decoders.BPEDecoder()
+    if add_bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+        )
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
@@ -66,6 +84,58 @@ def save_tiny_llama_with_tokenizer(path: Path, seed: int = 0, **overrides) -> Pa
     save_tiny_llama(path, seed=seed, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                     pad_token_id=tokenizer.pad_token_id, **overrides)
     tokenizer.save_pretrained(path)
+    return path
+
+
+# The architectures users fine-tune, each as a tiny config keeping what sets it apart. Every layer's
+# in_features is a multiple of 16 (NVFP4's block), so every Linear but the head is converted.
+_SHAPE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2)
+
+
+class TinyArchitecture(NamedTuple):
+    config_class: type[PretrainedConfig]
+    settings: dict  # beyond _SHAPE
+    adds_bos: bool  # whether the real models' tokenizers start every row with BOS
+
+
+ARCHITECTURES: dict[str, TinyArchitecture] = {
+    "llama": TinyArchitecture(LlamaConfig, dict(tie_word_embeddings=False), False),
+    # Llama-3.2-1B/3B: the head tied to the embedding, BOS
+    "llama_tied": TinyArchitecture(LlamaConfig, dict(tie_word_embeddings=True), True),
+    "qwen2": TinyArchitecture(Qwen2Config, dict(tie_word_embeddings=False), False),
+    "mistral": TinyArchitecture(MistralConfig, dict(tie_word_embeddings=False, sliding_window=8), True),
+    # q/k RMSNorms
+    "qwen3": TinyArchitecture(Qwen3Config, dict(tie_word_embeddings=False, head_dim=16), False),
+    # fused qkv_proj and gate_up_proj Linears
+    "phi3": TinyArchitecture(Phi3Config, dict(tie_word_embeddings=False, sliding_window=8), False),
+    # Gemma-3 text: a scaled embedding tied to the head (262k rows in the real models), q/k norms,
+    # sliding-window layers interleaved with global ones (5:1 in the real models), BOS
+    "gemma3": TinyArchitecture(
+        Gemma3TextConfig,
+        dict(tie_word_embeddings=True, head_dim=16, sliding_window=8,
+             layer_types=["sliding_attention", "full_attention"]),
+        True,
+    ),
+}
+
+
+def tiny_config(architecture: str, **overrides) -> PretrainedConfig:
+    """A tiny config of one of :data:`ARCHITECTURES`, special tokens matching :func:`tiny_tokenizer`."""
+    config_cls, settings, _ = ARCHITECTURES[architecture]
+    tokenizer = tiny_tokenizer()
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    return config_cls(**{**_SHAPE, **settings, **ids, **overrides})
+
+
+def save_tiny_model(path: Path, architecture: str, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                    **overrides) -> Path:
+    """Save a tiny model of one of :data:`ARCHITECTURES` with its tokenizer (BOS as the architecture's)."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(architecture, **overrides)).to(dtype)
+    model.save_pretrained(path)
+    tiny_tokenizer(add_bos=ARCHITECTURES[architecture].adds_bos).save_pretrained(path)
     return path
 
 

@@ -1,44 +1,180 @@
-"""Llama-, Qwen- and Mistral-style models, MoE with separate expert Linears, fused experts refused."""
+"""The architectures users fine-tune, through the whole QAD path; MoE with separate expert Linears, fused experts refused."""
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 import torch.nn as nn
-from transformers import (
-    AutoModelForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    MixtralConfig,
-    MixtralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from datasets import Dataset
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, MixtralForCausalLM
 
 import hf_qad
 from hf_qad import NVFP4Config, NVFP4Linear
-from hf_qad.nvfp4.conversion import DEFAULT_MODULES_TO_NOT_CONVERT, plan_conversion, replace_linears
+from hf_qad.nvfp4.conversion import DEFAULT_MODULES_TO_NOT_CONVERT, nvfp4_modules, plan_conversion, replace_linears
+from hf_qad.trainer import QADConfig, QADTrainer
+from tests.tiny_models import ARCHITECTURES, TEXTS, save_tiny_model, token_batches
 
 SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
              num_attention_heads=4, num_key_value_heads=2)
 
+# The sibling Linears of one decoder layer that vLLM fuses into one matmul, which must share a
+# weight global scale. Phi-3's checkpoint holds them fused already (qkv_proj, gate_up_proj):
+# one Linear each, one global scale by construction.
+SEPARATE = [("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj"))]
+FUSED_GROUPS = {name: SEPARATE for name in ARCHITECTURES}
+FUSED_GROUPS["phi3"] = [("self_attn", ("qkv_proj",)), ("mlp", ("gate_up_proj",))]
 
-@pytest.mark.parametrize(
-    "model_cls, config_cls",
-    [(Qwen2ForCausalLM, Qwen2Config), (MistralForCausalLM, MistralConfig)],
-    ids=["qwen2", "mistral"],
-)
-def test_round_trip_on_other_architectures(tmp_path, model_cls, config_cls):
-    torch.manual_seed(0)
-    model_cls(config_cls(**SMALL)).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", quantization_config=NVFP4Config(), dtype=torch.bfloat16)
-    assert isinstance(model.model.layers[0].self_attn.q_proj, NVFP4Linear)
-    ids = torch.randint(0, 96, (2, 12))
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _quantize_train_export(root, architecture):
+    """from_pretrained as NVFP4 -> calibrate -> 2 QAD steps against the BF16 checkpoint -> packed export."""
+    bf16 = save_tiny_model(root / "bf16", architecture)
+    tokenizer = AutoTokenizer.from_pretrained(bf16)
+    # in BF16, as users load it (a float32 export: test_float32_export_needs_bfloat16_in_plain_transformers)
+    model = AutoModelForCausalLM.from_pretrained(bf16, quantization_config=NVFP4Config(), dtype=torch.bfloat16)
+    hf_qad.calibrate(model, token_batches(2))
+    before = {name: layer.weight.detach().clone() for name, layer in nvfp4_modules(model).items()}
+    args = QADConfig(str(root / "out"), use_cpu=True, report_to=[], save_strategy="no", seed=0, logging_steps=1,
+                     max_steps=2, per_device_train_batch_size=4, learning_rate=1e-3)
+    trainer = QADTrainer(model, teacher=str(bf16), args=args, train_dataset=Dataset.from_dict({"text": TEXTS}),
+                         processing_class=tokenizer)
+    trainer.train()
+    losses = [entry["kl"] for entry in trainer.state.log_history if "kl" in entry]
+    assert len(losses) == 2 and all(math.isfinite(kl) and kl >= 0 for kl in losses), losses
+    changed = [name for name, layer in nvfp4_modules(model).items() if not torch.equal(layer.weight, before[name])]
+    assert changed, "two QAD steps left every NVFP4 weight unchanged"
+    trainer.save_model(str(root / "packed"))
+    # the trained model itself, not the forward accelerate wrapped in the run's mixed-precision autocast
+    model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False).eval()
+    ids = tokenizer(TEXTS[0], return_tensors="pt").input_ids  # longer than the sliding windows (8)
+    assert (ids[0, 0] == tokenizer.bos_token_id) == ARCHITECTURES[architecture].adds_bos
+    return model, root / "packed", ids, _logits(model, ids)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Each architecture's QAD run, run once for the module (the plain-transformers test reuses them)."""
+    runs = {}
+
+    def run(architecture):
+        if architecture not in runs:
+            runs[architecture] = _quantize_train_export(tmp_path_factory.mktemp(architecture), architecture)
+        return runs[architecture]
+
+    return run
+
+
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+def test_qad_round_trip_on_every_architecture(exported, architecture):
+    model, packed, ids, expected = exported(architecture)
+    plain = AutoModelForCausalLM.from_config(model.config)  # the same architecture, nothing converted
+    linears = {name for name, module in plain.named_modules() if isinstance(module, nn.Linear)}
+    # the default modules_to_not_convert keeps the head (tied or not) and converts every other Linear
+    assert set(nvfp4_modules(model)) == linears - {"lm_head"}
+    assert type(model.lm_head) is nn.Linear
+    if model.config.tie_word_embeddings:
+        assert model.lm_head.weight is model.get_input_embeddings().weight
+    for i in range(model.config.num_hidden_layers):
+        layer = model.model.layers[i]
+        for parent, group in FUSED_GROUPS[architecture]:
+            members = [getattr(getattr(layer, parent), child) for child in group]
+            for member in members:
+                assert set(member.global_scale_peers) == set(members) - {member}
+    saved = json.loads((packed / "config.json").read_text())
+    assert saved["quantization_config"]["ignore"] == ["lm_head"]
+    tensors = load_file(packed / "model.safetensors")
+    for i in range(model.config.num_hidden_layers):
+        for parent, group in FUSED_GROUPS[architecture]:
+            scales = [tensors[f"model.layers.{i}.{parent}.{child}.weight_global_scale"] for child in group]
+            assert all(torch.equal(scale, scales[0]) for scale in scales), (i, group, scales)
+    assert ("lm_head.weight" in tensors) != model.config.tie_word_embeddings
+
+    reloaded = hf_qad.load_packed_model(packed)
+    assert set(nvfp4_modules(reloaded)) == set(nvfp4_modules(model))
+    assert all(layer.is_packed for layer in nvfp4_modules(reloaded).values())
+    assert getattr(reloaded.config, "layer_types", None) == getattr(model.config, "layer_types", None)
+    assert torch.equal(_logits(reloaded, ids), expected)
+
+
+def test_gemma3_keeps_its_sliding_window_layers(exported):
+    model, packed, ids, expected = exported("gemma3")
+    reloaded = hf_qad.load_packed_model(packed)
+    windows = [layer.self_attn.sliding_window for layer in reloaded.model.layers]
+    assert windows == [8, None]
+    # the input is longer than the window, so the window masks something: widened, the answer changes
+    assert ids.shape[1] > 8
+    reloaded.config.sliding_window = ids.shape[1]
+    assert not torch.equal(_logits(reloaded, ids), expected)
+
+
+# compressed-tensors (0.20.1) dequantizes NVFP4 weights to bfloat16 whatever the model's dtype
+# (compressors/nvfp4/base.py calls unpack_fp4_from_uint8 without a dtype), so the float32 Linear
+# inputs of a float32 export meet bfloat16 weights in F.linear; dtype=bfloat16 loads it.
+CT_FLOAT32_ERROR = "expected m1 and m2 to have the same dtype, but got: float != c10::BFloat16"
+
+
+@pytest.fixture(scope="module")
+def plain_transformers(exported, tmp_path_factory):
+    """Every export loaded by plain transformers + compressed-tensors in ONE interpreter without hf_qad
+    (it starts once: importing transformers dominates): architecture -> "OK" or the error it raised."""
+    root = tmp_path_factory.mktemp("plain")
+    cases = {}
+    for architecture in ARCHITECTURES:
+        _, packed, ids, expected = exported(architecture)
+        torch.save((ids, expected), root / f"{architecture}.pt")
+        cases[architecture] = (str(packed), str(root / f"{architecture}.pt"), None)
+    # a float32 student's export, loaded as saved and as bfloat16 (against hf_qad's bfloat16 load)
+    model = AutoModelForCausalLM.from_pretrained(exported("llama")[1].parent / "bf16",
+                                                 quantization_config=NVFP4Config(), dtype=torch.float32)
+    ids = token_batches(1)[0]
     hf_qad.calibrate(model, [ids])
-    with torch.no_grad():
-        expected = model(ids).logits
-    model.save_pretrained(tmp_path / "packed")
-    reloaded = hf_qad.load_packed_model(tmp_path / "packed")
-    with torch.no_grad():
-        assert torch.equal(reloaded(ids).logits, expected)
+    model.save_pretrained(root / "float32")
+    torch.save((ids, _logits(model, ids)), root / "float32.pt")
+    cases["float32"] = (str(root / "float32"), str(root / "float32.pt"), None)
+    torch.save((ids, _logits(hf_qad.load_packed_model(root / "float32", dtype=torch.bfloat16), ids)),
+               root / "float32_as_bf16.pt")
+    cases["float32_as_bf16"] = (str(root / "float32"), str(root / "float32_as_bf16.pt"), "bfloat16")
+    script = textwrap.dedent(
+        f"""
+        import json, sys, torch
+        from transformers import AutoModelForCausalLM
+        results = {{}}
+        for name, (packed, expected_file, dtype) in {cases!r}.items():
+            try:
+                model = AutoModelForCausalLM.from_pretrained(packed, **({{"dtype": dtype}} if dtype else {{}}))
+                ids, expected = torch.load(expected_file)
+                with torch.no_grad():
+                    got = model(ids).logits
+                results[name] = "OK" if torch.equal(got, expected) else f"logits differ by {{(got - expected).abs().max()}}"
+            except Exception as error:
+                results[name] = f"{{type(error).__name__}}: {{error}}"
+        assert "hf_qad" not in sys.modules, "hf_qad was imported"
+        print(json.dumps(results))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+def test_plain_transformers_loads_every_architecture_without_hf_qad(plain_transformers, architecture):
+    assert plain_transformers[architecture] == "OK"
+
+
+def test_float32_export_needs_bfloat16_in_plain_transformers(plain_transformers):
+    """Upstream (compressed-tensors 0.20.1): see CT_FLOAT32_ERROR. hf_qad loads the same export in float32."""
+    assert plain_transformers["float32"] == f"RuntimeError: {CT_FLOAT32_ERROR}"
+    assert plain_transformers["float32_as_bf16"] == "OK"
 
 
 def test_fused_expert_tensors_raise_a_clear_error(tmp_path):
