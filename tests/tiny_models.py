@@ -44,9 +44,12 @@ CHAT_TEMPLATE = (
 )
 
 
-def tiny_tokenizer():
-    """A character-level tokenizer (printable ASCII) built with the tokenizers library."""
-    from tokenizers import Tokenizer, decoders, models
+def tiny_tokenizer(add_bos: bool = False):
+    """A character-level tokenizer (printable ASCII) built with the tokenizers library.
+
+    With ``add_bos`` it puts ``<s>`` before every text, as Llama-3's and Gemma's tokenizers do.
+    """
+    from tokenizers import Tokenizer, decoders, models, processors
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<unk>", "<s>", "</s>", "<pad>"]
@@ -54,6 +57,9 @@ def tiny_tokenizer():
     assert len(vocab) <= VOCAB
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     backend.decoder = decoders.BPEDecoder()
+    if add_bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
@@ -61,8 +67,8 @@ def tiny_tokenizer():
     return tokenizer
 
 
-def save_tiny_llama_with_tokenizer(path: Path, seed: int = 0, **overrides) -> Path:
-    tokenizer = tiny_tokenizer()
+def save_tiny_llama_with_tokenizer(path: Path, seed: int = 0, add_bos: bool = False, **overrides) -> Path:
+    tokenizer = tiny_tokenizer(add_bos=add_bos)
     save_tiny_llama(path, seed=seed, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                     pad_token_id=tokenizer.pad_token_id, **overrides)
     tokenizer.save_pretrained(path)
