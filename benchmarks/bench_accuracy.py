@@ -78,7 +78,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from transformers.utils import logging as hf_logging
 
 import hf_qad
-from hf_qad.evaluation import chunk_token_ids, compare_to_teacher, multiple_choice_accuracy
+from hf_qad.evaluation import chunk_token_ids, compare_to_teacher, leading_bos_id, multiple_choice_accuracy
 from hf_qad.nvfp4.calibration import calibrate
 from hf_qad.smollm2 import smollm2_path
 from hf_qad.trainer import QADConfig, QADTrainer
@@ -188,7 +188,7 @@ def tiny_model(folder: Path) -> Path:
 
 
 def token_stream(tokenizer, name: str, limit: int | None = None) -> list[int]:
-    """Token ids of a shared text file (no special tokens), cut to ``limit``."""
+    """Token ids of a shared text file (no special tokens: rows get BOS from ``chunk_token_ids``), cut to ``limit``."""
     text = read_text(name)
     if limit is not None:
         text = text[: limit * 8]  # enough characters for `limit` tokens; avoids tokenizing a whole file
@@ -203,8 +203,8 @@ class TrainData:
                  texts: Sequence[str] = TRAIN_TEXTS):
         rows_needed = math.ceil(train_tokens / seq_len)
         per_text = math.ceil(rows_needed / len(texts)) + math.ceil(held_out_rows / len(texts))
-        streams = [chunk_token_ids(token_stream(tokenizer, name, per_text * seq_len + 1), seq_len)
-                   for name in texts]
+        streams = [chunk_token_ids(token_stream(tokenizer, name, per_text * seq_len + 1), seq_len,
+                                   bos_token_id=leading_bos_id(tokenizer)) for name in texts]
         for name, rows in zip(texts, streams):
             if rows.shape[0] < per_text:
                 raise ValueError(f"{name} has {rows.shape[0]} rows of {seq_len} tokens, {per_text} are needed.")
@@ -465,7 +465,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = TrainData(tokenizer, args.train_tokens, args.seq_len, args.calibration_rows, held_out_rows,
                      args.train_texts)
     eval_rows = chunk_token_ids(token_stream(tokenizer, EVAL_TEXT, args.eval_tokens + 1), args.seq_len,
-                                args.eval_tokens)
+                                args.eval_tokens, bos_token_id=leading_bos_id(tokenizer))
     arc_all = [json.loads(line) for line in read_text(ARC_FILE).splitlines() if line.strip()]
     arc_rows = arc_all[: args.arc_limit] if args.arc_limit else arc_all
 

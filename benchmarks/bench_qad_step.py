@@ -158,13 +158,15 @@ def _token_rows(model_path: str, rows: int, seq_len: int, seed: int, text: bool)
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
+    from hf_qad.evaluation import token_rows
     from tests.shared_data import read_text, shared_data_dir
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if text and shared_data_dir() is not None:
-        ids = tokenizer(read_text("wikitext2_valid.txt")[: rows * seq_len * 8]).input_ids
-        if len(ids) >= rows * seq_len:
-            return torch.tensor(ids[: rows * seq_len]).view(rows, seq_len).tolist()
+        text_rows = token_rows(tokenizer, [read_text("wikitext2_valid.txt")[: rows * seq_len * 8]], seq_len,
+                               rows * seq_len)
+        if text_rows.shape[0] == rows:
+            return text_rows.tolist()
     vocab = AutoConfig.from_pretrained(model_path).vocab_size if not text else len(tokenizer)
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (rows, seq_len), generator=generator).tolist()

@@ -41,7 +41,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from common import machine, markdown_table  # the checkout on sys.path
 
 import hf_qad
-from hf_qad.evaluation import ComparisonResult, chunk_token_ids, compare_to_teacher
+from hf_qad.evaluation import ComparisonResult, compare_to_teacher, token_rows
 from hf_qad.nvfp4.conversion import nvfp4_modules
 from hf_qad.nvfp4.scale_search import SCALE_METHODS
 from hf_qad.smollm2 import smollm2_path
@@ -58,10 +58,9 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def token_rows(tokenizer, name: str, seq_len: int, max_tokens: int) -> torch.Tensor:
-    """The first ``max_tokens`` tokens of a shared text file as ``[n, seq_len]`` rows."""
-    ids = tokenizer(read_text(name), add_special_tokens=False).input_ids
-    return chunk_token_ids(ids, seq_len, max_tokens)
+def text_rows(tokenizer, name: str, seq_len: int, max_tokens: int) -> torch.Tensor:
+    """The first ``max_tokens`` tokens of a shared text file as ``[n, seq_len]`` rows (with BOS if the model has one)."""
+    return token_rows(tokenizer, [read_text(name)], seq_len, max_tokens)
 
 
 def tensor_bytes(folder: Path) -> dict[str, int]:
@@ -142,8 +141,8 @@ def main() -> None:
 
     path = smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    eval_batches = token_rows(tokenizer, EVAL_TEXT, args.seq_len, args.tokens).split(args.batch_size)
-    calibration_batches = token_rows(tokenizer, CALIBRATION_TEXT, args.seq_len, args.calibration_tokens)
+    eval_batches = text_rows(tokenizer, EVAL_TEXT, args.seq_len, args.tokens).split(args.batch_size)
+    calibration_batches = text_rows(tokenizer, CALIBRATION_TEXT, args.seq_len, args.calibration_tokens)
     calibration_batches = [{"input_ids": rows, "use_cache": False} for rows in calibration_batches.split(args.batch_size)]
     check_ids = eval_batches[0][:1, :RELOAD_CHECK_TOKENS]
     eval_tokens = sum(b.numel() for b in eval_batches)

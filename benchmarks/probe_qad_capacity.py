@@ -34,7 +34,7 @@ from transformers import AutoTokenizer, TrainerCallback
 from bench_accuracy import EVAL_TEXT, batches, load_student, load_teacher, token_stream, train_config
 from common import machine
 
-from hf_qad.evaluation import chunk_token_ids, compare_to_teacher
+from hf_qad.evaluation import chunk_token_ids, compare_to_teacher, leading_bos_id
 from hf_qad.smollm2 import smollm2_path
 from hf_qad.trainer import QADTrainer
 
@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.manual_seed(opts.seed)
     path = smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    rows = chunk_token_ids(token_stream(tokenizer, EVAL_TEXT, opts.eval_tokens + 1), opts.seq_len)
+    rows = chunk_token_ids(token_stream(tokenizer, EVAL_TEXT, opts.eval_tokens + 1), opts.seq_len,
+                           bos_token_id=leading_bos_id(tokenizer))
     teacher = load_teacher(path, opts.device)
     student = load_student(path, "amax", rows, opts.batch_size, opts.device)
 

@@ -38,6 +38,8 @@ __all__ = [
     "chunk_token_ids",
     "compare_to_teacher",
     "layer_quantization_errors",
+    "leading_bos_id",
+    "token_rows",
     "choice_log_likelihoods",
     "multiple_choice_accuracy",
 ]
@@ -59,19 +61,69 @@ class ComparisonResult:
         return asdict(self)
 
 
-def chunk_token_ids(token_ids: list[int] | torch.Tensor, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
+def leading_bos_id(tokenizer) -> int | None:
+    """The BOS id ``tokenizer`` puts before every text, or ``None`` if it adds none.
+
+    Found by encoding a text: flags such as ``add_bos_token`` do not say what a
+    tokenizers post-processor does (Llama-3's adds BOS with the flag unset).
+    SmolLM2's tokenizer has a BOS token (``<|im_start|>``) but does not add it.
+    """
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    return bos if tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos] else None
+
+
+def chunk_token_ids(
+    token_ids: list[int] | torch.Tensor, seq_len: int, max_tokens: int | None = None, bos_token_id: int | None = None
+) -> torch.Tensor:
     """Cut a token stream into ``[n, seq_len]`` rows, dropping the incomplete tail.
 
+    With ``bos_token_id``, every row is that BOS followed by the next ``seq_len - 1``
+    tokens of the stream: the rows start mid-text, and a model whose tokenizer adds BOS
+    was trained on sequences that start with it (without it, perplexities read several
+    times too high). ``max_tokens`` caps the size of the result, ``n * seq_len``.
+
     Raises:
-        ValueError: if the stream is shorter than one row.
+        ValueError: if ``seq_len`` is too small or the stream is shorter than one row.
+
+    Example:
+        >>> chunk_token_ids([5, 6, 7, 8, 9], 3, bos_token_id=1).tolist()
+        [[1, 5, 6], [1, 7, 8]]
     """
+    shortest = 1 if bos_token_id is None else 2
+    if seq_len < shortest:
+        raise ValueError(f"seq_len must be at least {shortest}, got {seq_len}.")
+    width = seq_len - (bos_token_id is not None)
     ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+    rows = ids.numel() // width
     if max_tokens is not None:
-        ids = ids[:max_tokens]
-    rows = ids.numel() // seq_len
+        rows = min(rows, max_tokens // seq_len)
     if rows == 0:
-        raise ValueError(f"need at least seq_len={seq_len} tokens, got {ids.numel()}.")
-    return ids[: rows * seq_len].view(rows, seq_len)
+        available = ids.numel() if max_tokens is None else min(ids.numel(), max_tokens)
+        raise ValueError(f"need at least seq_len={seq_len} tokens, got {available}.")
+    body = ids[: rows * width].view(rows, width)
+    if bos_token_id is None:
+        return body
+    return torch.cat([torch.full((rows, 1), bos_token_id, dtype=torch.long), body], dim=1)
+
+
+def token_rows(tokenizer, texts: Iterable[str], seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
+    """``[n, seq_len]`` rows of the token stream of ``texts``, each starting as the model was trained.
+
+    The texts are tokenized without special tokens and concatenated (stopping once
+    ``max_tokens`` are there), then cut by :func:`chunk_token_ids`, with BOS at the start
+    of every row when the tokenizer adds one (:func:`leading_bos_id`).
+
+    Raises:
+        ValueError: as :func:`chunk_token_ids`.
+    """
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
+    return chunk_token_ids(ids, seq_len, max_tokens, bos_token_id=leading_bos_id(tokenizer))
 
 
 def _logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -184,14 +236,37 @@ def choice_log_likelihoods(model: nn.Module, tokenizer, rows: list[dict], batch_
 
 
 @torch.no_grad()
-def layer_quantization_errors(model: nn.Module) -> dict[str, float]:
-    """Relative weight error ``||W_hat - W|| / ||W||`` of every fake-quant NVFP4 layer."""
+def layer_quantization_errors(model: nn.Module, reference: nn.Module | None = None) -> dict[str, float]:
+    """Relative weight error ``||W_hat - W|| / ||W||`` of every NVFP4 layer of ``model``.
+
+    ``W_hat`` is the layer's NVFP4 weight. ``W`` is its master weight in fake-quant mode;
+    a packed layer has none, so there ``W`` is the same-named weight of ``reference``
+    (the teacher: for a PTQ export this is the quantization error, after QAD it also
+    holds what training changed). Packed layers are left out without ``reference``.
+
+    Raises:
+        ValueError: if ``reference`` has no weight of that name and shape for a packed layer.
+    """
     from hf_qad.nvfp4.conversion import nvfp4_modules
+    from hf_qad.nvfp4.functional import dequantize
 
     errors = {}
     for name, layer in nvfp4_modules(model).items():
-        if layer.is_packed:
+        if not layer.is_packed:
+            weight = layer.weight.float()
+            quantized = layer.fake_quantized_weight().float()
+        elif reference is None:
             continue
-        weight = layer.weight.float()
-        errors[name] = float((layer.fake_quantized_weight().float() - weight).norm() / weight.norm().clamp(min=1e-30))
+        else:
+            quantized = dequantize(*layer.quantized_weight(), dtype=torch.float32)
+            try:
+                weight = reference.get_submodule(name).weight
+            except AttributeError:
+                weight = None
+            if not isinstance(weight, torch.Tensor) or weight.shape != quantized.shape:
+                raise ValueError(f"the reference model has no weight {name} of shape {tuple(quantized.shape)}: "
+                                 "it must be the model that was quantized.")
+            weight = weight.to(quantized.device, torch.float32)
+        errors[name] = float((quantized - weight).norm() / weight.norm().clamp(min=1e-30))
     return errors
+

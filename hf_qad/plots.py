@@ -8,14 +8,18 @@ __all__ = ["plot_evaluation"]
 
 
 def plot_evaluation(
-    layer_errors: dict[str, float], kl_by_position: dict[str, list[float]], path: str | Path
+    layer_errors: dict[str, float], kl_by_position: dict[str, list[float]], path: str | Path,
+    weight_reference: str = "master weight",
 ) -> Path:
     """Write a PNG with two panels and return its path.
 
     Args:
-        layer_errors: relative weight error per NVFP4 layer (empty for packed students).
+        layer_errors: relative weight error per NVFP4 layer
+            (:func:`hf_qad.evaluation.layer_quantization_errors`).
         kl_by_position: mean KL to the teacher at each position, one curve per label.
         path: where to write the PNG.
+        weight_reference: what the NVFP4 weights were compared with, for the axis label
+            (a packed student's against the teacher's weights).
     """
     import matplotlib
 
@@ -29,9 +33,9 @@ def plot_evaluation(
         step = max(1, len(names) // 30)
         top.set_xticks(range(0, len(names), step), [names[i] for i in range(0, len(names), step)],
                        rotation=90, fontsize=6)
-        top.set_ylabel("relative weight error")
+        top.set_ylabel(f"relative error vs {weight_reference}")
     else:
-        top.text(0.5, 0.5, "packed student: master weights not available", ha="center", va="center")
+        top.text(0.5, 0.5, "no NVFP4 layer errors to show", ha="center", va="center")
     top.set_title("NVFP4 quantization error per layer")
     for label, values in kl_by_position.items():
         bottom.plot(range(len(values)), values, label=label)

@@ -48,6 +48,30 @@ def test_chunking_and_errors():
         compare_to_teacher(_model(0), _model(0), [])
 
 
+def test_chunking_with_bos_starts_every_row_with_it():
+    rows = chunk_token_ids(list(range(10, 20)), 4, bos_token_id=1)
+    assert rows.tolist() == [[1, 10, 11, 12], [1, 13, 14, 15], [1, 16, 17, 18]]
+    assert chunk_token_ids(list(range(10, 20)), 4, max_tokens=8, bos_token_id=1).shape == (2, 4)
+    with pytest.raises(ValueError, match="seq_len must be at least 2"):
+        chunk_token_ids(list(range(10)), 1, bos_token_id=1)
+    with pytest.raises(ValueError, match="seq_len must be at least 1"):
+        chunk_token_ids(list(range(10)), 0)
+    with pytest.raises(ValueError, match="got 2"):
+        chunk_token_ids([5, 6], 4, bos_token_id=1)
+
+
+def test_token_rows_follow_the_tokenizer_on_bos():
+    from hf_qad.evaluation import leading_bos_id, token_rows
+    from tests.tiny_models import tiny_tokenizer
+
+    texts = ["hello there", "general kenobi"]
+    stream = [i for t in texts for i in tiny_tokenizer()(t, add_special_tokens=False)["input_ids"]]
+    with_bos, without = tiny_tokenizer(add_bos=True), tiny_tokenizer()
+    assert leading_bos_id(with_bos) == with_bos.bos_token_id == 1 and leading_bos_id(without) is None
+    assert token_rows(with_bos, texts, 6).tolist() == [[1, *stream[i:i + 5]] for i in range(0, 25, 5)]
+    assert token_rows(without, texts, 6, max_tokens=12).tolist() == [stream[:6], stream[6:12]]
+
+
 def test_kl_by_position_averages_rows():
     student, teacher = _model(0), _model(1)
     ids = torch.randint(0, 64, (3, 10))
@@ -106,3 +130,24 @@ def test_layer_quantization_errors():
     model = torch.nn.Sequential(NVFP4Linear(32, 16, quantize_activations=False))
     errors = layer_quantization_errors(model)
     assert list(errors) == ["0"] and 0.05 < errors["0"] < 0.2
+
+
+def test_packed_layer_errors_are_measured_against_the_reference():
+    import copy
+
+    from hf_qad.evaluation import layer_quantization_errors
+    from hf_qad.nvfp4.linear import NVFP4Linear
+
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
+    student = torch.nn.Sequential(*[NVFP4Linear.from_linear(copy.deepcopy(m), quantize_activations=False)
+                                    if isinstance(m, torch.nn.Linear) else m for m in teacher])
+    fake = layer_quantization_errors(student)
+    for layer in (student[0], student[2]):
+        layer.pack()
+    assert layer_quantization_errors(student) == {}  # no master weight and no reference: nothing to measure
+    assert layer_quantization_errors(student, reference=teacher) == pytest.approx(fake, rel=1e-6)
+    with pytest.raises(ValueError, match="no weight 2 of shape"):
+        layer_quantization_errors(student, reference=teacher[:2])
+    with pytest.raises(ValueError, match="no weight 0 of shape"):
+        layer_quantization_errors(student, reference=torch.nn.Sequential(torch.nn.Linear(64, 16)))

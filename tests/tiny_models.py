@@ -79,8 +79,8 @@ def tiny_tokenizer(add_bos: bool = False):
     return tokenizer
 
 
-def save_tiny_llama_with_tokenizer(path: Path, seed: int = 0, **overrides) -> Path:
-    tokenizer = tiny_tokenizer()
+def save_tiny_llama_with_tokenizer(path: Path, seed: int = 0, add_bos: bool = False, **overrides) -> Path:
+    tokenizer = tiny_tokenizer(add_bos=add_bos)
     save_tiny_llama(path, seed=seed, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                     pad_token_id=tokenizer.pad_token_id, **overrides)
     tokenizer.save_pretrained(path)

@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -17,17 +17,22 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from hf_qad.data import load_text_dataset
-from hf_qad.evaluation import chunk_token_ids
+from hf_qad.evaluation import token_rows
 from hf_qad.quantizer.checkpoints import is_packed_export, load_packed_model
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 class CommandError(SystemExit):
-    """A user error: printed as one line, exit status 2, no traceback."""
+    """A user error: printed as one line, exit status 2, no traceback.
+
+    ``str(error)`` is the line; :func:`hf_qad.cli.main.main` prints it to stderr, and the
+    exit status is :attr:`code` (Python would exit 1 after printing a message code itself).
+    """
 
     def __init__(self, message: str) -> None:
         super().__init__(f"hf-qad: error: {message}")
+        self.code = 2
 
 
 def existing_path(value: str) -> str:
@@ -102,6 +107,38 @@ def writing_into(out: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def model_folder(value: str) -> str:
+    """argparse type: a folder that holds a saved model (its ``config.json``).
+
+    Checked here so that a mistyped path fails at once, not after a minute of hub
+    retries or with a message about the tokenizer's files.
+    """
+    path = existing_path(value)
+    if not (Path(path) / "config.json").is_file():
+        raise argparse.ArgumentTypeError(f"{value} is not a model folder (no config.json): "
+                                         "give the folder that save_pretrained wrote")
+    return path
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """argparse type: an integer of at least ``minimum``.
+
+    >>> int_at_least(1)("3")
+    3
+    """
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {number}")
+        return number
+
+    return parse
+
+
 def load_model(path: str, **kwargs: Any) -> PreTrainedModel:
     """A causal LM from ``path``: packed NVFP4 exports as packed hf_qad models, anything else as saved."""
     if is_packed_export(path):
@@ -110,20 +147,18 @@ def load_model(path: str, **kwargs: Any) -> PreTrainedModel:
 
 
 def text_token_rows(source: str, tokenizer, seq_len: int, max_tokens: int | None) -> torch.Tensor:
-    """``[n, seq_len]`` token rows from a text file or dataset (its ``text`` column)."""
+    """``[n, seq_len]`` token rows from a text file or dataset (its ``text`` column).
+
+    Each row starts with BOS when the tokenizer adds one (:func:`hf_qad.evaluation.token_rows`).
+    """
     try:
         dataset = load_text_dataset(source)
     except (FileNotFoundError, ValueError) as error:
         raise CommandError(str(error)) from error
     if "text" not in dataset.column_names:
         raise CommandError(f"{source} has no 'text' column (columns: {', '.join(dataset.column_names)}).")
-    ids: list[int] = []
-    for text in dataset["text"]:
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if max_tokens is not None and len(ids) >= max_tokens:
-            break
     try:
-        return chunk_token_ids(ids, seq_len, max_tokens)
+        return token_rows(tokenizer, dataset["text"], seq_len, max_tokens)
     except ValueError as error:
         raise CommandError(f"{source}: {error}") from error
 

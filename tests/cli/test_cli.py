@@ -34,9 +34,20 @@ def test_quantize_writes_a_calibrated_packed_checkpoint(tiny, text_file, tmp_pat
     assert "nvfp4-pack-quantized" in (tmp_path / "ptq" / "README.md").read_text()  # the model card
 
 
-def test_quantize_w4a4_without_calibration_data_is_a_clear_error(tiny, tmp_path):
-    with pytest.raises(SystemExit, match="W4A4 needs --calibration_data"):
+def test_quantize_w4a4_without_calibration_data_is_a_clear_error(tiny, tmp_path, capsys):
+    with pytest.raises(SystemExit, match="W4A4 needs --calibration_data") as raised:
         main(["quantize", "--model", str(tiny), "--output_dir", str(tmp_path / "x")])
+    assert raised.value.code == 2  # a CommandError: one line on stderr, exit status 2
+    assert capsys.readouterr().err == f"{raised.value}\n"
+
+
+def test_a_command_error_exits_with_status_2_from_the_shell(tiny, tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "hf_qad.cli.main", "quantize", "--model", str(tiny),
+                             "--output_dir", str(tmp_path / "x")], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("hf-qad: error: W4A4 needs")
 
 
 def test_bad_path_is_reported_by_argparse(tmp_path, capsys):
@@ -53,6 +64,7 @@ def test_eval_prints_a_table_and_writes_json_and_png(tiny, text_file, tmp_path, 
     assert "| model | perplexity | kl | top1_agreement |" in out
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert result["tokens"] == 8 * 31 and result["student"]["kl"] > 0
+    assert len(result["layer_errors"]) == 14 and all(0.05 < e < 0.2 for e in result["layer_errors"].values())
     assert (tmp_path / "eval" / "eval.png").stat().st_size > 1000
 
 
@@ -94,3 +106,16 @@ def test_no_command_prints_help(capsys):
     with pytest.raises(SystemExit):
         main([])
     assert "hf-qad demo" in capsys.readouterr().out
+
+
+def test_demo_chat_rows_start_with_bos_once():
+    from hf_qad.cli.demo import chat_ids
+    from tests.tiny_models import CHAT_TEMPLATE, tiny_tokenizer
+
+    conversation = [{"role": "user", "content": "hi"}]
+    with_bos, without = tiny_tokenizer(add_bos=True), tiny_tokenizer()
+    assert chat_ids(with_bos, conversation)[:2] == [1, with_bos.convert_tokens_to_ids("u")]  # the template's <s>
+    for tokenizer in (with_bos, without):
+        tokenizer.chat_template = CHAT_TEMPLATE.replace("<s>", "")
+    assert chat_ids(with_bos, conversation)[:2] == [1, with_bos.convert_tokens_to_ids("u")]  # added
+    assert chat_ids(without, conversation, add_generation_prompt=True)[0] == without.convert_tokens_to_ids("u")
