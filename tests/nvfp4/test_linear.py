@@ -26,7 +26,7 @@ def _layer(w4a4=True, dtype=torch.float32, bias=True, seed=0):
 def test_fake_forward_is_reference_composition(w4a4, dtype):
     layer = _layer(w4a4, dtype)
     x = torch.randn(2, 3, 64, dtype=dtype)
-    x_hat = ref.fake_quant(x, layer.input_global_scale) if w4a4 else x
+    x_hat = ref.fake_quant_activation(x, layer.input_global_scale) if w4a4 else x
     expected = F.linear(x_hat, ref.fake_quant(layer.weight.detach()), layer.bias)
     assert torch.equal(layer(x), expected)
 
@@ -61,7 +61,7 @@ def test_gradients_reach_master_weight_through_ste():
     x = torch.randn(4, 64)
     grad_out = torch.randn(4, 32)
     layer(x).backward(grad_out)
-    x_hat = ref.fake_quant(x, layer.input_global_scale)
+    x_hat = ref.fake_quant_activation(x, layer.input_global_scale)
     assert torch.allclose(layer.weight.grad, grad_out.T @ x_hat, atol=1e-5)
     assert torch.allclose(layer.bias.grad, grad_out.sum(0), atol=1e-6)
 
@@ -149,7 +149,7 @@ def test_uncalibrated_w4a4_warns_once_and_uses_per_batch_scale():
         warnings.simplefilter("error")
         layer(x)
     gs = ref.global_scale_from_amax(x.abs().amax())
-    assert torch.equal(y, F.linear(ref.fake_quant(x, gs), ref.fake_quant(layer.weight.detach()), layer.bias))
+    assert torch.equal(y, F.linear(ref.fake_quant_activation(x, gs), ref.fake_quant(layer.weight.detach()), layer.bias))
 
 
 def test_in_features_not_multiple_of_16_is_refused():
