@@ -93,3 +93,18 @@ def test_package_exports_the_dispatching_ops():
     assert nvfp4.fake_quant_activation is functional.fake_quant_activation
     assert nvfp4.quantize is functional.quantize
     assert nvfp4.dequantize is functional.dequantize
+
+
+def test_fake_quant_activation_dispatches_with_a_straight_through_gradient(monkeypatch):
+    from hf_qad.nvfp4 import cpu
+
+    x = torch.randn(8, 64, dtype=torch.bfloat16, requires_grad=True)
+    gs = ref.global_scale_from_amax(torch.tensor(1.0))  # most blocks saturate
+    calls = []
+    original = cpu.fake_quant_activation
+    monkeypatch.setattr(cpu, "fake_quant_activation", lambda *a, **k: calls.append(1) or original(*a, **k))
+    y = functional.fake_quant_activation(x, gs, name="x")
+    assert calls == [1]
+    assert torch.equal(y, ref.fake_quant_activation(x, gs))
+    y.float().sum().backward()
+    assert bool((x.grad == 1).all())

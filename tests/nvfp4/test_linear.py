@@ -204,3 +204,39 @@ def test_qweight_only_in_packed_mode():
     layer = _layer(False)
     assert not hasattr(layer, "qweight")
     assert layer.pack().qweight is layer.weight_packed
+
+
+def _heavy_tailed_inputs(dtype=torch.bfloat16):
+    return torch.distributions.StudentT(1.5).sample((64, 64)).to(dtype)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["fake", "packed"])
+def test_w4a4_inputs_are_rounded_as_serving_rounds_them(packed):
+    torch.manual_seed(3)
+    layer = NVFP4Linear.from_linear(torch.nn.Linear(64, 32, dtype=torch.bfloat16))
+    x = _heavy_tailed_inputs()
+    calibrate(layer, [x])
+    gs = layer.input_global_scale
+    w_hat = ref.fake_quant(layer.weight.detach())
+    runtime, offline = ref.fake_quant_activation(x, gs), ref.fake_quant(x, gs)
+    assert not torch.equal(runtime, offline)  # the formulas differ on these blocks ...
+    if packed:
+        layer.pack()
+    y = layer(x)
+    assert torch.equal(y, F.linear(runtime, w_hat, layer.bias))  # ... and the layer uses the run-time one
+    assert not torch.equal(y, F.linear(offline, w_hat, layer.bias))
+
+
+def test_w4a4_weight_stays_on_compressed_tensors_formula():
+    from tests.ct_oracle import ct_fake_quant
+
+    layer = _layer(True, torch.bfloat16)
+    assert torch.equal(layer.fake_quantized_weight(), ct_fake_quant(layer.weight.detach()))
+
+
+def test_activation_gradient_is_straight_through():
+    layer = _layer(True)
+    x = (_heavy_tailed_inputs(torch.float32) * 10).requires_grad_()  # saturating values too
+    grad_out = torch.randn(64, 32)
+    layer(x).backward(grad_out)
+    assert torch.allclose(x.grad, grad_out @ ref.fake_quant(layer.weight.detach()), atol=1e-5)
