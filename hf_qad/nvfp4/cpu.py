@@ -59,6 +59,7 @@ from hf_qad.nvfp4.format import (
     BLOCK_SIZE,
     E2M1_MANTISSA_BITS,
     E2M1_MAX,
+    E2M1_MAX_RECIPROCAL,
     E2M1_SMALLEST_NORMAL,
     E2M1_VALUES,
     E4M3_MANTISSA_BITS,
@@ -72,7 +73,15 @@ from hf_qad.nvfp4.format import (
 )
 from hf_qad.nvfp4.reference import effective_scales
 
-__all__ = ["CHUNK", "dequantize", "fake_quant", "quantize", "w4a16_linear", "w4a4_linear"]
+__all__ = [
+    "CHUNK",
+    "dequantize",
+    "fake_quant",
+    "fake_quant_activation",
+    "quantize",
+    "w4a16_linear",
+    "w4a4_linear",
+]
 
 CHUNK = 1 << 19
 """Elements per chunk of the second pass (a multiple of :data:`BLOCK_SIZE`).
@@ -183,19 +192,28 @@ def _round_chunk(
     signed: torch.Tensor,
     magnitude: torch.Tensor,
     magic: torch.Tensor,
+    runtime: bool = False,
 ) -> None:
     """Leave ``y = x / scale`` in ``signed``, ``min(|y|, 6) + C`` in ``magnitude`` and the
-    constant ``C`` of :func:`_add_rounding_constant` in ``magic``."""
-    signed.copy_(blocks).div_(scale)  # in float32 like the reference, whatever x's dtype
-    # The reference's sign is y < 0, so a zero y is positive; but -0.0 / s keeps its
-    # sign bit. Adding +0.0 clears it and changes nothing else.
-    signed.add_(0.0)
+    constant ``C`` of :func:`_add_rounding_constant` in ``magic``.
+
+    With ``runtime``, ``scale`` is the run-time kernels' reciprocal: ``y = x * scale``,
+    keeping the sign of zero as their E2M1 conversion does.
+    """
+    signed.copy_(blocks)  # in float32 like the reference, whatever x's dtype
+    if runtime:
+        signed.mul_(scale)
+    else:
+        signed.div_(scale)
+        # The reference's sign is y < 0, so a zero y is positive; but -0.0 / s keeps its
+        # sign bit. Adding +0.0 clears it and changes nothing else.
+        signed.add_(0.0)
     torch.abs(signed, out=magnitude).clamp_(max=E2M1_MAX)
     _add_rounding_constant(magnitude, magic, E2M1_SMALLEST_NORMAL, E2M1_MANTISSA_BITS)
 
 
 def _rounded_chunks(
-    blocks: torch.Tensor, scale: torch.Tensor
+    blocks: torch.Tensor, scale: torch.Tensor, runtime: bool = False
 ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield ``(rows, signed, magnitude, magic)`` of :func:`_round_chunk`, chunk by chunk.
 
@@ -205,7 +223,7 @@ def _rounded_chunks(
     buffers = blocks.new_empty(3, chunk_rows, BLOCK_SIZE, dtype=torch.float32).unbind(0)
     for rows in _slices(blocks.shape[0], chunk_rows):
         signed, magnitude, magic = (buffer[: rows.stop - rows.start] for buffer in buffers)
-        _round_chunk(blocks[rows], scale[rows], signed, magnitude, magic)
+        _round_chunk(blocks[rows], scale[rows], signed, magnitude, magic, runtime)
         yield rows, signed, magnitude, magic
 
 
@@ -256,13 +274,59 @@ def fake_quant(
         [0.0, -0.5, 6.0]
     """
     blocks, _, scale, _ = _prepare(x, global_scale, block_scale, name)
+    return _fake_quant_blocks(blocks, scale, scale).view(x.shape)
+
+
+def _fake_quant_blocks(
+    blocks: torch.Tensor, scale: torch.Tensor, dequantize_scale: torch.Tensor, runtime: bool = False
+) -> torch.Tensor:
+    """Blocks rounded by :func:`_rounded_chunks` times ``dequantize_scale`` (``sb / gs``)."""
     out = torch.empty_like(blocks)
-    for rows, signed, magnitude, magic in _rounded_chunks(blocks, scale):
+    for rows, signed, magnitude, magic in _rounded_chunks(blocks, scale, runtime):
         magnitude.sub_(magic)  # exact: the E2M1 magnitude
         sign = signed.view(torch.int32).bitwise_and_(_SIGN_BIT)
         magnitude.view(torch.int32).bitwise_or_(sign)
-        torch.mul(magnitude, scale[rows], out=out[rows])  # float32, then one rounding to x.dtype
-    return out.view(x.shape)
+        torch.mul(magnitude, dequantize_scale[rows], out=out[rows])  # float32, then one rounding to x.dtype
+    return out
+
+
+def fake_quant_activation(
+    x: torch.Tensor,
+    global_scale: torch.Tensor | None = None,
+    *,
+    name: str | None = None,
+) -> torch.Tensor:
+    """Activations rounded as serving kernels do; bit for bit
+    :func:`hf_qad.nvfp4.reference.fake_quant_activation`.
+
+    The block scales take the reference's float32 steps (the e4m3 rounding by
+    :func:`_add_rounding_constant`, which leaves zero at zero); the elements are
+    multiplied by the reciprocal scale and rounded like :func:`fake_quant`'s.
+
+    Args:
+        x: floating-point tensor whose last dimension is a multiple of 16.
+        global_scale: static (calibrated) global scale ``2688 / amax``; computed from
+            ``x`` when ``None``.
+        name: how to call ``x`` in error messages.
+
+    Example:
+        >>> import torch
+        >>> from hf_qad.nvfp4.cpu import fake_quant_activation
+        >>> fake_quant_activation(torch.tensor([[-0.0, -0.3] + [6.0] * 14])).tolist()[0][:3]
+        [-0.0, -0.5, 6.0]
+    """
+    _check_dtype_and_shape(x, name)
+    blocks = _blocks(x)
+    amax = _block_amax(blocks)
+    global_scale = _global_scale(amax, global_scale, x, name)
+    block_scale = amax.mul_(torch.tensor(E2M1_MAX_RECIPROCAL)).mul_(global_scale).clamp_(max=E4M3_MAX)
+    constant = torch.empty_like(block_scale)
+    _add_rounding_constant(block_scale, constant, E4M3_SMALLEST_NORMAL, E4M3_MANTISSA_BITS)
+    block_scale.sub_(constant)
+    reciprocal = torch.reciprocal(block_scale * torch.reciprocal(global_scale))  # correctly rounded
+    reciprocal.masked_fill_(block_scale == 0, 0.0)
+    dequantize_scale = block_scale.div_(global_scale)  # effective_scales' sb / gs
+    return _fake_quant_blocks(blocks, reciprocal.unsqueeze(-1), dequantize_scale.unsqueeze(-1), True).view(x.shape)
 
 
 def _codes(signed: torch.Tensor, magnitude: torch.Tensor, magic: torch.Tensor) -> torch.Tensor:
@@ -400,8 +464,8 @@ def w4a4_linear(
     global_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """:func:`w4a16_linear` of ``fake_quant(x, input_global_scale)``: NVFP4 weights and
-    activations, what vLLM's NVFP4 emulation computes.
+    """:func:`w4a16_linear` of ``fake_quant_activation(x, input_global_scale)``: NVFP4
+    weights and activations, the activations rounded as vLLM's kernels round them.
 
     Args:
         x: ``[..., K]`` activations.
@@ -409,4 +473,4 @@ def w4a4_linear(
         packed, block_scale, global_scale: the packed weight (see :func:`w4a16_linear`).
         bias: optional ``[N]``.
     """
-    return w4a16_linear(fake_quant(x, input_global_scale), packed, block_scale, global_scale, bias)
+    return w4a16_linear(fake_quant_activation(x, input_global_scale), packed, block_scale, global_scale, bias)

@@ -51,6 +51,33 @@ because vLLM loads its checkpoints and we promise byte-for-byte equality with it
 * tiny block scales: compressed-tensors lets e4m3 rounding take them into
   subnormals (and to zero -> 0.125); ModelOpt clamps the block scale from below.
 
+Activations: the serving engine's run-time rounding
+----------------------------------------------------
+Weights are quantized once, offline, by compressed-tensors, so the order above is what
+serving reads for them. Activations are quantized at run time by the serving engine's
+own kernel, which rounds differently: vLLM's ``cvt_warp_fp16_to_fp4`` (TensorRT-LLM
+and FlashInfer share it) multiplies by reciprocals instead of dividing. So the W4A4
+input fake-quant (:func:`hf_qad.nvfp4.fake_quant_activation`) follows that kernel, with
+every step in float32 (``fl`` rounds to nearest even):
+
+1. the global scale is the same ``gs = 2688 / amax`` (calibrated, or the batch's own);
+2. ``sb = e4m3(min(fl(gs * fl(amax_block * r6)), 448))`` with ``r6 = fl(1 / 6)``
+   (:data:`E2M1_MAX_RECIPROCAL`) and ``amax_block`` exact in float32, never rounded to
+   the input's dtype; a zero scale stays zero (no 0.125);
+3. ``y = fl(x * q)`` with ``q = fl(1 / fl(sb * fl(1 / gs)))``, or ``q = 0`` where
+   ``sb == 0`` (so the block's codes are all zero);
+4. ``y`` saturates at ``±6`` and rounds to E2M1 ties to even (as step 3 above), and the
+   code keeps ``y``'s sign bit, so ``-0.0`` is stored as negative zero;
+5. the fake-quantized value is ``fl(value(code) * fl(sb / gs))`` rounded to the input's
+   dtype (step 6 above; a zero scale gives a signed zero).
+
+The CUDA kernel computes the three reciprocals with ``rcp.approx.ftz.f32``, which PTX
+specifies only to within one ulp; we take the correctly rounded reciprocal, as vLLM's
+Python mirror of the kernel (``ref_nvfp4_quant``) does. Where the two differ (rare,
+one ulp of ``q``, and only at an E2M1 rounding boundary can it change a code) and for
+float32 subnormal intermediates (which ``.ftz`` flushes, reached only with a global
+scale above ``2**126``) serving may round a value differently.
+
 Inputs whose last dimension is not a multiple of 16 are refused (not padded): a
 serving engine would have to pad the activations identically, and vLLM does not,
 so such layers are left unquantized by the model-level code instead.
@@ -67,6 +94,7 @@ __all__ = [
     "BLOCK_SIZE",
     "E2M1_MANTISSA_BITS",
     "E2M1_MAX",
+    "E2M1_MAX_RECIPROCAL",
     "E2M1_SMALLEST_NORMAL",
     "E2M1_THRESHOLDS",
     "E2M1_TIES_ROUND_UP",
@@ -95,6 +123,11 @@ E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 E2M1_MAX = E2M1_VALUES[-1]
 """Largest E2M1 magnitude, 6."""
+
+E2M1_MAX_RECIPROCAL = float(torch.tensor(1 / E2M1_MAX, dtype=torch.float32))
+"""``1 / 6`` rounded to float32 (``0x3E2AAAAB``), the factor the run-time activation
+kernels multiply the block amax by (exact as a Python float, so every backend reads it
+unchanged)."""
 
 E2M1_MANTISSA_BITS = 1
 """Explicit mantissa bits of E2M1: the lowest bit of a code's index."""

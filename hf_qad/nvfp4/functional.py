@@ -46,7 +46,7 @@ import torch
 from hf_qad.nvfp4 import cpu
 from hf_qad.nvfp4.format import NVFP4Quantized
 
-__all__ = ["dequantize", "fake_quant", "linear", "quantize"]
+__all__ = ["dequantize", "fake_quant", "fake_quant_activation", "linear", "quantize"]
 
 
 def _use_triton(tensor: torch.Tensor) -> bool:
@@ -96,6 +96,42 @@ def fake_quant(
     return _FakeQuantSTE.apply(x, global_scale, block_scale, name)
 
 
+class _FakeQuantActivationSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, global_scale, name):
+        return _backend(x).fake_quant_activation(x, global_scale, name=name)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        return grad_output, None, None
+
+
+def fake_quant_activation(
+    x: torch.Tensor,
+    global_scale: torch.Tensor | None = None,
+    *,
+    name: str | None = None,
+) -> torch.Tensor:
+    """Quantize-dequantize activations as serving engines round them at run time, with a
+    straight-through gradient.
+
+    The W4A4 input quantization of :class:`~hf_qad.nvfp4.linear.NVFP4Linear`: vLLM's
+    kernel formula (see "Activations" in :mod:`hf_qad.nvfp4.format`), which rounds some
+    blocks differently from :func:`fake_quant`'s offline (weight) formula.
+
+    Args:
+        x: tensor whose last dimension is a multiple of 16 (bf16, fp16 or fp32).
+        global_scale: static (calibrated) global scale ``2688 / amax``; computed from
+            ``x`` when ``None``.
+        name: how to call ``x`` in error messages (e.g. the module path).
+
+    Returns:
+        A tensor of ``x``'s shape and dtype, equal bit for bit to
+        :func:`hf_qad.nvfp4.reference.fake_quant_activation`.
+    """
+    return _FakeQuantActivationSTE.apply(x, global_scale, name)
+
+
 def quantize(
     x: torch.Tensor,
     global_scale: torch.Tensor | None = None,
@@ -128,8 +164,8 @@ def linear(
 ) -> torch.Tensor:
     """``y = x_hat @ W_hat^T + bias`` with a packed NVFP4 weight.
 
-    With ``input_global_scale`` the activations are fake-quantized per 16-block first
-    (W4A4, what serving engines' NVFP4 emulation computes); without it the weight only
+    With ``input_global_scale`` the activations are fake-quantized per 16-block first,
+    rounded as serving engines round them (W4A4, :func:`fake_quant_activation`); without it the weight only
     is quantized (W4A16). On CUDA the weight is dequantized in registers by the Triton
     matmul; elsewhere it is dequantized to ``x``'s dtype and multiplied by PyTorch.
 

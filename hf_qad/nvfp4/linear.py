@@ -371,7 +371,7 @@ class NVFP4Linear(nn.Linear):
         if self.is_packed:
             return functional.linear(x, self.quantized_weight(), self.bias, input_scale)
         if input_scale is not None:
-            x = functional.fake_quant(x, input_scale, name=self._name())
+            x = functional.fake_quant_activation(x, input_scale, name=self._name())
         return F.linear(x, self.fake_quantized_weight(), self.bias)
 
     # ------------------------------------------------------------------ state handling

@@ -26,6 +26,7 @@ import torch
 from hf_qad.nvfp4.format import (
     BLOCK_SIZE,
     E2M1_MAX,
+    E2M1_MAX_RECIPROCAL,
     E2M1_THRESHOLDS,
     E2M1_TIES_ROUND_UP,
     E2M1_VALUES,
@@ -44,9 +45,11 @@ __all__ = [
     "dequantize",
     "effective_scales",
     "fake_quant",
+    "fake_quant_activation",
     "pack_codes",
     "quantize",
     "round_to_e2m1_codes",
+    "runtime_block_scales",
     "unpack_codes",
 ]
 
@@ -187,5 +190,61 @@ def fake_quant(
     """
     codes, block_scale, global_scale = _codes_and_scales(x, global_scale, block_scale, name)
     values = codes_to_values(codes).unflatten(-1, (-1, BLOCK_SIZE))
+    scale = effective_scales(block_scale, global_scale)
+    return (values * scale.unsqueeze(-1)).flatten(-2).to(x.dtype)
+
+
+# ------------------------------------------------------- activations, rounded at run time
+
+
+def runtime_block_scales(amax: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """E4M3 block scales of activations as serving kernels compute them at run time.
+
+    ``e4m3(min(gs * (amax * r6), 448))`` with every product in float32 and ``r6`` the
+    float32 :data:`~hf_qad.nvfp4.format.E2M1_MAX_RECIPROCAL`; unlike
+    :func:`block_scales`, ``amax`` is not rounded to the input's dtype and a zero scale
+    stays zero.
+    """
+    reciprocal_six = torch.tensor(E2M1_MAX_RECIPROCAL, dtype=torch.float32)
+    scale = global_scale.float() * (amax.float() * reciprocal_six)
+    return torch.clamp(scale, -E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def fake_quant_activation(
+    x: torch.Tensor,
+    global_scale: torch.Tensor | None = None,
+    *,
+    name: str | None = None,
+) -> torch.Tensor:
+    """Quantize-dequantize activations the way serving engines round them at run time.
+
+    The formula of vLLM's ``cvt_warp_fp16_to_fp4`` kernel (see "Activations" in
+    :mod:`hf_qad.nvfp4.format`): block scales from :func:`runtime_block_scales`, then
+    ``x * 1 / (sb * (1 / gs))`` in float32, saturated at 6, rounded to E2M1 ties to even,
+    keeping the sign of zero; dequantized as :func:`fake_quant` does. Weights keep
+    compressed-tensors' offline formula (:func:`fake_quant`).
+
+    Args:
+        x: floating-point tensor whose last dimension is a multiple of 16.
+        global_scale: the static (calibrated) global scale ``2688 / amax``; computed from
+            ``x`` when ``None``.
+        name: how to call ``x`` in error messages.
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([[-0.0, 0.25] + [6.0] * 14])
+        >>> fake_quant_activation(x).tolist()[0][:3]
+        [-0.0, 0.0, 6.0]
+    """
+    check_quantizable(x, name)
+    if global_scale is None:
+        global_scale = global_scale_from_amax(x.detach().abs().amax())
+    global_scale = global_scale.detach().float().reshape(1).to(x.device)
+    block_scale = runtime_block_scales(block_amax(x), global_scale).float()
+    reciprocal = torch.reciprocal(block_scale * torch.reciprocal(global_scale))  # correctly rounded
+    reciprocal = torch.where(block_scale == 0, torch.zeros_like(reciprocal), reciprocal)
+    y = x.detach().float().unflatten(-1, (-1, BLOCK_SIZE)) * reciprocal.unsqueeze(-1)
+    codes = round_to_e2m1_codes(y) | (torch.signbit(y).to(torch.uint8) << 3)
+    values = codes_to_values(codes)
     scale = effective_scales(block_scale, global_scale)
     return (values * scale.unsqueeze(-1)).flatten(-2).to(x.dtype)

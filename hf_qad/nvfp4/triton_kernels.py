@@ -73,6 +73,7 @@ from hf_qad.nvfp4.format import (
     BLOCK_SIZE,
     E2M1_MANTISSA_BITS,
     E2M1_MAX,
+    E2M1_MAX_RECIPROCAL,
     E2M1_THRESHOLDS,
     E2M1_TIES_ROUND_UP,
     E4M3_EXPONENT_BIAS,
@@ -87,12 +88,13 @@ from hf_qad.nvfp4.format import (
     global_scale_from_amax,
 )
 
-__all__ = ["dequantize", "fake_quant", "quantize", "w4a16_linear", "w4a4_linear"]
+__all__ = ["dequantize", "fake_quant", "fake_quant_activation", "quantize", "w4a16_linear", "w4a4_linear"]
 
 # The format's constants, made visible to compiled kernels (which only read constexpr globals).
 _BLOCK_SIZE = tl.constexpr(BLOCK_SIZE)
 _BYTES_PER_BLOCK = tl.constexpr(BLOCK_SIZE // 2)  # two E2M1 codes per byte
 _E2M1_MAX = tl.constexpr(E2M1_MAX)
+_E2M1_MAX_RECIPROCAL = tl.constexpr(E2M1_MAX_RECIPROCAL)  # a float32 value: exact in any cast
 _E2M1_THRESHOLDS = tl.constexpr(E2M1_THRESHOLDS)
 _E2M1_TIES_ROUND_UP = tl.constexpr(E2M1_TIES_ROUND_UP)
 _E2M1_BOUNDARIES = tl.constexpr(len(E2M1_THRESHOLDS))
@@ -296,6 +298,30 @@ def _fake_quant_kernel(
     x_hat = _round_to(_e2m1_value(codes) * scale[:, None], out_ptr.dtype.element_ty)
     offsets = block[:, None] * _BLOCK_SIZE + tl.arange(0, _BLOCK_SIZE)[None, :]
     tl.store(out_ptr + offsets, x_hat, mask=mask[:, None])
+
+
+@triton.jit
+def _fake_quant_activation_kernel(
+    x_ptr, gs_ptr, out_ptr, n_blocks, blocks_per_row, row_stride, BLOCKS: tl.constexpr,
+):  # fmt: skip
+    """:func:`reference.fake_quant_activation`: the serving kernels' run-time rounding.
+
+    Products only (no addition, so no FMA contraction), reciprocals by ``tl.div_rn``; the
+    block amax is not rounded to the input's dtype, a zero block scale stays zero (its
+    reciprocal is 0), and the code keeps the sign bit of ``x * reciprocal``.
+    """
+    x, block, mask = _load_blocks(x_ptr, n_blocks, blocks_per_row, row_stride, BLOCKS)
+    global_scale = tl.load(gs_ptr)
+    block_scale = global_scale * (tl.max(tl.abs(x), axis=1) * _E2M1_MAX_RECIPROCAL)
+    block_scale = _round_to_e4m3(tl.minimum(block_scale, _E4M3_MAX))
+    # A zero block scale gets the reciprocal 0 (1 / inf), as the serving kernels' 0 there.
+    scale = tl.where(block_scale == 0, float("inf"), block_scale * tl.div_rn(1.0, global_scale))
+    reciprocal = tl.div_rn(1.0, scale)
+    y = x * reciprocal[:, None]
+    codes = _e2m1_codes(y) | ((y.to(tl.int32, bitcast=True) < 0).to(tl.int32) << 3)
+    x_hat = _e2m1_value(codes) * tl.div_rn(block_scale, global_scale)[:, None]
+    offsets = block[:, None] * _BLOCK_SIZE + tl.arange(0, _BLOCK_SIZE)[None, :]
+    tl.store(out_ptr + offsets, _round_to(x_hat, out_ptr.dtype.element_ty), mask=mask[:, None])
 
 
 @triton.jit
@@ -522,6 +548,35 @@ def fake_quant(
     return out
 
 
+def fake_quant_activation(
+    x: torch.Tensor,
+    global_scale: torch.Tensor | None = None,
+    *,
+    name: str | None = None,
+) -> torch.Tensor:
+    """Activations rounded as serving kernels do; equal bit for bit to
+    :func:`reference.fake_quant_activation`.
+
+    Args:
+        x: bf16, fp16 or fp32 tensor whose last dimension is a multiple of 16 (finite).
+        global_scale: static (calibrated) global scale ``2688 / amax``; computed from ``x``
+            when ``None``.
+        name: how to call ``x`` in error messages.
+
+    Returns:
+        A contiguous tensor of ``x``'s shape and dtype.
+    """
+    _check_blocks(x, name)
+    rows = _rows(x)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    n_blocks = rows.numel() // BLOCK_SIZE
+    _fake_quant_activation_kernel[_grid(n_blocks)](
+        rows, _global_scale(x, global_scale), out, n_blocks, rows.shape[1] // BLOCK_SIZE, rows.stride(0),
+        BLOCKS=_BLOCKS_PER_PROGRAM,
+    )  # fmt: skip
+    return out
+
+
 def quantize(
     x: torch.Tensor,
     global_scale: torch.Tensor | None = None,
@@ -714,8 +769,8 @@ def w4a4_linear(
     global_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """:func:`w4a16_linear` of ``fake_quant(x, input_global_scale)``: NVFP4 weights and
-    activations, what vLLM's NVFP4 emulation computes.
+    """:func:`w4a16_linear` of ``fake_quant_activation(x, input_global_scale)``: NVFP4
+    weights and activations, the activations rounded as vLLM's kernels round them.
 
     Args:
         x: ``[..., K]`` activations (bf16, fp16 or fp32).
@@ -723,5 +778,5 @@ def w4a4_linear(
         packed, block_scale, global_scale: the packed weight (see :func:`w4a16_linear`).
         bias: optional ``[N]``.
     """
-    x_hat = fake_quant(x, input_global_scale)
+    x_hat = fake_quant_activation(x, input_global_scale)
     return w4a16_linear(x_hat, packed, block_scale, global_scale, bias)

@@ -6,6 +6,7 @@ import torch
 from hf_qad.nvfp4 import cpu, format, reference
 from hf_qad.nvfp4.scale_search import search_block_scales
 from tests.nvfp4_cases import _cases
+from tests.runtime_oracle import adversarial_activations, runtime_fake_quant
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 CASES = _cases()
@@ -208,3 +209,36 @@ def test_bad_input_errors_name_the_tensor(function, x, match, global_scale):
 def test_dequantize_refuses_non_uint8():
     with pytest.raises(ValueError, match="uint8"):
         cpu.dequantize(torch.zeros(2, 8, dtype=torch.int8), torch.ones(2, 1), torch.ones(1))
+
+
+# ------------------------------------------------- activations, rounded as serving does
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", sorted(adversarial_activations(torch.float32)))
+def test_activation_rounding_is_the_runtime_formula(case, dtype, small_chunks):
+    x, global_scale = adversarial_activations(dtype)[case]
+    assert_bit_equal(cpu.fake_quant_activation(x, global_scale), runtime_fake_quant(x, global_scale))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_activation_rounding_matches_the_reference(case, dtype):
+    x = CASES[case].to(dtype)
+    own = reference.global_scale_from_amax(x.abs().amax())
+    assert_bit_equal(cpu.fake_quant_activation(x), reference.fake_quant_activation(x))
+    for global_scale in (own, own * 4):  # a calibrated amax 4x below this batch's: saturation
+        assert_bit_equal(cpu.fake_quant_activation(x, global_scale), runtime_fake_quant(x, global_scale))
+
+
+def test_activation_rounding_keeps_negative_zero_where_the_weight_path_clears_it():
+    x = torch.tensor([[-0.0, -0.01, 0.0] + [6.0] * 13])
+    assert torch.signbit(cpu.fake_quant_activation(x)[0, :3]).tolist() == [True, True, False]
+    assert torch.signbit(cpu.fake_quant(x)[0, :3]).tolist() == [False, True, False]
+
+
+def test_activation_rounding_refuses_what_the_weight_path_refuses():
+    with pytest.raises(ValueError, match=f"'{NAME}'.*multiple of 16"):
+        cpu.fake_quant_activation(torch.randn(2, 24), name=NAME)
+    with pytest.raises(ValueError, match=f"'{NAME}' contains NaN"):
+        cpu.fake_quant_activation(torch.full((2, 16), float("nan")), name=NAME)

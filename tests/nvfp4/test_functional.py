@@ -39,7 +39,7 @@ def test_linear_w4a16_and_w4a4_match_reference_composition():
     w_hat = ref.dequantize(*q, dtype=torch.float32)
     assert torch.equal(functional.linear(x, q, b), F.linear(x, w_hat, b))
     gs = ref.global_scale_from_amax(x.abs().amax())
-    assert torch.equal(functional.linear(x, q, b, gs), F.linear(ref.fake_quant(x, gs), w_hat, b))
+    assert torch.equal(functional.linear(x, q, b, gs), F.linear(ref.fake_quant_activation(x, gs), w_hat, b))
 
 
 def test_disable_triton_sends_cuda_tensors_to_the_pytorch_path(monkeypatch):
@@ -60,7 +60,7 @@ def test_backends_take_the_same_arguments_op_for_op():
 
     from hf_qad.nvfp4 import cpu, triton_kernels
 
-    for op in ("fake_quant", "quantize", "dequantize", "w4a16_linear", "w4a4_linear"):
+    for op in ("fake_quant", "fake_quant_activation", "quantize", "dequantize", "w4a16_linear", "w4a4_linear"):
         assert op in cpu.__all__ and op in triton_kernels.__all__
         cpu_signature = inspect.signature(getattr(cpu, op))
         assert cpu_signature == inspect.signature(getattr(triton_kernels, op)), op
@@ -90,5 +90,21 @@ def test_package_exports_the_dispatching_ops():
     import hf_qad.nvfp4 as nvfp4
 
     assert nvfp4.fake_quant is functional.fake_quant
+    assert nvfp4.fake_quant_activation is functional.fake_quant_activation
     assert nvfp4.quantize is functional.quantize
     assert nvfp4.dequantize is functional.dequantize
+
+
+def test_fake_quant_activation_dispatches_with_a_straight_through_gradient(monkeypatch):
+    from hf_qad.nvfp4 import cpu
+
+    x = torch.randn(8, 64, dtype=torch.bfloat16, requires_grad=True)
+    gs = ref.global_scale_from_amax(torch.tensor(1.0))  # most blocks saturate
+    calls = []
+    original = cpu.fake_quant_activation
+    monkeypatch.setattr(cpu, "fake_quant_activation", lambda *a, **k: calls.append(1) or original(*a, **k))
+    y = functional.fake_quant_activation(x, gs, name="x")
+    assert calls == [1]
+    assert torch.equal(y, ref.fake_quant_activation(x, gs))
+    y.float().sum().backward()
+    assert bool((x.grad == 1).all())

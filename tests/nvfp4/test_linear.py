@@ -26,7 +26,7 @@ def _layer(w4a4=True, dtype=torch.float32, bias=True, seed=0):
 def test_fake_forward_is_reference_composition(w4a4, dtype):
     layer = _layer(w4a4, dtype)
     x = torch.randn(2, 3, 64, dtype=dtype)
-    x_hat = ref.fake_quant(x, layer.input_global_scale) if w4a4 else x
+    x_hat = ref.fake_quant_activation(x, layer.input_global_scale) if w4a4 else x
     expected = F.linear(x_hat, ref.fake_quant(layer.weight.detach()), layer.bias)
     assert torch.equal(layer(x), expected)
 
@@ -61,7 +61,7 @@ def test_gradients_reach_master_weight_through_ste():
     x = torch.randn(4, 64)
     grad_out = torch.randn(4, 32)
     layer(x).backward(grad_out)
-    x_hat = ref.fake_quant(x, layer.input_global_scale)
+    x_hat = ref.fake_quant_activation(x, layer.input_global_scale)
     assert torch.allclose(layer.weight.grad, grad_out.T @ x_hat, atol=1e-5)
     assert torch.allclose(layer.bias.grad, grad_out.sum(0), atol=1e-6)
 
@@ -149,7 +149,7 @@ def test_uncalibrated_w4a4_warns_once_and_uses_per_batch_scale():
         warnings.simplefilter("error")
         layer(x)
     gs = ref.global_scale_from_amax(x.abs().amax())
-    assert torch.equal(y, F.linear(ref.fake_quant(x, gs), ref.fake_quant(layer.weight.detach()), layer.bias))
+    assert torch.equal(y, F.linear(ref.fake_quant_activation(x, gs), ref.fake_quant(layer.weight.detach()), layer.bias))
 
 
 def test_in_features_not_multiple_of_16_is_refused():
@@ -226,3 +226,39 @@ def test_outlier_warning_starts_where_blocks_quantize_to_zero(margin):
     else:
         assert zeroed == 15 and len(warned) == 1 and "14 of its 16 weight blocks" in warned[0]
         assert ratio == pytest.approx(ZEROED_BLOCK_RATIO * margin)
+
+
+def _heavy_tailed_inputs(dtype=torch.bfloat16):
+    return torch.distributions.StudentT(1.5).sample((64, 64)).to(dtype)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["fake", "packed"])
+def test_w4a4_inputs_are_rounded_as_serving_rounds_them(packed):
+    torch.manual_seed(3)
+    layer = NVFP4Linear.from_linear(torch.nn.Linear(64, 32, dtype=torch.bfloat16))
+    x = _heavy_tailed_inputs()
+    calibrate(layer, [x])
+    gs = layer.input_global_scale
+    w_hat = ref.fake_quant(layer.weight.detach())
+    runtime, offline = ref.fake_quant_activation(x, gs), ref.fake_quant(x, gs)
+    assert not torch.equal(runtime, offline)  # the formulas differ on these blocks ...
+    if packed:
+        layer.pack()
+    y = layer(x)
+    assert torch.equal(y, F.linear(runtime, w_hat, layer.bias))  # ... and the layer uses the run-time one
+    assert not torch.equal(y, F.linear(offline, w_hat, layer.bias))
+
+
+def test_w4a4_weight_stays_on_compressed_tensors_formula():
+    from tests.ct_oracle import ct_fake_quant
+
+    layer = _layer(True, torch.bfloat16)
+    assert torch.equal(layer.fake_quantized_weight(), ct_fake_quant(layer.weight.detach()))
+
+
+def test_activation_gradient_is_straight_through():
+    layer = _layer(True)
+    x = (_heavy_tailed_inputs(torch.float32) * 10).requires_grad_()  # saturating values too
+    grad_out = torch.randn(64, 32)
+    layer(x).backward(grad_out)
+    assert torch.allclose(x.grad, grad_out @ ref.fake_quant(layer.weight.detach()), atol=1e-5)

@@ -6,15 +6,19 @@ import torch
 from tests.ct_oracle import ct_compress, ct_decompress, ct_fake_quant
 from hf_qad.nvfp4.format import E2M1_VALUES, ZERO_BLOCK_SCALE, global_scale_from_amax
 from hf_qad.nvfp4.reference import (
+    block_scales,
     codes_to_values,
     dequantize,
     fake_quant,
+    fake_quant_activation,
     pack_codes,
     quantize,
     round_to_e2m1_codes,
+    runtime_block_scales,
     unpack_codes,
 )
 from tests.nvfp4_cases import _cases
+from tests.runtime_oracle import adversarial_activations, runtime_fake_quant
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
@@ -119,3 +123,23 @@ def test_bad_input_errors_name_the_tensor(x, match):
 def test_unpack_refuses_non_uint8():
     with pytest.raises(ValueError, match="uint8"):
         unpack_codes(torch.zeros(2, 8, dtype=torch.int8))
+
+
+# ------------------------------------------------- activations, rounded as serving does
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", sorted(adversarial_activations(torch.float32)))
+def test_activation_rounding_is_the_runtime_formula(case, dtype):
+    x, global_scale = adversarial_activations(dtype)[case]
+    got, want = fake_quant_activation(x, global_scale), runtime_fake_quant(x, global_scale)
+    assert torch.equal(got, want) and torch.equal(torch.signbit(got), torch.signbit(want))
+
+
+def test_runtime_block_scales_keep_amax_in_float32_and_zero_at_zero():
+    # bf16 amax 1.859375 and gs 100: compressed-tensors rounds amax / 6 to bf16 (0.310546875)
+    # and gets 31.05 -> 32; the run-time kernel keeps amax * (1/6) in float32: 30.99 -> 30.
+    amax = torch.tensor([1.859375, 0.0])
+    gs = torch.tensor([100.0])
+    assert runtime_block_scales(amax, gs).float().tolist() == [30.0, 0.0]
+    assert block_scales(amax, gs, torch.bfloat16).float().tolist() == [32.0, ZERO_BLOCK_SCALE]

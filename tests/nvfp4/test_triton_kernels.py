@@ -23,6 +23,7 @@ from hf_qad.nvfp4 import triton_kernels
 from hf_qad.nvfp4.scale_search import search_block_scales
 from hf_qad.nvfp4.triton_kernels import _round_to_bf16
 from tests.nvfp4_cases import _cases
+from tests.runtime_oracle import adversarial_activations, runtime_fake_quant
 
 DEVICE = torch.device(os.environ.get("HF_QAD_TEST_DEVICE", "cpu"))
 
@@ -307,7 +308,7 @@ def test_w4a4_linear_matches_fake_quantized_matmul(shape, dtype):
     q = _weight(n, k, seed=9)
     bias = torch.randn(n, generator=g).to(dtype)
     y = tk.w4a4_linear(x, input_gs, *q, bias=bias)
-    x_hat = ref.fake_quant(x, input_gs)
+    x_hat = ref.fake_quant_activation(x, input_gs)
     _assert_linear_close(y, x_hat, ref.dequantize(*q, dtype=dtype), bias)
 
 
@@ -340,3 +341,29 @@ def test_errors_name_the_tensor_and_refuse_wrong_block_scales():
         tk.quantize(x, gs, torch.ones(4, 1).to(torch.float8_e4m3fn), name=name)
     with pytest.raises(ValueError, match="float8_e4m3fn"):
         tk.fake_quant(x, gs, torch.ones(4, 2))
+
+
+# ---------------------------------------------- activations, rounded as serving does
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", sorted(adversarial_activations(torch.float32)))
+def test_activation_rounding_is_the_runtime_formula(case, dtype):
+    x, global_scale = adversarial_activations(dtype)[case]
+    _assert_bits_equal(tk.fake_quant_activation(x, global_scale), runtime_fake_quant(x, global_scale))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["heavy_tailed", "subnormal_scales", "zero_blocks", "wide_range"])
+def test_activation_rounding_matches_the_reference(case, dtype):
+    x = CASES[case].to(dtype)
+    own = ref.global_scale_from_amax(x.abs().amax())
+    _assert_bits_equal(tk.fake_quant_activation(x), ref.fake_quant_activation(x))
+    _assert_bits_equal(tk.fake_quant_activation(x, own * 4), ref.fake_quant_activation(x, own * 4))
+
+
+@pytest.mark.parametrize("case", sorted(_strided_views()))
+def test_activation_rounding_strided_and_odd_shapes(case):
+    x = _strided_views()[case].to(torch.bfloat16)
+    gs = ref.global_scale_from_amax(torch.tensor(2.0))
+    _assert_bits_equal(tk.fake_quant_activation(x, gs), ref.fake_quant_activation(x, gs))
