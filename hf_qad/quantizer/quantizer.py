@@ -29,6 +29,7 @@ from transformers.quantizers import auto as quantizers_auto
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from hf_qad.nvfp4.conversion import DEFAULT_MODULES_TO_NOT_CONVERT, nvfp4_modules, plan_conversion, replace_linears
+from hf_qad.nvfp4.experts import experts_listed_by_name, high_precision_moe_names
 from hf_qad.quantizer.config import QUANT_METHOD, NVFP4Config
 from hf_qad.quantizer.serialization import (
     compressed_tensors_config,
@@ -47,8 +48,9 @@ class NVFP4HfQuantizer(HfQuantizer):
     """Replaces Linear layers with :class:`~hf_qad.nvfp4.linear.NVFP4Linear` while loading.
 
     Attributes:
-        unconverted_linears: exact names of the Linear layers left in high precision (the
-            export's ``ignore`` list), set while loading.
+        unconverted_linears: exact names of the Linear layers left in high precision, of the
+            MoE routers and of the on-disk per-expert modules of fused experts kept in high
+            precision (the export's ``ignore`` / ``exclude_modules`` list), set while loading.
         saving_master_weights: whether ``save_pretrained`` writes master weights instead of
             the packed export (see :func:`hf_qad.master_weight_checkpoint`).
         packed: whether the model holds packed NVFP4 weights (no master weights).
@@ -81,6 +83,7 @@ class NVFP4HfQuantizer(HfQuantizer):
             patterns += list(DEFAULT_MODULES_TO_NOT_CONVERT)
         else:
             patterns = list(config.modules_to_not_convert) + list(keep_in_fp32_modules or [])
+            patterns += experts_listed_by_name(model, patterns)  # a checkpoint's `ignore` names experts per expert
         plan = plan_conversion(model, patterns)
         replace_linears(
             model,
@@ -90,7 +93,7 @@ class NVFP4HfQuantizer(HfQuantizer):
             packed=self.packed,
             share_fused_global_scales=config.share_fused_global_scales,
         )
-        self.unconverted_linears = sorted(plan.skipped)
+        self.unconverted_linears = sorted(set(plan.skipped) | set(high_precision_moe_names(model, plan.kept_experts)))
         plan.log()
         if not self.pre_quantized:
             # A high-precision checkpoint has no input scales: they stay unset until calibration.

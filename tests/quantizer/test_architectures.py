@@ -1,4 +1,6 @@
-"""Llama-, Qwen- and Mistral-style models, MoE with separate expert Linears, fused experts refused."""
+"""Llama-, Qwen- and Mistral-style models, MoE with separate expert Linears, fused experts refused or kept."""
+
+import json
 
 import pytest
 import torch
@@ -11,7 +13,10 @@ from transformers import (
     MixtralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
+from safetensors import safe_open
 
 import hf_qad
 from hf_qad import NVFP4Config, NVFP4Linear
@@ -57,6 +62,41 @@ def test_fused_experts_can_be_kept_knowingly(tmp_path):
     layer = model.model.layers[0]
     assert isinstance(layer.self_attn.q_proj, NVFP4Linear)
     assert not isinstance(layer.mlp.gate, NVFP4Linear)
+    # the export lists router and experts by their on-disk names (Mixtral: block_sparse_moe.*), so that
+    # vLLM resolves them to unquantized methods instead of expecting packed w13_weight_packed
+    ignore = model.config.quantization_config.to_dict()["ignore"]
+    moe = "model.layers.0.block_sparse_moe"
+    assert {f"{moe}.gate", f"{moe}.experts.1.w1", f"{moe}.experts.1.w2", f"{moe}.experts.1.w3",
+            f"{moe}.experts.0.gate_proj"} <= set(ignore)
+
+
+def test_kept_fused_experts_export_and_reload_exactly(tmp_path):
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(**SMALL, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16)
+    Qwen3MoeForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "bf16", dtype=torch.bfloat16,
+        quantization_config=NVFP4Config(scheme="w4a16", modules_to_not_convert=["lm_head", "mlp.experts"]),
+    )
+    ids = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        expected = model(ids).logits
+    model.save_pretrained(tmp_path / "packed")
+    ignore = json.loads((tmp_path / "packed" / "config.json").read_text())["quantization_config"]["ignore"]
+    assert ignore == sorted(["lm_head", "model.layers.0.mlp.gate"] + [
+        f"model.layers.0.mlp.experts.{e}.{p}" for e in range(4) for p in ("gate_proj", "up_proj", "down_proj")
+    ])
+    with safe_open(str(tmp_path / "packed" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.layers.0.mlp.experts.3.up_proj.weight").dtype == torch.bfloat16
+    reloaded = hf_qad.load_packed_model(tmp_path / "packed")
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, expected)
+    # Upstream limitation (transformers 5.24 + compressed-tensors 0.20), pinned: loading this export through
+    # transformers' compressed-tensors support fails in the fused-experts conversion ("Concatenate on tensors
+    # destined for model.layers.0.mlp.experts.gate_up_proj. Ckpt contains: 0") although the per-expert BF16
+    # weights are on disk under the names transformers itself writes (checked above); hf_qad reloads it.
+    with pytest.raises(RuntimeError, match="issues during automatic conversion of the weights"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "packed", dtype=torch.bfloat16)
 
 
 class Expert(nn.Module):
