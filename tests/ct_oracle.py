@@ -12,12 +12,17 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
+from unittest import mock
 
 import torch
 from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
+
+from hf_qad.nvfp4 import cpu
 
 NVFP4_ARGS = QuantizationArgs(
     num_bits=4,
@@ -64,8 +69,24 @@ def ct_fake_quant(x: torch.Tensor, global_scale: torch.Tensor | None = None) -> 
     return fake_quantize(x, scale, None, NVFP4_ARGS, global_scale=global_scale)
 
 
-def assert_plain_transformers_logits(path, ids: torch.Tensor, expected: torch.Tensor, tmp_path) -> None:
-    """``path`` loads in plain transformers + compressed-tensors, in a process without hf_qad, with ``expected`` logits."""
+@contextmanager
+def compressed_tensors_activation_rounding() -> Iterator[None]:
+    """Within this block hf_qad rounds W4A4 activations with compressed-tensors' offline formula.
+
+    hf_qad rounds them as the serving kernel does (``fake_quant_activation``); plain transformers +
+    compressed-tensors runs an export with its own formula, so an exact comparison of the two needs
+    hf_qad's model computed this way (weights are the same bits either way).
+    """
+    with mock.patch.object(cpu, "fake_quant_activation", lambda x, global_scale=None, *, name=None:
+                           cpu.fake_quant(x, global_scale, name=name)):
+        yield
+
+
+def assert_plain_transformers_logits(path, ids: torch.Tensor, model: torch.nn.Module, tmp_path) -> None:
+    """``path`` loads in plain transformers + compressed-tensors, in a process without hf_qad, with the
+    logits of hf_qad's ``model`` under compressed-tensors' activation rounding."""
+    with torch.no_grad(), compressed_tensors_activation_rounding():
+        expected = model(ids).logits
     torch.save((ids, expected), tmp_path / "expected.pt")
     script = textwrap.dedent(
         f"""

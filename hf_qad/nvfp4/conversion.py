@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from transformers.quantizers.quantizers_utils import should_convert_module
 
+from hf_qad.nvfp4.experts import fused_expert_modules
 from hf_qad.nvfp4.format import BLOCK_SIZE
 from hf_qad.nvfp4.linear import NVFP4Linear
 
@@ -54,6 +55,8 @@ class ConversionPlan:
 
     convert: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    kept_experts: list[str] = field(default_factory=list)
+    """Modules of fused 3-D experts that ``modules_to_not_convert`` keeps in high precision."""
 
     def log(self) -> None:
         if self.skipped:
@@ -102,6 +105,7 @@ def plan_conversion(
         )
     plan = ConversionPlan()
     keep = keep or {}
+    plan.kept_experts = [name for name in fused_expert_modules(model) if not should_convert_module(name, patterns)]
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or isinstance(module, NVFP4Linear):
             continue

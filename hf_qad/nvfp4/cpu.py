@@ -147,12 +147,29 @@ def _block_amax(blocks: torch.Tensor) -> torch.Tensor:
 def _global_scale(
     amax: torch.Tensor, global_scale: torch.Tensor | None, x: torch.Tensor, name: str | None
 ) -> torch.Tensor:
-    """The given global scale, or ``2688 / amax`` of ``x``; checks ``x`` is finite on the way."""
+    """The given global scale, or ``2688 / amax`` of ``x``; checks ``x`` is finite on the way.
+
+    A global scale per leading index (shape ``x.shape[:d]``, e.g. ``[E]`` for fused experts
+    ``[E, N, K]``) comes back as one value per block, so that every later step stays elementwise.
+    """
     tensor_amax = amax.max() if amax.numel() else amax.new_zeros(())
     _check_finite(tensor_amax.item(), x, name)
     if global_scale is None:
         global_scale = global_scale_from_amax(tensor_amax)
+    if global_scale.numel() > 1:
+        return _per_block_global_scale(global_scale, x, name)
     return global_scale.detach().float().reshape(1).to(x.device)
+
+
+def _per_block_global_scale(global_scale: torch.Tensor, x: torch.Tensor, name: str | None) -> torch.Tensor:
+    """A global scale of shape ``x.shape[:d]`` repeated over the blocks of each leading index."""
+    if tuple(global_scale.shape) != tuple(x.shape[: global_scale.dim()]) or global_scale.dim() >= x.dim():
+        raise ValueError(
+            f"{name or 'tensor'}: a global scale per leading index must have shape x.shape[:d] with d < x.dim(), "
+            f"got {tuple(global_scale.shape)} for x of shape {tuple(x.shape)}."
+        )
+    blocks_per_scale = x.numel() // BLOCK_SIZE // global_scale.numel()
+    return global_scale.detach().float().reshape(-1).to(x.device).repeat_interleave(blocks_per_scale)
 
 
 def _add_rounding_constant(
@@ -259,7 +276,8 @@ def fake_quant(
 
     Args:
         x: floating-point tensor whose last dimension is a multiple of 16.
-        global_scale: a fixed global scale (``2688 / amax``); computed from ``x`` when ``None``.
+        global_scale: a fixed global scale (``2688 / amax``), or one per leading index (shape
+            ``x.shape[:d]``, e.g. ``[E]`` for fused experts ``[E, N, K]``); computed from ``x`` when ``None``.
         block_scale: chosen e4m3 block scales ``[..., K / 16]`` (see
             :mod:`hf_qad.nvfp4.scale_search`); ``e4m3(gs * amax / 6)`` when ``None``.
         name: how to call ``x`` in error messages.
@@ -360,7 +378,8 @@ def quantize(
 
     Args:
         x: floating-point tensor whose last dimension is a multiple of 16.
-        global_scale: a fixed global scale (``2688 / amax``); computed from ``x`` when ``None``.
+        global_scale: a fixed global scale (``2688 / amax``), or one per leading index (shape
+            ``x.shape[:d]``, e.g. ``[E]`` for fused experts ``[E, N, K]``); computed from ``x`` when ``None``.
         block_scale: chosen e4m3 block scales ``[..., K / 16]``, returned as given;
             ``e4m3(gs * amax / 6)`` when ``None``.
         name: how to call ``x`` in error messages.
@@ -372,6 +391,7 @@ def quantize(
         >>> hex(q.packed[0, 0].item()), q.block_scale.float().tolist(), q.global_scale.tolist()
         ('0xf1', [[448.0]], [448.0])
     """
+    given_global_scale = global_scale
     blocks, scale_b, scale, global_scale = _prepare(x, global_scale, block_scale, name)
     packed = blocks.new_empty(blocks.shape[0], BLOCK_SIZE // 2, dtype=torch.uint8)
     for rows, signed, magnitude, magic in _rounded_chunks(blocks, scale):
@@ -379,7 +399,7 @@ def quantize(
     return NVFP4Quantized(
         packed.view(*x.shape[:-1], x.shape[-1] // 2),
         block_scale if block_scale is not None else _to_e4m3(scale_b, x),
-        global_scale,
+        global_scale if global_scale.numel() == 1 else given_global_scale.detach().float().to(x.device),
     )
 
 

@@ -35,6 +35,7 @@ from hf_qad.nvfp4.conversion import (
     replace_linears,
     tied_linears,
 )
+from hf_qad.nvfp4.experts import experts_listed_by_name, high_precision_moe_names
 from hf_qad.nvfp4.linear import NVFP4Linear
 from hf_qad.quantizer.config import QUANT_METHOD, NVFP4Config
 from hf_qad.quantizer.serialization import (
@@ -54,8 +55,9 @@ class NVFP4HfQuantizer(HfQuantizer):
     """Replaces Linear layers with :class:`~hf_qad.nvfp4.linear.NVFP4Linear` while loading.
 
     Attributes:
-        unconverted_linears: exact names of the Linear layers left in high precision (the
-            export's ``ignore`` list), set while loading.
+        unconverted_linears: exact names of the Linear layers left in high precision, of the
+            MoE routers and of the on-disk per-expert modules of fused experts kept in high
+            precision (the export's ``ignore`` / ``exclude_modules`` list), set while loading.
         saving_master_weights: whether ``save_pretrained`` writes master weights instead of
             the packed export (see :func:`hf_qad.master_weight_checkpoint`).
         packed: whether the model holds packed NVFP4 weights (no master weights).
@@ -88,6 +90,7 @@ class NVFP4HfQuantizer(HfQuantizer):
             patterns += list(DEFAULT_MODULES_TO_NOT_CONVERT)
         else:
             patterns = list(config.modules_to_not_convert) + list(keep_in_fp32_modules or [])
+            patterns += experts_listed_by_name(model, patterns)  # a checkpoint's `ignore` names experts per expert
         # Tied output embeddings stay in high precision even when the user gives their own patterns.
         plan = plan_conversion(model, patterns, keep=tied_linears(model))
         replace_linears(
@@ -98,7 +101,7 @@ class NVFP4HfQuantizer(HfQuantizer):
             packed=self.packed,
             share_fused_global_scales=config.share_fused_global_scales,
         )
-        self.unconverted_linears = sorted(plan.skipped)
+        self.unconverted_linears = sorted(set(plan.skipped) | set(high_precision_moe_names(model, plan.kept_experts)))
         plan.log()
         if not self.pre_quantized:
             # A high-precision checkpoint has no input scales: they stay unset until calibration.

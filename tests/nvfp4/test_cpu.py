@@ -242,3 +242,24 @@ def test_activation_rounding_refuses_what_the_weight_path_refuses():
         cpu.fake_quant_activation(torch.randn(2, 24), name=NAME)
     with pytest.raises(ValueError, match=f"'{NAME}' contains NaN"):
         cpu.fake_quant_activation(torch.full((2, 16), float("nan")), name=NAME)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_global_scale_per_expert_equals_the_2d_path_on_each_expert_slice(dtype):
+    torch.manual_seed(0)
+    experts = (torch.randn(4, 24, 64) * torch.tensor([0.01, 1.0, 30.0, 1e-4]).view(4, 1, 1)).to(dtype)
+    experts[2, 0, :16] = 0  # a zero block
+    global_scale = torch.cat([format.global_scale_from_amax(expert.abs().amax()) for expert in experts])
+    fake = cpu.fake_quant(experts, global_scale)
+    packed, block_scale, stored = cpu.quantize(experts, global_scale)
+    assert torch.equal(stored, global_scale)
+    for e in range(4):
+        assert torch.equal(fake[e], cpu.fake_quant(experts[e], global_scale[e]))
+        expected = cpu.quantize(experts[e], global_scale[e])
+        assert torch.equal(packed[e], expected.packed)
+        assert torch.equal(block_scale[e].view(torch.uint8), expected.block_scale.view(torch.uint8))
+
+
+def test_a_global_scale_per_expert_must_match_the_leading_dimensions():
+    with pytest.raises(ValueError, match=r"experts: a global scale per leading index must have shape x\.shape\[:d\]"):
+        cpu.fake_quant(torch.randn(4, 8, 32), torch.ones(3), name="experts")

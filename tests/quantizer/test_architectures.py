@@ -10,13 +10,22 @@ import pytest
 import torch
 import torch.nn as nn
 from datasets import Dataset
+from safetensors import safe_open
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, MixtralForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    MixtralConfig,
+    MixtralForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
 
 import hf_qad
 from hf_qad import NVFP4Config, NVFP4Linear
 from hf_qad.nvfp4.conversion import DEFAULT_MODULES_TO_NOT_CONVERT, nvfp4_modules, plan_conversion, replace_linears
 from hf_qad.trainer import QADConfig, QADTrainer
+from tests.ct_oracle import compressed_tensors_activation_rounding
 from tests.tiny_models import ARCHITECTURES, TEXTS, save_tiny_model, token_batches
 
 SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
@@ -33,6 +42,12 @@ FUSED_GROUPS["phi3"] = [("self_attn", ("qkv_proj",)), ("mlp", ("gate_up_proj",))
 def _logits(model, ids):
     with torch.no_grad():
         return model(ids).logits
+
+
+def _plain_logits(model, ids):
+    """What plain transformers + compressed-tensors computes: hf_qad's weights, compressed-tensors' activation rounding."""
+    with compressed_tensors_activation_rounding():
+        return _logits(model, ids)
 
 
 def _quantize_train_export(root, architecture):
@@ -129,8 +144,8 @@ def plain_transformers(exported, tmp_path_factory):
     root = tmp_path_factory.mktemp("plain")
     cases = {}
     for architecture in ARCHITECTURES:
-        _, packed, ids, expected = exported(architecture)
-        torch.save((ids, expected), root / f"{architecture}.pt")
+        model, packed, ids, _ = exported(architecture)
+        torch.save((ids, _plain_logits(model, ids)), root / f"{architecture}.pt")
         cases[architecture] = (str(packed), str(root / f"{architecture}.pt"), None)
     # a float32 student's export, loaded as saved and as bfloat16 (against hf_qad's bfloat16 load)
     model = AutoModelForCausalLM.from_pretrained(exported("llama")[1].parent / "bf16",
@@ -138,9 +153,9 @@ def plain_transformers(exported, tmp_path_factory):
     ids = token_batches(1)[0]
     hf_qad.calibrate(model, [ids])
     model.save_pretrained(root / "float32")
-    torch.save((ids, _logits(model, ids)), root / "float32.pt")
+    torch.save((ids, _plain_logits(model, ids)), root / "float32.pt")
     cases["float32"] = (str(root / "float32"), str(root / "float32.pt"), None)
-    torch.save((ids, _logits(hf_qad.load_packed_model(root / "float32", dtype=torch.bfloat16), ids)),
+    torch.save((ids, _plain_logits(hf_qad.load_packed_model(root / "float32", dtype=torch.bfloat16), ids)),
                root / "float32_as_bf16.pt")
     cases["float32_as_bf16"] = (str(root / "float32"), str(root / "float32_as_bf16.pt"), "bfloat16")
     script = textwrap.dedent(
@@ -193,6 +208,41 @@ def test_fused_experts_can_be_kept_knowingly(tmp_path):
     layer = model.model.layers[0]
     assert isinstance(layer.self_attn.q_proj, NVFP4Linear)
     assert not isinstance(layer.mlp.gate, NVFP4Linear)
+    # the export lists router and experts by their on-disk names (Mixtral: block_sparse_moe.*), so that
+    # vLLM resolves them to unquantized methods instead of expecting packed w13_weight_packed
+    ignore = model.config.quantization_config.to_dict()["ignore"]
+    moe = "model.layers.0.block_sparse_moe"
+    assert {f"{moe}.gate", f"{moe}.experts.1.w1", f"{moe}.experts.1.w2", f"{moe}.experts.1.w3",
+            f"{moe}.experts.0.gate_proj"} <= set(ignore)
+
+
+def test_kept_fused_experts_export_and_reload_exactly(tmp_path):
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(**SMALL, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16)
+    Qwen3MoeForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "bf16", dtype=torch.bfloat16,
+        quantization_config=NVFP4Config(scheme="w4a16", modules_to_not_convert=["lm_head", "mlp.experts"]),
+    )
+    ids = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        expected = model(ids).logits
+    model.save_pretrained(tmp_path / "packed")
+    ignore = json.loads((tmp_path / "packed" / "config.json").read_text())["quantization_config"]["ignore"]
+    assert ignore == sorted(["lm_head", "model.layers.0.mlp.gate"] + [
+        f"model.layers.0.mlp.experts.{e}.{p}" for e in range(4) for p in ("gate_proj", "up_proj", "down_proj")
+    ])
+    with safe_open(str(tmp_path / "packed" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.layers.0.mlp.experts.3.up_proj.weight").dtype == torch.bfloat16
+    reloaded = hf_qad.load_packed_model(tmp_path / "packed")
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, expected)
+    # Upstream limitation (transformers 5.24 + compressed-tensors 0.20), pinned: loading this export through
+    # transformers' compressed-tensors support fails in the fused-experts conversion ("Concatenate on tensors
+    # destined for model.layers.0.mlp.experts.gate_up_proj. Ckpt contains: 0") although the per-expert BF16
+    # weights are on disk under the names transformers itself writes (checked above); hf_qad reloads it.
+    with pytest.raises(RuntimeError, match="issues during automatic conversion of the weights"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "packed", dtype=torch.bfloat16)
 
 
 class Expert(nn.Module):

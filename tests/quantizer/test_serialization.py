@@ -64,7 +64,7 @@ def test_packed_export_loads_in_plain_transformers_without_hf_qad(bf16_path, tmp
     ids = token_batches(1)[0]
     hf_qad.calibrate(model, [ids])
     model.save_pretrained(tmp_path / "packed")
-    assert_plain_transformers_logits(tmp_path / "packed", ids, _logits(model, ids), tmp_path)
+    assert_plain_transformers_logits(tmp_path / "packed", ids, model, tmp_path)
 
 
 def test_uncalibrated_w4a4_export_is_refused(bf16_path, tmp_path):
