@@ -13,6 +13,7 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_qad.cli.common import DTYPES, batches, existing_path, load_model, print_table, text_token_rows, write_json
+from hf_qad.devices import default_compute_dtype
 from hf_qad.evaluation import compare_to_teacher, layer_quantization_errors, multiple_choice_accuracy
 from hf_qad.plots import plot_evaluation
 
@@ -27,7 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arc", type=existing_path, help="ARC-style multiple-choice .jsonl for accuracy")
     parser.add_argument("--arc_limit", type=int, default=None, help="score only the first N questions")
     parser.add_argument("--output_dir", default="hf_qad_eval", help="where eval.json and eval.png go")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default=str(default_compute_dtype("cpu")).removeprefix("torch."),
+                        help="compute dtype (default: bfloat16 where this CPU computes it natively, else float32: "
+                             "%(default)s here)")
 
 
 def read_jsonl(path: str, limit: int | None) -> list[dict]:
