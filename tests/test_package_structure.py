@@ -18,6 +18,7 @@ PACKAGE = Path(hf_qad.__file__).parent
 RANKS = {
     "hf_qad.version": 0,
     "hf_qad._deprecation": 0,
+    "hf_qad.devices": 0,
     "hf_qad.nvfp4": 1,
     "hf_qad.quantizer": 2,
     "hf_qad.export": 3,

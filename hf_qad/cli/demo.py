@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_qad.cli.common import CommandError, int_at_least, model_folder, print_table, write_json
+from hf_qad.devices import compute_dtype_choice
 from hf_qad.evaluation import compare_to_teacher, leading_bos_id
 from hf_qad.nvfp4.calibration import calibrate
 from hf_qad.quantizer.config import NVFP4Config
@@ -109,8 +111,15 @@ def run(args: argparse.Namespace) -> None:
     output = Path(args.output_dir)
     path = Path(args.model) if args.model else smollm2_path()
     print(f"[1/5] model: {path}")
+    # The teacher, the student's autocast, calibration and evaluation compute in bf16 only where
+    # the device does so natively: emulated bf16 matmuls are several times slower than float32.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype, why = compute_dtype_choice(device)
+    bf16 = dtype == torch.bfloat16
+    print(f"      computing in {'bf16' if bf16 else 'float32'}: {why}")
+    precision = torch.autocast(device, dtype=dtype) if bf16 else contextlib.nullcontext()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    teacher = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     teacher.eval()
 
     print(f"[2/5] the teacher writes {args.train_prompts} training and {args.eval_prompts} held-out answers")
@@ -123,9 +132,10 @@ def run(args: argparse.Namespace) -> None:
     # float32 master weights: bf16 would round away most small optimizer updates.
     student = AutoModelForCausalLM.from_pretrained(path, quantization_config=NVFP4Config(scheme=args.scheme),
                                                    dtype=torch.float32)
-    if args.scheme == "w4a4":
-        calibrate(student, conversation_rows(tokenizer, train), num_batches=None)
-    ptq = compare_to_teacher(student, teacher, progress(eval_rows, "PTQ eval"))
+    with precision:
+        if args.scheme == "w4a4":
+            calibrate(student, conversation_rows(tokenizer, train), num_batches=None)
+        ptq = compare_to_teacher(student, teacher, progress(eval_rows, "PTQ eval"))
 
     print(f"[4/5] QAD: {args.steps} steps on the teacher's own answers")
     trainer = QADTrainer(
@@ -134,17 +144,19 @@ def run(args: argparse.Namespace) -> None:
         args=QADConfig(str(output / "run"), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
                        learning_rate=args.learning_rate, lr_scheduler_type="cosine", warmup_steps=0,
                        logging_steps=max(1, args.steps // 8), save_strategy="no", report_to=[], seed=args.seed,
-                       use_cpu=not torch.cuda.is_available(), bf16=False, calibration_batches=0,
+                       use_cpu=device == "cpu", bf16=bf16, calibration_batches=0,
                        max_length=args.new_tokens + 96),
         train_dataset=Dataset.from_dict({"messages": train}),
         processing_class=tokenizer,
     )
     trainer.train()
-    qad = compare_to_teacher(student, teacher, progress(eval_rows, "QAD eval"))
+    with precision:
+        qad = compare_to_teacher(student, teacher, progress(eval_rows, "QAD eval"))
 
     print("[5/5] results on held-out teacher answers")
     rows = [
-        {"model": "BF16 teacher", "perplexity": ptq.teacher_ppl, "kl": 0.0, "top1_agreement": 1.0},
+        {"model": f"{'BF16' if bf16 else 'float32'} teacher", "perplexity": ptq.teacher_ppl, "kl": 0.0,
+         "top1_agreement": 1.0},
         {"model": f"NVFP4 {args.scheme} PTQ", "perplexity": ptq.student_ppl, "kl": ptq.kl,
          "top1_agreement": ptq.top1_agreement},
         {"model": f"NVFP4 {args.scheme} QAD", "perplexity": qad.student_ppl, "kl": qad.kl,
@@ -153,7 +165,9 @@ def run(args: argparse.Namespace) -> None:
     print_table(rows, ["model", "perplexity", "kl", "top1_agreement"])
     trainer.save_model(str(output / "nvfp4"))
     minutes = (time.perf_counter() - started) / 60
-    write_json(output / "demo.json", {"rows": rows, "tokens": ptq.tokens, "minutes": minutes, "args": {k: v for k, v in vars(args).items() if k != "run"}})
+    write_json(output / "demo.json", {"rows": rows, "tokens": ptq.tokens, "minutes": minutes,
+                                      "compute_dtype": str(dtype).removeprefix("torch."), "compute_dtype_reason": why,
+                                      "args": {k: v for k, v in vars(args).items() if k != "run"}})
     print(f"packed NVFP4 checkpoint: {output / 'nvfp4'} (serve with: vllm serve {output / 'nvfp4'}); {minutes:.1f} min")
 
 

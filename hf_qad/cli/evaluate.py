@@ -29,6 +29,7 @@ from hf_qad.cli.common import (
     text_token_rows,
     write_json,
 )
+from hf_qad.devices import default_compute_dtype
 from hf_qad.evaluation import compare_to_teacher, layer_quantization_errors, multiple_choice_accuracy
 from hf_qad.plots import plot_evaluation
 from hf_qad.quantizer.checkpoints import is_packed_export
@@ -47,7 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arc", type=existing_path, help="ARC-style multiple-choice .jsonl for accuracy")
     parser.add_argument("--arc_limit", type=int_at_least(1), default=None, help="score only the first N questions")
     parser.add_argument("--output_dir", default="hf_qad_eval", help="where eval.json and eval.png go")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default=str(default_compute_dtype("cpu")).removeprefix("torch."),
+                        help="compute dtype (default: bfloat16 where this CPU computes it natively, else float32: "
+                             "%(default)s here)")
 
 
 def read_arc_jsonl(path: str, limit: int | None) -> list[dict]:

@@ -7,17 +7,26 @@ them from a file. Runs under ``accelerate launch`` like any TRL script.
 
 from __future__ import annotations
 
+import torch
 from transformers import AutoTokenizer
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 from hf_qad.cli.common import DTYPES, CommandError
 from hf_qad.data import load_text_dataset
+from hf_qad.devices import compute_dtype_choice, default_device
 from hf_qad.trainer import QADConfig, QADTrainer
 
 
 def run(argv: list[str]) -> None:
     parser = TrlParser((ScriptArguments, QADConfig, ModelConfig), prog="hf-qad train")
+    # Defaults only (a flag or the --config file wins): the CPU without an accelerator, and bf16 mixed
+    # precision only where the device computes it natively (TRL's default, bf16, crashes without a GPU
+    # and is several times slower than float32 on CPUs without AVX512-BF16).
+    device = default_device()
+    dtype, why = compute_dtype_choice(device)
+    parser.set_defaults(use_cpu=device.type == "cpu", **({} if dtype == torch.bfloat16 else {"bf16": False}))
     script_args, qad_args, model_args = parser.parse_args_and_config(argv)
+    print(precision_line(qad_args, device, dtype, why))
     if not model_args.model_name_or_path:
         raise CommandError("--model_name_or_path is required (the BF16 model to quantize).")
     if not script_args.dataset_name:
@@ -40,3 +49,15 @@ def run(argv: list[str]) -> None:
     trainer.train()
     trainer.save_model(qad_args.output_dir)
     print(f"wrote packed NVFP4 checkpoint to {qad_args.output_dir}")
+
+
+def precision_line(args: QADConfig, device: torch.device, dtype: torch.dtype, why: str) -> str:
+    """Where the run computes and in which precision, and whether that is this machine's default."""
+    where = "cpu" if args.use_cpu else device.type
+    precision = "bf16 mixed precision" if args.bf16 else "fp16 mixed precision" if args.fp16 else "float32"
+    chosen = "bf16 mixed precision" if dtype == torch.bfloat16 else "float32"
+    if where == device.type and precision == chosen:
+        source = f"the default here: {why}"
+    else:
+        source = f"as set; the default here is {device.type}, {chosen}: {why}"
+    return f"hf-qad train: {where}, {precision} ({source})"
