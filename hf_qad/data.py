@@ -51,7 +51,7 @@ def load_text_dataset(source: str, split: str = "train", max_chars: int = 2000, 
 
     Raises:
         FileNotFoundError: for a path-like source that does not exist.
-        ValueError: for an empty text file.
+        ValueError: for an empty file.
     """
     path = Path(source).expanduser()
     looks_local = path.suffix in (".txt", *_LOADERS) or source.startswith((".", "/", "~"))
@@ -63,7 +63,10 @@ def load_text_dataset(source: str, split: str = "train", max_chars: int = 2000, 
     if path.is_file():
         if path.suffix not in _LOADERS:
             raise ValueError(f"unsupported data file {path}: use .txt, {', '.join(_LOADERS)}.")
-        return load_dataset(_LOADERS[path.suffix], data_files=str(path), split="train")
+        try:
+            return load_dataset(_LOADERS[path.suffix], data_files=str(path), split="train")
+        except StopIteration:  # datasets' builders infer the columns from the first row
+            raise ValueError(f"{path} contains no rows.") from None
     if path.is_dir():
         return load_dataset(str(path), name, split=split)
     if looks_local:

@@ -121,6 +121,18 @@ def _nonfinite_summary(model: nn.Module, field: str) -> str | None:
     return f"{len(names)} of {total} parameters have non-finite {what}, the first: {names[0]}"
 
 
+def check_resumable(path: str) -> None:
+    """Raise ``ValueError`` when ``path`` holds a packed NVFP4 export, which training cannot resume from.
+
+    Loading its packed weights as a checkpoint would leave the student at its initial BF16 weights.
+    """
+    if is_packed_export(path):
+        raise ValueError(
+            f"{path} holds a packed NVFP4 export, not a training checkpoint (no master weights to resume "
+            "from): resume from a checkpoint-N folder written during training."
+        )
+
+
 class _CalibrationCallback(TrainerCallback):
     """Calibrates W4A4 input scales when training begins, through the prepared model.
 
@@ -422,11 +434,7 @@ class QADTrainer(SFTTrainer):
         super()._save_checkpoint(model, trial)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        if is_packed_export(resume_from_checkpoint):
-            raise ValueError(
-                f"{resume_from_checkpoint} holds a packed NVFP4 export, not a training checkpoint (no master "
-                "weights to resume from): resume from a checkpoint-N folder written during training."
-            )
+        check_resumable(resume_from_checkpoint)
         super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     # ------------------------------------------------------------------ saving
