@@ -97,7 +97,7 @@ def test_diverging_learning_rate_stops_before_the_update_and_keeps_the_last_good
                      save_strategy="steps", save_steps=1, save_total_limit=1)
     trainer = QADTrainer(str(training_tiny), args=args, train_dataset=Dataset.from_dict({"text": TEXTS}),
                          processing_class=tiny_tokenizer())
-    with pytest.raises(FloatingPointError, match=r"the gradient norm is (inf|nan) at step 2: .*lower the learning rate"):
+    with pytest.raises(FloatingPointError, match=r"the gradient norm is (inf|nan) at step 2: .*not applied"):
         trainer.train()
     assert trainer.state.global_step == 1
     assert all(_training_math.isfinite(p.detach().abs().max().item()) for p in trainer.model.parameters())

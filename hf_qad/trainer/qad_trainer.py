@@ -411,24 +411,24 @@ class QADTrainer(SFTTrainer):
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
         if grad_norm is not None and not math.isfinite(float(grad_norm)):
             # Clipping by an infinite norm multiplies the gradients by 0, which leaves the infinite ones NaN.
-            detail = _nonfinite_summary(model, "grad") or (
+            detail = _nonfinite_summary(self.accelerator.unwrap_model(model), "grad") or (
                 "DeepSpeed holds the gradients" if self.is_deepspeed_enabled
                 else "every gradient is finite, their norm overflows"
             )
             raise FloatingPointError(
-                f"the gradient norm is {float(grad_norm)} at step {self.state.global_step + 1}: {detail}. The update was not applied; lower the learning rate "
-                "(or check the data) and resume from the last checkpoint."
+                f"the gradient norm is {float(grad_norm)} at step {self.state.global_step + 1}: {detail}. The update "
+                "was not applied; lower the learning rate (or check the data) and resume from the last checkpoint."
             )
         return grad_norm
 
     def _save_checkpoint(self, model, trial):
         # Weights can also overflow from finite gradients (a huge learning rate): such a checkpoint is never
         # written, so save_total_limit cannot rotate away the last good one. Every rank checks its shard.
-        problem = _nonfinite_summary(model, "data")
-        failed = self.accelerator.gather(torch.tensor([problem is not None], device=self.args.device)).any()
-        if failed:
+        problem = _nonfinite_summary(self.accelerator.unwrap_model(model), "data")
+        if self.accelerator.gather(torch.tensor([int(problem is not None)], device=self.args.device)).any():
             raise FloatingPointError(
-                f"not saving checkpoint-{self.state.global_step}: {problem or 'another process has non-finite weights'}. "
+                f"not saving checkpoint-{self.state.global_step}: "
+                f"{problem or 'another process has non-finite weights'}. "
                 "Lower the learning rate and resume from the last checkpoint."
             )
         super()._save_checkpoint(model, trial)

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -52,13 +53,27 @@ def _master(out: Path, rank: int = 0) -> dict[str, torch.Tensor]:
     return torch.load(out / f"master_rank{rank}.pt")
 
 
+def _launch(command: list[str], env: dict[str, str] | None = None) -> str:
+    """Run a launcher (torchrun, accelerate launch) from the repository root; its output, or the failure's.
+
+    cwd: `-m` finds the tests package from the repository root. The timeout (a rank waiting alone hangs)
+    kills the launcher's whole process group: killing the launcher alone leaves its workers running.
+    """
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+                          start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+    assert process.returncode == 0, stdout[-3000:] + stderr[-6000:]
+    return stdout + stderr
+
+
 def _two_processes(tiny_path, out: Path, *options: str) -> Path:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "tests.trainer.distributed_qad_run", str(tiny_path), str(out), "--batch-size", str(GLOBAL_BATCH // 2),
-               *options]
-    # cwd: `-m` finds the tests package from the repository root. timeout: a rank waiting alone hangs.
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    _launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+             "-m", "tests.trainer.distributed_qad_run", str(tiny_path), str(out), "--batch-size", str(GLOBAL_BATCH // 2),
+             *options])
     return out
 
 
@@ -246,7 +261,8 @@ def _documented_launch_commands() -> list[str]:
 def test_the_readme_documents_these_launch_commands():
     configs = {"ddp", "fsdp2", "deepspeed_zero3"}
     commands = _documented_launch_commands()
-    assert {c.split("--config_file examples/accelerate/")[1].split(".yaml")[0] for c in commands if "--config_file" in c} == configs
+    documented = {c.split("--config_file examples/accelerate/")[1].split(".yaml")[0] for c in commands if "--config_file" in c}
+    assert documented == configs
     assert sum(c.startswith("torchrun") for c in commands) == 1 and sum("--multi_gpu" in c for c in commands) == 1
 
 
@@ -257,7 +273,8 @@ CPU_LAUNCHES = [c for c in _documented_launch_commands() if "deepspeed_zero3.yam
 
 
 @needs_gloo
-@pytest.mark.parametrize("command", CPU_LAUNCHES, ids=lambda c: c.split("examples/qad_sft.py")[0].split("/")[-1].strip())
+@pytest.mark.parametrize("command", CPU_LAUNCHES,
+                         ids=lambda c: c.split("examples/qad_sft.py")[0].split("/")[-1].strip())
 def test_documented_launch_command_runs_on_two_cpu_processes(command, tiny_path, tmp_path):
     """Each launch command of the accelerate README, as written, on the tiny model for one step.
 
@@ -280,8 +297,7 @@ def test_documented_launch_command_runs_on_two_cpu_processes(command, tiny_path,
     argv = [*launcher, *words[1:], "--max_steps", "1", "--max_length", "32", "--report_to", "none",
             "--logging_steps", "1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    output = _launch(argv, env)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["quantization_config"]["format"] == "nvfp4-pack-quantized"
-    assert "'loss'" in result.stdout + result.stderr  # one logged step
+    assert "'loss'" in output  # one logged step
