@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 from collections.abc import Callable, Iterator
 from itertools import islice
@@ -43,7 +44,7 @@ from trl.models.utils import _ForwardRedirection
 from hf_qad.export.model_card import write_model_card
 from hf_qad.nvfp4.calibration import calibrate
 from hf_qad.nvfp4.conversion import nvfp4_modules
-from hf_qad.quantizer.checkpoints import MasterWeightCheckpointCallback
+from hf_qad.quantizer.checkpoints import MasterWeightCheckpointCallback, is_packed_export
 from hf_qad.quantizer.peft import register_nvfp4_lora, teacher_mode
 from hf_qad.quantizer.quantizer import NVFP4HfQuantizer
 from hf_qad.trainer.generation import (
@@ -95,6 +96,41 @@ def _vocab_rows(model: nn.Module) -> int:
     weight = _causal_lm(model).get_output_embeddings().weight
     # ZeRO-3 leaves an empty placeholder in a partitioned parameter; ds_shape is its real shape.
     return getattr(weight, "ds_shape", weight.shape)[0]
+
+
+def _nonfinite_summary(model: nn.Module, field: str) -> str | None:
+    """Which parameters hold NaN/Inf in ``field`` (``"grad"`` or ``"data"``) on this process, or None.
+
+    Looks at the local values: a process's shard under FSDP2 (DTensor), its partition under ZeRO-3.
+    Clipping by a NaN norm spreads NaN to every gradient, so the count tells a local NaN from a
+    spread one.
+    """
+    names = []
+    total = 0
+    for name, parameter in model.named_parameters():
+        value = getattr(parameter, "ds_tensor", parameter) if field == "data" else parameter.grad
+        if value is None:
+            continue
+        total += 1
+        value = value.to_local() if hasattr(value, "to_local") else value
+        if not torch.isfinite(value).all():
+            names.append(name)
+    if not names:
+        return None
+    what = "gradients" if field == "grad" else "values"
+    return f"{len(names)} of {total} parameters have non-finite {what}, the first: {names[0]}"
+
+
+def check_resumable(path: str) -> None:
+    """Raise ``ValueError`` when ``path`` holds a packed NVFP4 export, which training cannot resume from.
+
+    Loading its packed weights as a checkpoint would leave the student at its initial BF16 weights.
+    """
+    if is_packed_export(path):
+        raise ValueError(
+            f"{path} holds a packed NVFP4 export, not a training checkpoint (no master weights to resume "
+            "from): resume from a checkpoint-N folder written during training."
+        )
 
 
 class _CalibrationCallback(TrainerCallback):
@@ -368,6 +404,39 @@ class QADTrainer(SFTTrainer):
             amax = calibrate(self.model_wrapped, batches, num_batches=None)
         logger.info("hf_qad: calibrated %d W4A4 layers on %d batches", len(amax), len(batches))
 
+    # ------------------------------------------------------------------ non-finite values
+    def _get_grad_norm(self, model, grad_norm=None):
+        # The Trainer's last call before the optimizer step, with the norm its clipping computed (or computed here
+        # without clipping): a non-finite norm stops the run before the update turns every weight NaN.
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if grad_norm is not None and not math.isfinite(float(grad_norm)):
+            # Clipping by an infinite norm multiplies the gradients by 0, which leaves the infinite ones NaN.
+            detail = _nonfinite_summary(self.accelerator.unwrap_model(model), "grad") or (
+                "DeepSpeed holds the gradients" if self.is_deepspeed_enabled
+                else "every gradient is finite, their norm overflows"
+            )
+            raise FloatingPointError(
+                f"the gradient norm is {float(grad_norm)} at step {self.state.global_step + 1}: {detail}. The update "
+                "was not applied; lower the learning rate (or check the data) and resume from the last checkpoint."
+            )
+        return grad_norm
+
+    def _save_checkpoint(self, model, trial):
+        # Weights can also overflow from finite gradients (a huge learning rate): such a checkpoint is never
+        # written, so save_total_limit cannot rotate away the last good one. Every rank checks its shard.
+        problem = _nonfinite_summary(self.accelerator.unwrap_model(model), "data")
+        if self.accelerator.gather(torch.tensor([int(problem is not None)], device=self.args.device)).any():
+            raise FloatingPointError(
+                f"not saving checkpoint-{self.state.global_step}: "
+                f"{problem or 'another process has non-finite weights'}. "
+                "Lower the learning rate and resume from the last checkpoint."
+            )
+        super()._save_checkpoint(model, trial)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        check_resumable(resume_from_checkpoint)
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
     # ------------------------------------------------------------------ saving
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         model = self.accelerator.unwrap_model(self.model)
@@ -421,19 +490,22 @@ class QADTrainer(SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         labels = inputs["shift_labels"] if "shift_labels" in inputs else inputs["labels"][:, 1:]
-        model_inputs = _model_inputs(inputs)
-        unwrapped = self.accelerator.unwrap_model(model)
-        # The redirection replaces the forward that accelerate wrapped in its mixed-precision autocast.
-        with self.accelerator.autocast():
-            student_hidden = self._forward_redirection(model, unwrapped, _backbone_hidden, unwrapped, model_inputs)
-        # Position i predicts labels[:, i]: without shift_labels the last position predicts nothing.
-        student_hidden = student_hidden[:, : labels.shape[1]]
         mask = labels != -100
-        student_head = _causal_lm(unwrapped).get_output_embeddings()
-        if CACHE_COLUMNS[0] in inputs:  # offline teacher: its cached top-k, one entry per loss token
-            sums = self._cached_teacher_sums(inputs, student_hidden, student_head, mask, labels[mask])
-        else:
-            sums = self._live_teacher_sums(inputs, student_hidden, student_head, mask, labels[mask])
+        cached = CACHE_COLUMNS[0] in inputs  # offline teacher: its cached top-k, one entry per loss token
+        teacher_hidden = None if cached else self._teacher_hidden(inputs, mask)
+        unwrapped = self.accelerator.unwrap_model(model)
+        # The student's whole loss, head included, runs inside the wrapped model's forward. Under DDP without
+        # gradient checkpointing the Trainer sets find_unused_parameters=True, and DDP takes every parameter
+        # it cannot reach from the forward's outputs as unused: a head applied after the forward would be
+        # marked ready as unused, then again by its gradient ("Expected to mark a variable ready only once").
+        # With the loss as the output, the head is in the graph DDP searches, so both settings work and
+        # parameters a batch really leaves unused (MoE experts) are still found. (static_graph or
+        # find_unused_parameters=False would also silence the error, but break on such models.)
+        # The redirection also replaces the forward that accelerate wrapped in its mixed-precision autocast.
+        with self.accelerator.autocast():
+            sums = self._forward_redirection(
+                model, unwrapped, self._student_sums, unwrapped, inputs, labels, mask, teacher_hidden
+            )
         total = sums.loss
         tokens = torch.as_tensor(num_items_in_batch if num_items_in_batch is not None else sums.tokens)
         loss = total / tokens.to(total.device).clamp(min=1)
@@ -447,13 +519,40 @@ class QADTrainer(SFTTrainer):
         self._log_distillation_metrics(mode, sums)
         return (loss, None) if return_outputs else loss
 
-    def _live_teacher_sums(self, inputs: dict[str, Any], student_hidden: torch.Tensor, student_head: nn.Module,
-                           mask: torch.Tensor, targets: torch.Tensor) -> DistillationSums:
-        """Loss sums against the teacher model, run on the student's inputs.
+    def _student_sums(self, student: nn.Module, inputs: dict[str, Any], labels: torch.Tensor, mask: torch.Tensor,
+                      teacher_hidden: torch.Tensor | None) -> DistillationSums:
+        """The loss sums of one batch from the student's forward (``teacher_hidden``: None with a teacher cache)."""
+        student_hidden = _backbone_hidden(student, _model_inputs(inputs))
+        # Position i predicts labels[:, i]: without shift_labels the last position predicts nothing.
+        student_hidden = student_hidden[:, : labels.shape[1]][mask]
+        student_head = _causal_lm(student).get_output_embeddings()
+        if teacher_hidden is None:  # against the batch's cached teacher top-k, one entry per loss token
+            return cached_distillation_loss(
+                student_hidden,
+                student_head,
+                *(inputs[column] for column in CACHE_COLUMNS),
+                labels[mask],
+                chunk_size=self.args.loss_chunk_size,
+                kl_weight=self.args.kl_weight,
+                ce_weight=self.args.ce_weight,
+            )
+        # The head matmuls run in the autocast dtype (compute_loss's autocast), as the model's lm_head would.
+        return chunked_distillation_loss(
+            student_hidden,
+            student_head,
+            teacher_hidden.to(student_hidden.device),
+            self._teacher_head(),
+            labels[mask],
+            divergence=self.args.divergence,
+            beta=self.args.beta,
+            temperature=self.args.temperature,
+            chunk_size=self.args.loss_chunk_size,
+            kl_weight=self.args.kl_weight,
+            ce_weight=self.args.ce_weight,
+        )
 
-        ``student_hidden`` is ``[batch, positions, hidden]``, ``mask`` picks its loss positions and
-        ``targets`` are their labels; the teacher's hidden states are picked by the same mask.
-        """
+    def _teacher_hidden(self, inputs: dict[str, Any], mask: torch.Tensor) -> torch.Tensor:
+        """The teacher's final hidden states at the loss positions ``mask`` picks, run on the student's inputs."""
         if self.teacher_model is None and not self.shared_teacher:
             raise ValueError("this batch has no cached teacher outputs and no teacher is loaded.")
         model_inputs = _model_inputs(inputs)
@@ -462,35 +561,7 @@ class QADTrainer(SFTTrainer):
             teacher_hidden = self._forward_redirection(
                 teacher, unwrapped_teacher, _backbone_hidden, unwrapped_teacher, model_inputs
             )
-        teacher_hidden = teacher_hidden[:, : mask.shape[1]]
-        # Under the training precision: the head matmuls run in the autocast dtype, as the model's lm_head would.
-        with self.accelerator.autocast():
-            return chunked_distillation_loss(
-                student_hidden[mask],
-                student_head,
-                teacher_hidden[mask].to(student_hidden.device),
-                self._teacher_head(),
-                targets,
-                divergence=self.args.divergence,
-                beta=self.args.beta,
-                temperature=self.args.temperature,
-                chunk_size=self.args.loss_chunk_size,
-                kl_weight=self.args.kl_weight,
-                ce_weight=self.args.ce_weight,
-            )
-
-    def _cached_teacher_sums(self, inputs: dict[str, Any], student_hidden: torch.Tensor, student_head: nn.Module,
-                             mask: torch.Tensor, targets: torch.Tensor) -> DistillationSums:
-        """Loss sums against the batch's cached teacher top-k, one entry per loss token (arguments as above)."""
-        return cached_distillation_loss(
-            student_hidden[mask],
-            student_head,
-            *(inputs[column] for column in CACHE_COLUMNS),
-            targets,
-            chunk_size=self.args.loss_chunk_size,
-            kl_weight=self.args.kl_weight,
-            ce_weight=self.args.ce_weight,
-        )
+        return teacher_hidden[:, : mask.shape[1]][mask]
 
     def _log_distillation_metrics(self, mode: str, sums) -> None:
         # One row of token sums per process, added up: gather, not gather_for_metrics, which takes the rows

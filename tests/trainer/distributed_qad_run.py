@@ -5,7 +5,8 @@ under ``torchrun --nproc_per_node 2`` with 4 per process (DDP, FSDP2 with ``--fs
 DeepSpeed ZeRO-3 with ``--zero3``)::
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 \
-        -m tests.trainer.distributed_qad_run TINY_MODEL_DIR OUT_DIR --batch-size 4 [--fsdp2 | --zero3]
+        -m tests.trainer.distributed_qad_run TINY_MODEL_DIR OUT_DIR --batch-size 4 [--fsdp2 | --zero3] \
+        [--no-gradient-checkpointing]
 
 Each rank writes ``rank<r>.json`` (logged losses and metrics, calibrated input global
 scales); ``master_rank<r>.pt`` holds the final master weights as
@@ -97,7 +98,7 @@ def texts() -> list[str]:
 
 
 def train(model_path: str, output_dir: str, batch_size: int, accumulation: int = 1, fsdp2: bool = False,
-          zero3: bool = False) -> None:
+          zero3: bool = False, gradient_checkpointing: bool = True) -> None:
     """Train, save the packed model to ``output_dir/final``, write this rank's record and master weights."""
     if zero3:
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # what TrainingArguments sets for deepspeed=
@@ -130,6 +131,8 @@ def train(model_path: str, output_dir: str, batch_size: int, accumulation: int =
         pad_to_multiple_of=64,
         # Per-process micro-batches: 8 cover the 16 samples with any batch size used here.
         calibration_batches=8,
+        # QADConfig's default (SFTConfig's). Without it the Trainer sets DDP's find_unused_parameters=True.
+        gradient_checkpointing=gradient_checkpointing,
     )
     trainer_class = FSDP2OnCPUTrainer if fsdp2 else QADTrainer
     trainer = trainer_class(student, args=args, train_dataset=Dataset.from_dict({"text": texts()}),
@@ -144,6 +147,9 @@ def train(model_path: str, output_dir: str, batch_size: int, accumulation: int =
         torch.save({k: v.detach().clone() for k, v in master.items()}, Path(output_dir) / f"master_rank{rank}.pt")
     record = {
         "world_size": trainer.accelerator.num_processes,
+        "activation_checkpointing": trainer.accelerator.unwrap_model(trainer.model).is_activation_checkpointing,
+        # DDP's setting (None under FSDP2 and ZeRO-3): the Trainer turns it on without activation checkpointing.
+        "find_unused_parameters": getattr(trainer.model_wrapped, "find_unused_parameters", None),
         "fsdp2": trainer.accelerator.is_fsdp2,
         "zero3": trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3,
         # ZeRO-3 partitions the parameters of the student and of the teacher (DeepSpeed tags them).
@@ -165,12 +171,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, required=True)
     parser.add_argument("--fsdp2", action="store_true", help="shard with FSDP2 instead of DDP")
     parser.add_argument("--zero3", action="store_true", help="partition with DeepSpeed ZeRO-3 instead of DDP")
+    parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
     options = parser.parse_args()
     torch.set_num_threads(1)  # one core per process
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if options.batch_size * world != GLOBAL_BATCH:
         raise SystemExit(f"--batch-size x processes must be {GLOBAL_BATCH}, got {options.batch_size} x {world}")
-    train(options.model_path, options.output_dir, options.batch_size, fsdp2=options.fsdp2, zero3=options.zero3)
+    train(options.model_path, options.output_dir, options.batch_size, fsdp2=options.fsdp2, zero3=options.zero3,
+          gradient_checkpointing=options.gradient_checkpointing)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from hf_qad import NVFP4Config
@@ -164,6 +164,46 @@ def test_nan_loss_stops_with_the_step(tiny_path, tmp_path):
         model.model.norm.weight.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="at step 0"):
         trainer.compute_loss(model, dict(_first_batch(trainer)))
+
+
+def test_infinite_gradient_stops_before_the_update_naming_the_step_and_parameter(tiny_path, tmp_path):
+    """The Trainer's grad norm (computed by its clipping) is checked: the update is not applied."""
+    trainer = QADTrainer(str(tiny_path), args=_config(tmp_path, max_steps=3, bf16=False),
+                         train_dataset=Dataset.from_dict({"text": TEXTS}), processing_class=tiny_tokenizer())
+    weight = trainer.model.model.layers[1].mlp.down_proj.weight
+    before_step_2 = {}
+
+    def blow_up_at_step_2(grad):
+        if trainer.state.global_step != 1:
+            return grad
+        before_step_2.update({name: p.detach().clone() for name, p in trainer.model.named_parameters()})
+        return grad * float("inf")
+
+    weight.register_hook(blow_up_at_step_2)
+    with pytest.raises(FloatingPointError) as error:
+        trainer.train()
+    message = str(error.value)
+    assert "the gradient norm is inf at step 2: 1 of" in message
+    assert "the first: model.layers.1.mlp.down_proj.weight" in message and "The update was not applied" in message
+    assert trainer.state.global_step == 1 and before_step_2
+    for name, parameter in trainer.model.named_parameters():
+        assert torch.equal(parameter, before_step_2[name]), name
+
+
+def test_non_finite_weights_are_never_saved(tiny_path, tmp_path):
+    """Weights can overflow with finite gradients: checkpoint-2 is refused, checkpoint-1 stays."""
+    class PoisonAtStep2(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                with torch.no_grad():
+                    kwargs["model"].model.norm.weight[0] = float("nan")
+
+    args = _config(tmp_path, max_steps=3, bf16=False, save_strategy="steps", save_steps=1, save_total_limit=1)
+    trainer = QADTrainer(str(tiny_path), args=args, train_dataset=Dataset.from_dict({"text": TEXTS}),
+                         processing_class=tiny_tokenizer(), callbacks=[PoisonAtStep2()])
+    with pytest.raises(FloatingPointError, match="not saving checkpoint-2: 1 of .* the first: model.norm.weight"):
+        trainer.train()
+    assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-1"]
 
 
 def test_vocabulary_mismatch_is_refused(tiny_path, tmp_path):
