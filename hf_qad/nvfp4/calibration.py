@@ -145,9 +145,9 @@ def _set_expert_scales(
     unrouted = []
     for name, module in experts.items():
         values = {projection: amax[name, projection] for projection in EXPERT_PROJECTIONS}
-        unrouted += [f"{name}[{int(e)}]" for e in (values["gate_up_proj"] < 0).nonzero()[:, 0]]
+        unrouted += [f"{name or 'experts'}[{int(e)}]" for e in (values["gate_up_proj"] < 0).nonzero()[:, 0]]
         for projection, value in values.items():
-            recorded[f"{name}.{projection}"] = float(value.max())
+            recorded[f"{name}.{projection}" if name else projection] = float(value.max())
         module.set_input_amax({projection: torch.where(value < 0, value.max(), value) for projection, value in values.items()})
     if unrouted:
         total = sum(module.num_experts for module in experts.values())

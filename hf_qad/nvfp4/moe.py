@@ -322,9 +322,9 @@ class NVFP4Experts(nn.Module):
         """Convert packed mode to fake mode in place, the dequantized weights as masters (see
         :meth:`hf_qad.nvfp4.linear.NVFP4Linear.unpack` for what is reproduced exactly)."""
         if self.is_packed:
-            for name in EXPERT_PROJECTIONS:
-                weight = self._weight(name, dtype)
-                global_scale = self.quantized_weight(name).global_scale
+            weights = {name: (self._weight(name, dtype), self.quantized_weight(name).global_scale)
+                       for name in EXPERT_PROJECTIONS}
+            for name, (weight, global_scale) in weights.items():
                 for tensor_name in ("weight_packed", "weight_scale", "weight_global_scale"):
                     del self._buffers[name + EXPERT_TENSOR_SUFFIXES[tensor_name]]
                 setattr(self, name, nn.Parameter(weight))
