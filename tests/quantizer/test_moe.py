@@ -137,3 +137,14 @@ def test_experts_of_an_unsupported_layout_are_refused_with_the_fix(tmp_path):
     with pytest.raises(ValueError, match=r"cannot quantize the fused experts model.layers.0.mlp.experts "
                                          r"\(GptOssExperts\).*modules_to_not_convert=\[\.\.\., 'model.layers.0.mlp.experts'\]"):
         AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=NVFP4Config())
+
+
+def test_a_master_weight_checkpoint_resumes_the_same_model(trained, tmp_path):
+    _, _, model, ids, logits = trained
+    with hf_qad.master_weight_checkpoint(model):
+        model.save_pretrained(tmp_path)
+    resumed = AutoModelForCausalLM.from_pretrained(tmp_path)
+    experts = resumed.model.layers[0].mlp.experts
+    assert isinstance(experts, NVFP4Experts) and not experts.is_packed and experts.input_calibrated
+    with torch.no_grad():
+        assert torch.equal(resumed(ids).logits, logits)
