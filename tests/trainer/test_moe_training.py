@@ -12,15 +12,15 @@ from hf_qad.nvfp4.experts import router_modules
 from hf_qad.nvfp4.linear import NVFP4Linear
 from hf_qad.quantizer.peft import NVFP4LoraLinear
 from hf_qad.trainer import QADConfig, QADTrainer
-from tests.tiny_models import KEEP_EXPERTS, TEXTS, save_tiny_moe, tiny_tokenizer
+from tests.tiny_models import KEEP_EXPERTS, TEXTS, tiny_tokenizer
 
 COMMON = dict(use_cpu=True, bf16=False, report_to=[], save_strategy="no", seed=0, logging_steps=1, dataloader_drop_last=True,
               per_device_train_batch_size=4, max_steps=2, learning_rate=1e-3)
 
 
-@pytest.fixture(scope="module")
-def moe_path(tmp_path_factory):
-    return save_tiny_moe(tmp_path_factory.mktemp("tiny_moe"))
+@pytest.fixture
+def moe_path(tiny_moe_path):
+    return tiny_moe_path
 
 
 def _student(path, **load):
