@@ -28,7 +28,7 @@ Example:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -45,7 +45,7 @@ from hf_qad.nvfp4.format import (
 )
 from hf_qad.nvfp4.scale_search import SCALE_METHODS, search_block_scales
 
-__all__ = ["NVFP4Linear"]
+__all__ = ["NVFP4Linear", "keep_scale_dtypes"]
 
 # Buffers that must keep their dtype when the model is cast with .to(dtype)/.half():
 # packed codes, e4m3 block scales, and float32 global scales (rounding a global scale
@@ -57,6 +57,24 @@ _PROTECTED_BUFFERS = ("weight_packed", "weight_scale", "weight_global_scale", "i
 # subnormal (2**-9 / 2) it rounds to zero and the whole block quantizes to zero, so blocks vanish
 # once amax / amax_block reaches 448 / 2**-10 (about 4.6e5; the 6 of E2M1 cancels out).
 ZEROED_BLOCK_RATIO = E4M3_MAX / (E4M3_SUBNORMAL_STEP / 2)
+
+
+@contextmanager
+def keep_scale_dtypes(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], names: Iterable[str]) -> Iterator[None]:
+    """Within this block (around ``nn.Module._apply``) the buffers ``names`` of ``module`` are set aside,
+    then only moved to the device ``fn`` moves tensors to, never cast.
+
+    ``nn.Module._apply`` casts every floating-point buffer on ``.to(dtype)`` / ``.half()``; float8 block
+    scales and float32 global scales must keep their dtype (a global scale rounded to bf16 would
+    change every code computed from it).
+    """
+    protected = {name: module._buffers.pop(name) for name in names if module._buffers.get(name) is not None}
+    try:
+        yield
+    finally:
+        for name, buffer in protected.items():
+            probe = fn(torch.empty(0, device=buffer.device))
+            module._buffers[name] = buffer.to(probe.device)
 
 
 class NVFP4Linear(nn.Linear):
@@ -382,15 +400,8 @@ class NVFP4Linear(nn.Linear):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True):
-        # nn.Module._apply casts every floating-point buffer on .to(dtype)/.half();
-        # float8 scales and float32 global scales must only move between devices.
-        protected = {name: self._buffers.pop(name) for name in _PROTECTED_BUFFERS if name in self._buffers}
-        try:
+        with keep_scale_dtypes(self, fn, _PROTECTED_BUFFERS):
             super()._apply(fn, recurse)
-        finally:
-            for name, buffer in protected.items():
-                probe = fn(torch.empty(0, device=buffer.device))
-                self._buffers[name] = buffer.to(probe.device)
         self._frozen_cache = None
         return self
 

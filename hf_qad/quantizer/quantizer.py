@@ -30,13 +30,16 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from hf_qad.nvfp4.conversion import (
     DEFAULT_MODULES_TO_NOT_CONVERT,
+    nvfp4_experts,
     nvfp4_modules,
     plan_conversion,
+    replace_experts,
     replace_linears,
     tied_linears,
 )
 from hf_qad.nvfp4.experts import experts_listed_by_name, high_precision_moe_names
 from hf_qad.nvfp4.linear import NVFP4Linear
+from hf_qad.nvfp4.moe import EXPERT_PROJECTIONS, EXPERT_TENSOR_SUFFIXES, NVFP4Experts
 from hf_qad.quantizer.config import QUANT_METHOD, NVFP4Config
 from hf_qad.quantizer.serialization import (
     compressed_tensors_config,
@@ -52,7 +55,8 @@ _TAGS = ["hf_qad", "nvfp4"]
 
 
 class NVFP4HfQuantizer(HfQuantizer):
-    """Replaces Linear layers with :class:`~hf_qad.nvfp4.linear.NVFP4Linear` while loading.
+    """Replaces Linear layers with :class:`~hf_qad.nvfp4.linear.NVFP4Linear` and fused MoE experts
+    with :class:`~hf_qad.nvfp4.moe.NVFP4Experts` while loading.
 
     Attributes:
         unconverted_linears: exact names of the Linear layers left in high precision, of the
@@ -93,20 +97,20 @@ class NVFP4HfQuantizer(HfQuantizer):
             patterns += experts_listed_by_name(model, patterns)  # a checkpoint's `ignore` names experts per expert
         # Tied output embeddings stay in high precision even when the user gives their own patterns.
         plan = plan_conversion(model, patterns, keep=tied_linears(model))
-        replace_linears(
-            model,
-            plan,
+        options = dict(
             quantize_activations=config.quantize_activations,
             scale_method=config.scale_method,
             packed=self.packed,
             share_fused_global_scales=config.share_fused_global_scales,
         )
+        replace_linears(model, plan, **options)
+        replace_experts(model, plan, **options)
         self.unconverted_linears = sorted(set(plan.skipped) | set(high_precision_moe_names(model, plan.kept_experts)))
         plan.log()
         if not self.pre_quantized:
             # A high-precision checkpoint has no input scales: they stay unset until calibration.
             ignored = list(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])
-            model._keys_to_ignore_on_load_missing = ignored + [r"\.input_global_scale$"]
+            model._keys_to_ignore_on_load_missing = ignored + [r"input_global_scale$"]
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         # For a pre-quantized checkpoint, "needs quantization" tells transformers that the tensor is
@@ -122,6 +126,39 @@ class NVFP4HfQuantizer(HfQuantizer):
             return None
         return super().get_new_dtype(converter, param, dtype)
 
+    def update_weight_conversions(self, weight_conversions, model):
+        """Load the per-expert NVFP4 tensors of a packed export into :class:`NVFP4Experts`' fused buffers.
+
+        transformers' base quantizer does this for companions of a parameter's name
+        (``weight_scale_inv`` -> ``gate_up_proj_scale_inv``) when the module registers them as
+        parameters; NVFP4Experts holds buffers and ``input_global_scale`` does not start with
+        ``weight``, so each of the model's converters that merges per-expert ``.weight`` tensors
+        into a fused projection gets a copy per NVFP4 tensor name here, with the same operations
+        (``experts.*.gate_proj.weight_packed`` + ``up_proj`` -> ``experts.gate_up_proj_packed``).
+        Reversed, the same copies are what ``save_pretrained`` would split.
+        """
+        from transformers.core_model_loading import WeightConverter
+
+        updated = super().update_weight_conversions(weight_conversions, model)
+        if not nvfp4_experts(model):
+            return updated
+        extra = []
+        for converter in updated:
+            if not isinstance(converter, WeightConverter):
+                continue
+            sources, targets = converter._original_source_patterns, converter._original_target_patterns
+            if not all(source.endswith(".weight") for source in sources) or not all(
+                target.rpartition(".")[2] in EXPERT_PROJECTIONS for target in targets
+            ):
+                continue
+            for tensor_name, suffix in EXPERT_TENSOR_SUFFIXES.items():
+                extra.append(converter.copy(
+                    [source.removesuffix("weight") + tensor_name for source in sources],
+                    [target + suffix for target in targets],
+                    operations=list(converter.operations),
+                ))  # fmt: skip
+        return updated + extra
+
     def _process_model_after_weight_loading(self, model, **kwargs):
         # transformers has just set model.config.quantization_config to our NVFP4Config; what
         # config.json gets must follow the save (packed export or master weights), so the model's
@@ -129,16 +166,20 @@ class NVFP4HfQuantizer(HfQuantizer):
         model.config.quantization_config = SavedQuantizationConfig(self)
         model.add_model_tags(_TAGS)  # for the model card transformers writes on push_to_hub
         layers = nvfp4_modules(model)
+        experts = nvfp4_experts(model)
         if self.pre_quantized:
-            _check_loaded_tensors(layers, model.config.name_or_path)
+            _check_loaded_tensors({**layers, **experts}, model.config.name_or_path)
         for layer in layers.values():
             if not layer.is_packed:
                 layer.warn_if_outlier_zeroes_blocks()
+        for layer in [*layers.values(), *experts.values()]:
             if not layer.quantize_activations:
                 continue
+            scales = [tensor for name, tensor in layer.named_buffers(recurse=False) if name.endswith("input_global_scale")]
             if not self.pre_quantized:
-                layer.input_global_scale.zero_()  # the loader left uninitialized memory here
-            layer.input_calibrated = bool((layer.input_global_scale > 0).all())
+                for scale in scales:
+                    scale.zero_()  # the loader left uninitialized memory here
+            layer.input_calibrated = all(bool((scale > 0).all()) for scale in scales)
         return model
 
     def checkpoint_config(self) -> dict[str, Any]:
@@ -190,7 +231,11 @@ class NVFP4HfQuantizer(HfQuantizer):
         return True
 
 
-_NVFP4_TENSORS = ("weight_packed", "weight_scale", "weight_global_scale", "input_global_scale")
+_NVFP4_TENSORS = (
+    "weight_packed", "weight_scale", "weight_global_scale", "input_global_scale",
+    # NVFP4Experts' fused buffers, e.g. gate_up_proj_packed
+    *(projection + suffix for projection in EXPERT_PROJECTIONS for suffix in EXPERT_TENSOR_SUFFIXES.values()),
+)
 _LISTED = 4  # tensors named in a loading error; the rest are counted
 
 
@@ -203,7 +248,7 @@ def _spec(shape: tuple[int, ...], dtype: torch.dtype) -> str:
     return f"{str(dtype).removeprefix('torch.')} [{'x'.join(map(str, shape))}]"
 
 
-def _check_loaded_tensors(layers: Mapping[str, NVFP4Linear], path: str) -> None:
+def _check_loaded_tensors(layers: Mapping[str, NVFP4Linear | NVFP4Experts], path: str) -> None:
     """Raise unless every NVFP4 tensor the checkpoint's config promises was loaded, with its shape and dtype.
 
     transformers marks each tensor it loads from the checkpoint with ``_is_hf_initialized`` (what

@@ -43,7 +43,7 @@ from trl.models.utils import _ForwardRedirection
 
 from hf_qad.export.model_card import write_model_card
 from hf_qad.nvfp4.calibration import calibrate
-from hf_qad.nvfp4.conversion import nvfp4_modules
+from hf_qad.nvfp4.conversion import nvfp4_experts, nvfp4_modules
 from hf_qad.quantizer.checkpoints import MasterWeightCheckpointCallback, is_packed_export
 from hf_qad.quantizer.peft import register_nvfp4_lora, teacher_mode
 from hf_qad.quantizer.quantizer import NVFP4HfQuantizer
@@ -416,7 +416,8 @@ class QADTrainer(SFTTrainer):
 
     # ------------------------------------------------------------------ calibration
     def _calibrate_if_needed(self) -> None:
-        layers = [m for m in nvfp4_modules(self.model).values() if m.quantize_activations]
+        modules = [*nvfp4_modules(self.model).values(), *nvfp4_experts(self.model).values()]
+        layers = [m for m in modules if m.quantize_activations]
         if not layers or all(m.input_calibrated for m in layers) or self.args.calibration_batches == 0:
             return
         model_keys = None
