@@ -159,23 +159,8 @@ def save_tiny_model(path: Path, architecture: str, seed: int = 0, dtype: torch.d
     return path
 
 
-# Qwen3-MoE: fused 3-D experts (4, top-2) and a TopKRouter per layer; every MLP is sparse.
-MOE_SETTINGS = dict(tie_word_embeddings=False, head_dim=16, num_experts=4, num_experts_per_tok=2,
-                    moe_intermediate_size=32)
 KEEP_EXPERTS = [*DEFAULT_MODULES_TO_NOT_CONVERT, r".*mlp\.experts"]
 """``modules_to_not_convert`` keeping the fused experts (and, as by default, routers and head) in high precision."""
-
-
-def save_tiny_moe(path: Path, seed: int = 0, dtype: torch.dtype = torch.bfloat16, **overrides) -> Path:
-    """Save a tiny Qwen3-MoE (see :data:`MOE_SETTINGS`) with the character tokenizer."""
-    tokenizer = tiny_tokenizer()
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-               pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(Qwen3MoeConfig(**{**_SHAPE, **MOE_SETTINGS, **ids, **overrides}))
-    model.to(dtype).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 TEXTS = [

@@ -6,11 +6,10 @@ DeepSpeed ZeRO-3 with ``--zero3``)::
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 \
         -m tests.trainer.distributed_qad_run TINY_MODEL_DIR OUT_DIR --batch-size 4 [--fsdp2 | --zero3] \
-        [--no-gradient-checkpointing] [--keep-experts]
+        [--no-gradient-checkpointing]
 
 Each rank writes ``rank<r>.json`` (logged losses and metrics, calibrated input global
-scales); ``--keep-experts`` keeps a MoE model's fused experts in high precision
-(``tests.tiny_models.KEEP_EXPERTS``); ``master_rank<r>.pt`` holds the final master weights as
+scales); ``master_rank<r>.pt`` holds the final master weights as
 ``accelerator.get_state_dict`` gives them (every rank under DDP, rank 0 under FSDP2 and ZeRO-3);
 ``trainer.save_model`` writes the packed export to ``OUT_DIR/final``. Run it from the
 repository root, where ``-m`` finds the ``tests`` package.
@@ -32,7 +31,7 @@ from transformers import AutoModelForCausalLM
 from hf_qad import NVFP4Config
 from hf_qad.nvfp4.conversion import nvfp4_modules
 from hf_qad.trainer import QADConfig, QADTrainer
-from tests.tiny_models import KEEP_EXPERTS, TEXTS, tiny_tokenizer
+from tests.tiny_models import TEXTS, tiny_tokenizer
 
 GLOBAL_BATCH = 8
 STEPS = 4
@@ -99,14 +98,14 @@ def texts() -> list[str]:
 
 
 def train(model_path: str, output_dir: str, batch_size: int, accumulation: int = 1, fsdp2: bool = False,
-          zero3: bool = False, gradient_checkpointing: bool = True, keep_experts: bool = False) -> None:
+          zero3: bool = False, gradient_checkpointing: bool = True) -> None:
     """Train, save the packed model to ``output_dir/final``, write this rank's record and master weights."""
     if zero3:
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # what TrainingArguments sets for deepspeed=
         PartialState()  # initializes DeepSpeed's process group (gloo on CPU)
         _count_every_process()
-    quantization = NVFP4Config(scheme="w4a4", modules_to_not_convert=KEEP_EXPERTS if keep_experts else None)
-    student = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=quantization, dtype=torch.float32)
+    student = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=NVFP4Config(scheme="w4a4"),
+                                                   dtype=torch.float32)
     args = QADConfig(
         output_dir,
         use_cpu=not zero3,  # accelerate turns DeepSpeed off under use_cpu; it runs on CPU anyway
@@ -173,14 +172,13 @@ def main() -> None:
     parser.add_argument("--fsdp2", action="store_true", help="shard with FSDP2 instead of DDP")
     parser.add_argument("--zero3", action="store_true", help="partition with DeepSpeed ZeRO-3 instead of DDP")
     parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
-    parser.add_argument("--keep-experts", action="store_true", help="keep a MoE model's experts in high precision")
     options = parser.parse_args()
     torch.set_num_threads(1)  # one core per process
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if options.batch_size * world != GLOBAL_BATCH:
         raise SystemExit(f"--batch-size x processes must be {GLOBAL_BATCH}, got {options.batch_size} x {world}")
     train(options.model_path, options.output_dir, options.batch_size, fsdp2=options.fsdp2, zero3=options.zero3,
-          gradient_checkpointing=options.gradient_checkpointing, keep_experts=options.keep_experts)
+          gradient_checkpointing=options.gradient_checkpointing)
 
 
 if __name__ == "__main__":

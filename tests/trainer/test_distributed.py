@@ -98,19 +98,18 @@ def ddp(request, tiny_path, tmp_path_factory):
     return _two_processes(tiny_path, tmp_path_factory.mktemp("ddp"), *_checkpointing(request.param))
 
 
-# A MoE student (tiny Qwen3-MoE, experts kept in high precision), without gradient checkpointing: DDP then looks
-# for unused parameters, which is where a MoE model differs (experts a batch does not route to).
+# A MoE student (tiny Qwen3-MoE, NVFP4 experts), without gradient checkpointing: DDP then looks for unused
+# parameters, which is where a MoE model differs (experts a batch does not route to).
 @pytest.fixture(scope="module")
 def one_process_moe(tiny_moe_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("one_process_moe")
-    train(str(tiny_moe_path), str(out), batch_size=GLOBAL_BATCH, gradient_checkpointing=False, keep_experts=True)
+    train(str(tiny_moe_path), str(out), batch_size=GLOBAL_BATCH, gradient_checkpointing=False)
     return out
 
 
 @pytest.fixture(scope="module")
 def ddp_moe(tiny_moe_path, tmp_path_factory):
-    return _two_processes(tiny_moe_path, tmp_path_factory.mktemp("ddp_moe"), "--no-gradient-checkpointing",
-                          "--keep-experts")
+    return _two_processes(tiny_moe_path, tmp_path_factory.mktemp("ddp_moe"), "--no-gradient-checkpointing")
 
 
 @pytest.fixture(scope="module", **CHECKPOINTING)

@@ -1,4 +1,5 @@
-"""QADTrainer on a mixture-of-experts student (tiny Qwen3-MoE): routers, load-balancing loss, router agreement."""
+"""QADTrainer on a mixture-of-experts student (tiny Qwen3-MoE, NVFP4 experts unless kept): routers,
+load-balancing loss, router agreement, LoRA."""
 
 import pytest
 import torch
@@ -8,14 +9,17 @@ from peft.tuners.lora.layer import ParamWrapper
 from transformers import AutoModelForCausalLM
 
 from hf_qad import NVFP4Config, load_packed_model, teacher_mode
+from hf_qad.nvfp4.conversion import nvfp4_experts
 from hf_qad.nvfp4.experts import router_modules
 from hf_qad.nvfp4.linear import NVFP4Linear
+from hf_qad.nvfp4.moe import NVFP4Experts
 from hf_qad.quantizer.peft import NVFP4LoraLinear
 from hf_qad.trainer import QADConfig, QADTrainer
 from tests.tiny_models import KEEP_EXPERTS, TEXTS, tiny_tokenizer
 
-COMMON = dict(use_cpu=True, bf16=False, report_to=[], save_strategy="no", seed=0, logging_steps=1, dataloader_drop_last=True,
-              per_device_train_batch_size=4, max_steps=2, learning_rate=1e-3)
+COMMON = dict(use_cpu=True, bf16=False, report_to=[], save_strategy="no", seed=0, logging_steps=1,
+              dataloader_drop_last=True, per_device_train_batch_size=4, max_steps=2, learning_rate=1e-3)
+EXPERTS = {"nvfp4_experts": None, "kept_experts": KEEP_EXPERTS}  # modules_to_not_convert
 
 
 @pytest.fixture
@@ -23,10 +27,9 @@ def moe_path(tiny_moe_path):
     return tiny_moe_path
 
 
-def _student(path, **load):
-    return AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=NVFP4Config(modules_to_not_convert=KEEP_EXPERTS), dtype=torch.float32, **load
-    )
+def _student(path, experts="nvfp4_experts", **load):
+    config = NVFP4Config(modules_to_not_convert=EXPERTS[experts])
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.float32, **load)
 
 
 def _trainer(model, tmp_path, teacher=None, peft_config=None, **overrides):
@@ -42,8 +45,9 @@ def _batch(trainer):
 
 def test_routers_stay_high_precision_and_train(moe_path, tmp_path):
     student = _student(moe_path)
+    assert nvfp4_experts(student)
     routers = router_modules(student)
-    assert routers and not any(isinstance(student.get_submodule(name), NVFP4Linear) for name in routers)
+    assert routers and not any(isinstance(student.get_submodule(name), (NVFP4Linear, NVFP4Experts)) for name in routers)
     before = {name: student.get_submodule(name).weight.detach().clone() for name in routers}
     trainer = _trainer(student, tmp_path)
     trainer.train()
@@ -117,15 +121,15 @@ def test_the_load_balancing_loss_is_added_as_the_model_adds_it_when_asked(moe_pa
 
 
 def test_a_student_given_as_a_path_reads_output_router_logits_from_model_init_kwargs(moe_path, tmp_path):
-    trainer = _trainer(str(moe_path), tmp_path, nvfp4_modules_to_not_convert=KEEP_EXPERTS,
-                       model_init_kwargs={"output_router_logits": True, "dtype": torch.float32})
+    trainer = _trainer(str(moe_path), tmp_path, model_init_kwargs={"output_router_logits": True, "dtype": torch.float32})
     assert trainer.aux_loss_enabled and trainer.router_aux_loss_coef == trainer.model.config.router_aux_loss_coef
 
 
-def test_qad_steps_reduce_the_kl_of_a_moe_student(moe_path, tmp_path):
-    """W4A4 attention moves the routers' inputs: some tokens go to other experts than the teacher's, and QAD steps
-    on one batch bring the student closer (KL 3.7e-4 to 2.5e-4 here)."""
-    trainer = _trainer(_student(moe_path), tmp_path, max_steps=6, per_device_train_batch_size=8, learning_rate=1e-4,
+@pytest.mark.parametrize("experts", list(EXPERTS))
+def test_qad_steps_reduce_the_kl_of_a_moe_student(moe_path, tmp_path, experts):
+    """W4A4 moves the routers' inputs: some tokens go to other experts than the teacher's, and QAD steps on one
+    batch bring the student closer."""
+    trainer = _trainer(_student(moe_path, experts), tmp_path, max_steps=6, per_device_train_batch_size=8, learning_rate=1e-4,
                        lr_scheduler_type="constant")
     trainer.train()  # calibrates, then 6 steps on the same 8 texts
     logs = [entry for entry in trainer.state.log_history if "kl" in entry]
@@ -134,10 +138,11 @@ def test_qad_steps_reduce_the_kl_of_a_moe_student(moe_path, tmp_path):
     assert logs[-1]["kl"] < 0.8 * logs[0]["kl"], [entry["kl"] for entry in logs]
 
 
-def test_lora_qad_adapts_attention_experts_and_routers_and_merges_into_the_export(moe_path, tmp_path):
+@pytest.mark.parametrize("experts", list(EXPERTS))
+def test_lora_qad_adapts_attention_experts_and_routers_and_merges_into_the_export(moe_path, tmp_path, experts):
     """peft's ``all-linear`` on a transformers-5 MoE adds the fused experts and the router through
     ``target_parameters`` (its v4-compatible mapping); the base is the teacher, and the merge exports exactly."""
-    student = _student(moe_path)
+    student = _student(moe_path, experts)
     trainer = _trainer(student, tmp_path, peft_config=LoraConfig(r=4, target_modules="all-linear"), learning_rate=1e-2)
     model = trainer.model
     assert trainer.shared_teacher
