@@ -19,7 +19,8 @@ each layer of the export is resolved the way vLLM resolves it while building the
   parameter the selected MoE method creates, with the per-expert shape.
 * Routers, kept experts and the head must resolve to unquantized, in both layouts.
 
-Run it where vLLM is installed (a separate virtual environment; see ``/work/notes`` of issue 10)::
+Run it where vLLM is installed, a separate virtual environment (setup in CHANGELOG, issue 10; vLLM 0.33 pins
+transformers < 5.21, and hf_qad's MoE loading needs 5.24, installed over the pin)::
 
     PYTHONPATH=. /path/to/vllm-venv/bin/python -m pytest tests/export/test_vllm_conformance.py
 """
@@ -65,6 +66,14 @@ from tests.tiny_models import KEEP_EXPERTS, save_tiny_llama_with_tokenizer, save
 VLLM_MODELS = {
     "LlamaForCausalLM": "vllm.model_executor.models.llama",
     "Qwen3MoeForCausalLM": "vllm.model_executor.models.qwen3_moe",
+    "MixtralForCausalLM": "vllm.model_executor.models.mixtral",
+}
+
+# The checkpoint names of each expert's gate, down and up projections that the architecture's vLLM model gives
+# its RoutedExperts (ckpt_gate_proj_name, ckpt_down_proj_name, ckpt_up_proj_name).
+EXPERT_CHECKPOINT_NAMES = {
+    "Qwen3MoeForCausalLM": ("gate_proj", "down_proj", "up_proj"),
+    "MixtralForCausalLM": ("w1", "w2", "w3"),
 }
 
 # The vLLM layer class at each Linear of these architectures (the compressed-tensors "Linear" target
@@ -83,6 +92,7 @@ EXPORTS = {
     "qwen3_moe_w4a4": ("qwen3_moe", {}),
     "qwen3_moe_w4a16": ("qwen3_moe", {"scheme": "w4a16"}),
     "qwen3_moe_experts_kept_w4a4": ("qwen3_moe", {"modules_to_not_convert": KEEP_EXPERTS}),
+    "mixtral_w4a4": ("mixtral", {}),
 }
 
 
@@ -90,7 +100,8 @@ EXPORTS = {
 def exports(tmp_path_factory) -> dict[str, Path]:
     """Each export of :data:`EXPORTS` in the compressed-tensors layout (``name``) and ModelOpt's (``name/modelopt``)."""
     root = tmp_path_factory.mktemp("vllm_exports")
-    sources = {"llama": save_tiny_llama_with_tokenizer(root / "llama"), "qwen3_moe": save_tiny_model(root / "qwen3_moe", "qwen3_moe")}
+    sources = {"llama": save_tiny_llama_with_tokenizer(root / "llama"),
+               **{moe: save_tiny_model(root / moe, moe) for moe in ("qwen3_moe", "mixtral")}}
     paths = {}
     for name, (source, options) in EXPORTS.items():
         config = NVFP4Config(**options)
@@ -175,9 +186,6 @@ def _shards_on_disk(tensors: dict[str, torch.Tensor], modules: list[str], param:
     return [tensors[f"{module}.{param}"] for module in modules]
 
 
-EXPERT_PROBES = ("gate_proj", "up_proj", "down_proj")
-
-
 def _moe_method_parameters(method_class: type, num_experts: int, hidden: int, intermediate: int) -> dict:
     """The parameters ``method_class.create_weights`` registers on an experts layer (names, shapes, dtypes).
 
@@ -239,7 +247,8 @@ def test_compressed_tensors_config_resolves_every_layer_as_exported(exports, nam
         prefix = per_expert[0].rsplit(".", 2)[0]  # vLLM's RoutedExperts prefix: model.layers.L.mlp.experts
         # CompressedTensorsMoEMethod.get_moe_method's lookup: one scheme for the three probes, None = unquantized.
         config._add_fused_moe_to_target_scheme_map()
-        schemes = [config.get_scheme_dict(_instance(RoutedExperts), f"{prefix}.0.{probe}") for probe in EXPERT_PROBES]
+        names = EXPERT_CHECKPOINT_NAMES[model_class.__name__]
+        schemes = [config.get_scheme_dict(_instance(RoutedExperts), f"{prefix}.0.{probe}") for probe in names]
         assert all(scheme == schemes[0] for scheme in schemes), prefix
         if all(f"{module}.weight_packed" in tensors for module in per_expert):
             assert schemes[0] is not None and config._is_nvfp4_format(schemes[0]["weights"]), prefix
@@ -248,17 +257,18 @@ def test_compressed_tensors_config_resolves_every_layer_as_exported(exports, nam
             assert schemes[0] is None, prefix  # kept experts: vLLM's UnquantizedFusedMoEMethod
             method = UnquantizedFusedMoEMethod
         text = hf_model.config.get_text_config()
-        created = _moe_method_parameters(method, text.num_experts, text.hidden_size, text.moe_intermediate_size)
+        intermediate = getattr(text, "moe_intermediate_size", text.intermediate_size)  # Mixtral: intermediate_size
+        created = _moe_method_parameters(method, text.num_experts, text.hidden_size, intermediate)
         if w4a16:  # vLLM's NVFP4 MoE method always creates input scales; weight-only checkpoints leave them unloaded
             created = {k: v for k, v in created.items() if "input_global_scale" not in k}
-        _assert_experts_load(tensors, prefix, created, text.num_experts)
+        _assert_experts_load(tensors, prefix, created, text.num_experts, names)
 
 
-def _assert_experts_load(tensors: dict[str, torch.Tensor], prefix: str, created: dict, num_experts: int) -> None:
+def _assert_experts_load(tensors: dict[str, torch.Tensor], prefix: str, created: dict, num_experts: int,
+                         names: tuple[str, str, str]) -> None:
     """Every on-disk tensor of the experts at ``prefix`` maps to a created parameter with its per-expert shape."""
-    # RoutedExperts.get_expert_mapping's call for a layer whose checkpoint names experts N.gate_proj/up_proj/down_proj
-    mapping = RoutedExperts.build_expert_params_mapping("gate_proj", "down_proj", "up_proj", num_experts,
-                                                        routed_experts_prefix="")
+    # RoutedExperts.get_expert_mapping's call, with the architecture's checkpoint names (gate, down, up)
+    mapping = RoutedExperts.build_expert_params_mapping(*names, num_experts, routed_experts_prefix="")
     loaded = set()
     expert_tensors = [key for key in tensors if key.startswith(f"{prefix}.")]
     assert expert_tensors, prefix
@@ -282,7 +292,7 @@ def _assert_experts_load(tensors: dict[str, torch.Tensor], prefix: str, created:
 
 
 @pytest.mark.parametrize("name", list(EXPORTS))
-def test_modelopt_config_excludes_the_head_routers_and_kept_experts(exports, name):
+def test_modelopt_config_quantizes_what_is_exported_and_excludes_the_head_routers_and_kept_experts(exports, name):
     path = exports[name] / "modelopt"
     model_class = _vllm_model_class(path)
     config = _with_model_mappings(
@@ -299,5 +309,7 @@ def test_modelopt_config_excludes_the_head_routers_and_kept_experts(exports, nam
         (on_disk,) = checkpoint_module_names(hf_model, router)
         assert config.is_layer_excluded(on_disk), on_disk
     for experts in fused_expert_modules(hf_model):
-        prefix = checkpoint_module_names(hf_model, experts)[0].rsplit(".", 2)[0]
-        assert config.is_layer_excluded(prefix), prefix  # vLLM's RoutedExperts prefix
+        per_expert = checkpoint_module_names(hf_model, experts)
+        prefix = per_expert[0].rsplit(".", 2)[0]  # vLLM's RoutedExperts prefix
+        quantized = all(f"{module}.weight_scale" in tensors for module in per_expert)
+        assert config.is_layer_excluded(prefix) is not quantized, prefix
