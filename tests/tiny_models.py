@@ -21,6 +21,8 @@ from transformers import (
     Qwen3MoeConfig,
 )
 
+from hf_qad.nvfp4.conversion import DEFAULT_MODULES_TO_NOT_CONVERT
+
 VOCAB = 128
 
 
@@ -155,6 +157,10 @@ def save_tiny_model(path: Path, architecture: str, seed: int = 0, dtype: torch.d
     model.save_pretrained(path)
     tiny_tokenizer(add_bos={**ARCHITECTURES, **MOE_ARCHITECTURES}[architecture].adds_bos).save_pretrained(path)
     return path
+
+
+KEEP_EXPERTS = [*DEFAULT_MODULES_TO_NOT_CONVERT, r".*mlp\.experts"]
+"""``modules_to_not_convert`` keeping the fused experts (and, as by default, routers and head) in high precision."""
 
 
 TEXTS = [

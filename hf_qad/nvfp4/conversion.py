@@ -36,7 +36,9 @@ logger = logging.getLogger("hf_qad")
 
 DEFAULT_MODULES_TO_NOT_CONVERT: tuple[str, ...] = (
     "lm_head",
-    r".*\.gate",  # MoE routers (Mixtral's block_sparse_moe.gate, Qwen-MoE's mlp.gate), not gate_proj
+    # MoE routers (Mixtral's block_sparse_moe.gate, Qwen-MoE's mlp.gate), not gate_proj: anchored, since
+    # earlier transformers 5 releases (5.20) match a pattern as a bare prefix (".*\.gate" kept every gate_proj).
+    r".*\.gate$",
     r".*router",
     r".*shared_expert_gate",
 )
