@@ -171,7 +171,7 @@ class NVFP4Experts(nn.Module):
         self._warned_uncalibrated = False
         self._observed: dict[str, torch.Tensor] | None = None
         self._unpacked_global_scales: dict[str, tuple[int, torch.Tensor]] = {}
-        shapes = self._weight_shapes()
+        shapes = self.weight_shapes()
         for name, shape in shapes.items():
             self.register_parameter(name, nn.Parameter(torch.empty(shape, device=device, dtype=dtype)))
         if quantize_activations:
@@ -224,7 +224,8 @@ class NVFP4Experts(nn.Module):
             layer._buffers[name] = torch.zeros_like(tensor, device=device) if tensor.is_meta else tensor
         return layer
 
-    def _weight_shapes(self) -> dict[str, tuple[int, int, int]]:
+    def weight_shapes(self) -> dict[str, tuple[int, int, int]]:
+        """The master weights' shapes ``[E, N, K]`` by projection (also in packed mode, which holds none)."""
         e, h, i = self.num_experts, self.hidden_dim, self.intermediate_dim
         return {"gate_up_proj": (e, 2 * i, h), "down_proj": (e, h, i)}
 
@@ -334,7 +335,7 @@ class NVFP4Experts(nn.Module):
     def checkpoint_tensors(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Shape and dtype of each NVFP4 buffer a checkpoint of this module must hold, by attribute name."""
         tensors = {}
-        for name, (e, n, k) in self._weight_shapes().items():
+        for name, (e, n, k) in self.weight_shapes().items():
             shards = EXPERT_PROJECTIONS[name]
             if self.is_packed:
                 tensors[name + "_packed"] = ((e, n, k // 2), torch.uint8)
