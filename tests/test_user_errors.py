@@ -301,6 +301,24 @@ def test_outlier_weight_warns_naming_the_layer_and_the_ratio(tmp_path):
     assert int((dequantized != 0).any(-1).sum()) == 1
 
 
+def test_outlier_expert_weight_warns_naming_the_layer_and_the_expert(tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(save_tiny_model(tmp_path / "bf16", "qwen3_moe"))
+    with torch.no_grad():
+        model.model.layers[1].mlp.experts.down_proj[2, 3, 5] = 1e30
+    model.save_pretrained(tmp_path / "outlier")
+    with pytest.warns(UserWarning) as record:
+        quantized = _nvfp4(tmp_path / "outlier", scheme="w4a16")
+    outliers = [str(w.message) for w in record if "median block amax" in str(w.message)]
+    assert len(outliers) == 1, outliers
+    assert "NVFP4Experts model.layers.1.mlp.experts expert 2 down_proj: its largest weight (1e+30)" in outliers[0]
+    assert "so 127 of its 128 weight blocks quantize to zero" in outliers[0]
+    # what the warning says happens: every block of expert 2 but the outlier's is zero, the other experts keep theirs
+    packed, block_scale, global_scale = quantized.model.layers[1].mlp.experts.quantized_weight("down_proj")
+    dequantized = hf_qad.nvfp4.dequantize(packed.unsqueeze(1), block_scale.unsqueeze(1), global_scale, dtype=torch.float32)
+    nonzero = (dequantized.unflatten(-1, (-1, 16)) != 0).any(-1).flatten(1).sum(-1)  # per expert
+    assert nonzero[2] == 1 and bool((nonzero[[0, 1, 3]] == 128).all())
+
+
 # ============================================================================ training
 # (non-finite gradients, resuming from a packed export, hf-qad train's flags, empty datasets, DDP without
 #  gradient checkpointing)

@@ -173,10 +173,9 @@ class NVFP4HfQuantizer(HfQuantizer):
         experts = nvfp4_experts(model)
         if self.pre_quantized:
             check_loaded_tensors({**layers, **experts}, model.config.name_or_path)
-        for layer in layers.values():
+        for layer in [*layers.values(), *experts.values()]:
             if not layer.is_packed:
                 layer.warn_if_outlier_zeroes_blocks()
-        for layer in [*layers.values(), *experts.values()]:
             if not layer.quantize_activations:
                 continue
             scales = [tensor for name, tensor in layer.named_buffers(recurse=False) if name.endswith("input_global_scale")]
