@@ -299,12 +299,17 @@ class NVFP4Experts(nn.Module):
         return functional.fake_quant(self._shards(name, weight), global_scale, block_scale,
                                      name=self._label(name)).view(weight.shape)
 
+    def dequantized_weight(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Projection ``name`` as its NVFP4 values, ``[E, N, K]`` in ``dtype``: the packed buffers dequantized,
+        or in fake mode the master weight quantized and dequantized (no gradient)."""
+        packed, block_scale, global_scale = self.quantized_weight(name)
+        shards = self._shards(name, packed)
+        return functional.dequantize(shards, block_scale.view(*shards.shape[:-1], -1), global_scale,
+                                     dtype=dtype).view(*packed.shape[:-1], -1)
+
     def _weight(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         if self.is_packed:
-            packed, block_scale, global_scale = self.quantized_weight(name)
-            shards = self._shards(name, packed)
-            return functional.dequantize(shards, block_scale.view(*shards.shape[:-1], -1), global_scale,
-                                         dtype=dtype).view(*packed.shape[:-1], -1)
+            return self.dequantized_weight(name, dtype)
         if not self.quantization_enabled:
             return getattr(self, name)
         return self.fake_quantized_weight(name)
