@@ -101,7 +101,8 @@ def checkpoint_slices(model: nn.Module, key: str, experts: int, rows: int) -> di
         >>> # checkpoint_slices(qwen3_moe, "model.layers.0.mlp.experts.gate_up_proj", 4, 64)
         >>> # {"model.layers.0.mlp.experts.0.gate_proj.weight": (0, slice(0, 32)), ...}
     """
-    index = torch.arange(experts * rows).view(experts, rows, 1)
+    # On the CPU explicitly: while loading, transformers makes the meta device the default one.
+    index = torch.arange(experts * rows, device="cpu").view(experts, rows, 1)
     converted = revert_weight_conversion(model, {key: index})
     if list(converted) == [key]:
         return {}
@@ -110,7 +111,7 @@ def checkpoint_slices(model: nn.Module, key: str, experts: int, rows: int) -> di
         values = tensor.reshape(-1)
         first = int(values[0])
         expert, start = divmod(first, rows)
-        if not torch.equal(values, torch.arange(first, first + values.numel())) or start + values.numel() > rows:
+        if not torch.equal(values, torch.arange(first, first + values.numel(), device="cpu")) or start + values.numel() > rows:
             raise ValueError(
                 f"transformers' weight conversion writes {name} from parts of several experts of {key}; "
                 "hf_qad cannot split packed NVFP4 tensors that way."

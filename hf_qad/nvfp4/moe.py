@@ -66,7 +66,7 @@ import torch.nn.functional as F
 
 from hf_qad.nvfp4 import functional
 from hf_qad.nvfp4.format import BLOCK_SIZE, NVFP4Quantized, global_scale_from_amax, global_scales_from_amax
-from hf_qad.nvfp4.linear import keep_scale_dtypes
+from hf_qad.nvfp4.linear import keep_scale_dtypes, zeroed_blocks
 from hf_qad.nvfp4.scale_search import SCALE_METHODS, search_block_scales
 
 __all__ = ["EXPERT_PROJECTIONS", "EXPERT_TENSOR_SUFFIXES", "NVFP4Experts", "unsupported_experts_layout"]
@@ -171,7 +171,7 @@ class NVFP4Experts(nn.Module):
         self._warned_uncalibrated = False
         self._observed: dict[str, torch.Tensor] | None = None
         self._unpacked_global_scales: dict[str, tuple[int, torch.Tensor]] = {}
-        shapes = self._weight_shapes()
+        shapes = self.weight_shapes()
         for name, shape in shapes.items():
             self.register_parameter(name, nn.Parameter(torch.empty(shape, device=device, dtype=dtype)))
         if quantize_activations:
@@ -224,7 +224,8 @@ class NVFP4Experts(nn.Module):
             layer._buffers[name] = torch.zeros_like(tensor, device=device) if tensor.is_meta else tensor
         return layer
 
-    def _weight_shapes(self) -> dict[str, tuple[int, int, int]]:
+    def weight_shapes(self) -> dict[str, tuple[int, int, int]]:
+        """The master weights' shapes ``[E, N, K]`` by projection (also in packed mode, which holds none)."""
         e, h, i = self.num_experts, self.hidden_dim, self.intermediate_dim
         return {"gate_up_proj": (e, 2 * i, h), "down_proj": (e, h, i)}
 
@@ -298,15 +299,66 @@ class NVFP4Experts(nn.Module):
         return functional.fake_quant(self._shards(name, weight), global_scale, block_scale,
                                      name=self._label(name)).view(weight.shape)
 
+    def dequantized_weight(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Projection ``name`` as its NVFP4 values, ``[E, N, K]`` in ``dtype``: the packed buffers dequantized,
+        or in fake mode the master weight quantized and dequantized (no gradient)."""
+        packed, block_scale, global_scale = self.quantized_weight(name)
+        shards = self._shards(name, packed)
+        return functional.dequantize(shards, block_scale.view(*shards.shape[:-1], -1), global_scale,
+                                     dtype=dtype).view(*packed.shape[:-1], -1)
+
     def _weight(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         if self.is_packed:
-            packed, block_scale, global_scale = self.quantized_weight(name)
-            shards = self._shards(name, packed)
-            return functional.dequantize(shards, block_scale.view(*shards.shape[:-1], -1), global_scale,
-                                         dtype=dtype).view(*packed.shape[:-1], -1)
+            return self.dequantized_weight(name, dtype)
         if not self.quantization_enabled:
             return getattr(self, name)
         return self.fake_quantized_weight(name)
+
+    @torch.no_grad()
+    def warn_if_outlier_zeroes_blocks(self) -> dict[tuple[str, int], float]:
+        """Warn, per expert and projection, when an outlier weight makes most of its blocks quantize to zero.
+
+        :meth:`hf_qad.nvfp4.linear.NVFP4Linear.warn_if_outlier_zeroes_blocks` for each tensor with
+        its own weight global scale: an expert's ``gate_up_proj`` (gate and up together when they
+        share their scale, else each half) and its ``down_proj``, in one pass over the master weights. Meant for load time; packed
+        modules and weights not whole on this process (ZeRO-3 shards) are skipped.
+
+        Returns:
+            ``{(projection, expert): ratio of its amax to its median non-zero block amax}`` for each warning.
+
+        Example:
+            >>> experts = NVFP4Experts(2, 32, 16, quantize_activations=False)
+            >>> _ = torch.nn.init.ones_(experts.gate_up_proj), torch.nn.init.ones_(experts.down_proj)
+            >>> experts.gate_up_proj.data[1, 0, 0] = 1e7
+            >>> import warnings
+            >>> with warnings.catch_warnings(record=True):
+            ...     list(experts.warn_if_outlier_zeroes_blocks())
+            [('gate_up_proj', 1)]
+        """
+        shapes = self.weight_shapes()
+        if self.is_packed or any(getattr(self, name).is_meta or tuple(getattr(self, name).shape) != shape
+                                 for name, shape in shapes.items()):
+            return {}
+        warned: dict[tuple[str, int], float] = {}
+        for name in shapes:
+            low, high = self._shards(name, getattr(self, name).detach()).unflatten(-1, (-1, BLOCK_SIZE)).aminmax(dim=-1)
+            block_amax = torch.maximum(-low, high).float()  # [E, shards, N / shards, K / 16]
+            amax = block_amax.amax(dim=(-2, -1), keepdim=True)  # what each shard's global scale comes from
+            # One tensor per global scale: an expert's gate and up together when they share it
+            groups = 1 if self.share_gate_up_global_scale else EXPERT_PROJECTIONS[name]
+            if self.share_gate_up_global_scale:
+                amax = amax.amax(dim=1, keepdim=True)
+            flat = block_amax.reshape(self.num_experts * groups, -1)
+            for found in zeroed_blocks(flat, amax.expand_as(block_amax).reshape_as(flat)):
+                expert, shard = divmod(found.index, groups)
+                half = f" ({('gate', 'up')[shard]} half)" if groups > 1 else ""
+                warnings.warn(
+                    found.message(f"NVFP4Experts {self.module_name or ''} expert {expert} {name}{half}: its",
+                                  "keep these experts in high precision (modules_to_not_convert)"),
+                    stacklevel=2,
+                )
+                warned[name, expert] = max(found.ratio, warned.get((name, expert), 0.0))
+        return warned
 
     @torch.no_grad()
     def pack(self) -> NVFP4Experts:
@@ -334,7 +386,7 @@ class NVFP4Experts(nn.Module):
     def checkpoint_tensors(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Shape and dtype of each NVFP4 buffer a checkpoint of this module must hold, by attribute name."""
         tensors = {}
-        for name, (e, n, k) in self._weight_shapes().items():
+        for name, (e, n, k) in self.weight_shapes().items():
             shards = EXPERT_PROJECTIONS[name]
             if self.is_packed:
                 tensors[name + "_packed"] = ((e, n, k // 2), torch.uint8)

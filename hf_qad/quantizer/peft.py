@@ -70,8 +70,8 @@ def teacher_mode(model: PeftModel) -> Iterator[PeftModel]:
     """Within this block, ``model`` computes its BF16 base model's outputs: the teacher.
 
     Disables the adapters (peft's ``disable_adapter``) and turns NVFP4 quantization
-    of weights and activations off, so a LoRA student shares its weights with its
-    teacher. Call the model under ``torch.no_grad()`` for teacher logits.
+    of weights and activations off (NVFP4 Linear layers and MoE experts), so a LoRA
+    student shares its weights with its teacher. Call the model under ``torch.no_grad()`` for teacher logits.
 
     Args:
         model: a peft model on a master-weight NVFP4 base whose weights are frozen.
@@ -88,7 +88,7 @@ def teacher_mode(model: PeftModel) -> Iterator[PeftModel]:
     """
     if not isinstance(model, PeftModel):
         raise TypeError(f"teacher_mode needs a peft PeftModel, got {type(model).__name__}.")
-    layers = {**nvfp4_modules(model), **nvfp4_experts(model)}
+    layers = {**nvfp4_modules(model), **nvfp4_experts(model)}  # NVFP4 Linears and fused MoE experts
 
     def named(selected: list[str]) -> str:  # the base model's names, not peft's base_model.model...
         return _list([layers[name].module_name or name for name in selected])

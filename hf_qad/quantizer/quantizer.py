@@ -38,9 +38,9 @@ from hf_qad.nvfp4.conversion import (
     tied_linears,
 )
 from hf_qad.nvfp4.experts import experts_listed_by_name, high_precision_moe_names
-from hf_qad.nvfp4.linear import NVFP4Linear
-from hf_qad.nvfp4.moe import EXPERT_PROJECTIONS, EXPERT_TENSOR_SUFFIXES, NVFP4Experts
+from hf_qad.nvfp4.moe import EXPERT_PROJECTIONS, EXPERT_TENSOR_SUFFIXES
 from hf_qad.quantizer.config import QUANT_METHOD, NVFP4Config
+from hf_qad.quantizer.loading_checks import check_expert_tensors_on_disk, check_loaded_tensors
 from hf_qad.quantizer.serialization import (
     compressed_tensors_config,
     master_weights_config,
@@ -87,7 +87,9 @@ class NVFP4HfQuantizer(HfQuantizer):
     def update_dtype(self, dtype: torch.dtype | None) -> torch.dtype:
         return torch.bfloat16 if dtype is None else dtype
 
-    def _process_model_before_weight_loading(self, model, keep_in_fp32_modules=None, **kwargs) -> None:
+    def _process_model_before_weight_loading(
+        self, model, keep_in_fp32_modules=None, checkpoint_files=None, **kwargs
+    ) -> None:
         config = self.quantization_config
         if config.modules_to_not_convert is None:
             patterns = self.get_modules_to_not_convert(model, None, keep_in_fp32_modules)
@@ -107,7 +109,9 @@ class NVFP4HfQuantizer(HfQuantizer):
         replace_experts(model, plan, **options)
         self.unconverted_linears = sorted(set(plan.skipped) | set(high_precision_moe_names(model, plan.kept_experts)))
         plan.log()
-        if not self.pre_quantized:
+        if self.pre_quantized:
+            check_expert_tensors_on_disk(model, checkpoint_files, model.config.name_or_path)
+        else:
             # A high-precision checkpoint has no input scales: they stay unset until calibration.
             ignored = list(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])
             model._keys_to_ignore_on_load_missing = ignored + [r"input_global_scale$"]
@@ -115,7 +119,7 @@ class NVFP4HfQuantizer(HfQuantizer):
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         # For a pre-quantized checkpoint, "needs quantization" tells transformers that the tensor is
         # a quantized one whose shape the quantizer checks itself: a wrong one is then reported with
-        # the missing and wrong-dtype tensors in one error after loading (_check_loaded_tensors).
+        # the missing and wrong-dtype tensors in one error after loading (check_loaded_tensors).
         return self.pre_quantized and param_name.rpartition(".")[2] in _NVFP4_TENSORS
 
     def get_new_dtype(self, converter, param, dtype):
@@ -168,11 +172,10 @@ class NVFP4HfQuantizer(HfQuantizer):
         layers = nvfp4_modules(model)
         experts = nvfp4_experts(model)
         if self.pre_quantized:
-            _check_loaded_tensors({**layers, **experts}, model.config.name_or_path)
-        for layer in layers.values():
+            check_loaded_tensors({**layers, **experts}, model.config.name_or_path)
+        for layer in [*layers.values(), *experts.values()]:
             if not layer.is_packed:
                 layer.warn_if_outlier_zeroes_blocks()
-        for layer in [*layers.values(), *experts.values()]:
             if not layer.quantize_activations:
                 continue
             scales = [tensor for name, tensor in layer.named_buffers(recurse=False) if name.endswith("input_global_scale")]
@@ -236,41 +239,6 @@ _NVFP4_TENSORS = (
     # NVFP4Experts' fused buffers, e.g. gate_up_proj_packed
     *(projection + suffix for projection in EXPERT_PROJECTIONS for suffix in EXPERT_TENSOR_SUFFIXES.values()),
 )
-_LISTED = 4  # tensors named in a loading error; the rest are counted
-
-
-def _listing(names: list[str]) -> str:
-    more = f" (and {len(names) - _LISTED} more)" if len(names) > _LISTED else ""
-    return ", ".join(names[:_LISTED]) + more
-
-
-def _spec(shape: tuple[int, ...], dtype: torch.dtype) -> str:
-    return f"{str(dtype).removeprefix('torch.')} [{'x'.join(map(str, shape))}]"
-
-
-def _check_loaded_tensors(layers: Mapping[str, NVFP4Linear | NVFP4Experts], path: str) -> None:
-    """Raise unless every NVFP4 tensor the checkpoint's config promises was loaded, with its shape and dtype.
-
-    transformers marks each tensor it loads from the checkpoint with ``_is_hf_initialized`` (what
-    its own missing-key initialization goes by); a missing one is left as uninitialized memory.
-    """
-    missing, wrong = [], []
-    for name, layer in layers.items():
-        for tensor_name, (shape, dtype) in layer.checkpoint_tensors().items():
-            key = f"{name}.{tensor_name}"
-            tensor = getattr(layer, tensor_name)
-            if not getattr(tensor, "_is_hf_initialized", False):
-                missing.append(key)
-            elif tuple(tensor.shape) != shape or tensor.dtype != dtype:
-                wrong.append(f"{key} ({_spec(tensor.shape, tensor.dtype)}, expected {_spec(shape, dtype)})")
-    if missing or wrong:
-        problems = ([f"missing {len(missing)}: {_listing(missing)}"] if missing else []) + (
-            [f"wrong {len(wrong)}: {_listing(wrong)}"] if wrong else []
-        )
-        raise ValueError(
-            f"{path} does not hold the NVFP4 tensors its quantization_config promises ({'; '.join(problems)}); "
-            "it is incomplete or was not written for this model: export it again (save_pretrained, hf-qad export)."
-        )
 
 
 class SavedQuantizationConfig(QuantizationConfigMixin):

@@ -40,7 +40,7 @@ import importlib.metadata
 import logging
 from collections.abc import Iterable, Mapping
 from contextlib import ExitStack
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -54,8 +54,10 @@ from hf_qad.quantizer.config import NVFP4Config
 
 __all__ = [
     "FORMAT",
+    "ExpertSlice",
     "compressed_tensors_config",
     "config_from_compressed_tensors",
+    "expert_checkpoint_slices",
     "is_hf_qad_checkpoint",
     "master_weights_config",
     "packed_state_dict",
@@ -238,34 +240,34 @@ def packed_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor] | None
     return packed
 
 
-def _write_per_expert(
-    packed: dict[str, torch.Tensor],
-    model: nn.Module,
-    name: str,
-    experts: NVFP4Experts,
-    state: Mapping[str, torch.Tensor] | None,
-) -> None:
-    """Replace ``experts``' fused tensors in ``packed`` by per-expert NVFP4 tensors under their on-disk names.
+class ExpertSlice(NamedTuple):
+    """Where one on-disk per-expert Linear of a fused experts module lives in its fused tensors."""
 
-    The names and the rows each holds come from transformers' weight conversion
-    (:func:`~hf_qad.nvfp4.experts.checkpoint_slices`): the master weight's conversion when the model
-    has it, else the one of the packed buffers (a model loaded from a packed export only used those).
+    module: str
+    """On-disk module name, e.g. ``model.layers.0.mlp.experts.3.gate_proj``."""
+    projection: str
+    """The fused projection holding it (``gate_up_proj`` or ``down_proj``)."""
+    expert: int
+    rows: slice
+    """Its rows in the fused ``[E, N, ...]`` tensors."""
+    shard: int
+    """Its column in the fused ``[E, shards]`` scales (gate 0, up 1)."""
+
+
+def expert_checkpoint_slices(model: nn.Module, name: str, experts: NVFP4Experts) -> list[ExpertSlice]:
+    """The on-disk per-expert Linears of the fused experts module ``name``, by transformers' weight conversion.
+
+    The names and the rows each holds come from :func:`~hf_qad.nvfp4.experts.checkpoint_slices`: the
+    master weight's conversion when the model has it, else the one of the packed buffers (a model
+    loaded from a packed export only used those). What the export writes and what loading checks.
+
+    Raises:
+        ValueError: if transformers has no conversion writing the experts per expert.
     """
-    if experts.quantize_activations and not experts.input_calibrated:
-        raise ValueError(
-            f"'{name}' quantizes activations (W4A4) but was never calibrated, so it has no input_global_scale "
-            "to export. Run hf_qad.calibrate(model, dataloader) first, or use NVFP4Config(scheme='w4a16')."
-        )
+    result = []
     for projection, shards in EXPERT_PROJECTIONS.items():
         key = f"{name}.{projection}"
-        master = state.get(key) if state is not None and not experts.is_packed else None
-        tensors = dict(zip(("weight_packed", "weight_scale", "weight_global_scale"),
-                           experts.quantized_weight(projection, master)))  # fmt: skip
-        if experts.quantize_activations:
-            tensors["input_global_scale"] = getattr(experts, projection + "_input_global_scale")
-        for stale in (key, *(key + suffix for suffix in EXPERT_TENSOR_SUFFIXES.values())):
-            packed.pop(stale, None)
-        rows = tensors["weight_packed"].shape[1]
+        rows = experts.weight_shapes()[projection][1]
         slices, tensor_name = {}, "weight"
         for tensor_name in ("weight", "weight_packed"):
             source = key + ("" if tensor_name == "weight" else EXPERT_TENSOR_SUFFIXES[tensor_name])
@@ -278,8 +280,36 @@ def _write_per_expert(
                 f"{type(model).__name__}, so hf_qad does not know its on-disk names."
             )
         for on_disk, (expert, row_range) in slices.items():
-            module = on_disk.removesuffix("." + tensor_name)
-            shard = row_range.start * shards // rows
-            for ct_name, tensor in tensors.items():
-                value = tensor[expert, row_range] if tensor.dim() == 3 else tensor[expert, shard].reshape(1)
-                packed[f"{module}.{ct_name}"] = value.contiguous()
+            result.append(ExpertSlice(on_disk.removesuffix("." + tensor_name), projection, expert, row_range,
+                                      row_range.start * shards // rows))
+    return result
+
+
+def _write_per_expert(
+    packed: dict[str, torch.Tensor],
+    model: nn.Module,
+    name: str,
+    experts: NVFP4Experts,
+    state: Mapping[str, torch.Tensor] | None,
+) -> None:
+    """Replace ``experts``' fused tensors in ``packed`` by per-expert NVFP4 tensors under their on-disk names
+    (:func:`expert_checkpoint_slices`)."""
+    if experts.quantize_activations and not experts.input_calibrated:
+        raise ValueError(
+            f"'{name}' quantizes activations (W4A4) but was never calibrated, so it has no input_global_scale "
+            "to export. Run hf_qad.calibrate(model, dataloader) first, or use NVFP4Config(scheme='w4a16')."
+        )
+    tensors = {}
+    for projection in EXPERT_PROJECTIONS:
+        key = f"{name}.{projection}"
+        master = state.get(key) if state is not None and not experts.is_packed else None
+        tensors[projection] = dict(zip(("weight_packed", "weight_scale", "weight_global_scale"),
+                                       experts.quantized_weight(projection, master)))  # fmt: skip
+        if experts.quantize_activations:
+            tensors[projection]["input_global_scale"] = getattr(experts, projection + "_input_global_scale")
+        for stale in (key, *(key + suffix for suffix in EXPERT_TENSOR_SUFFIXES.values())):
+            packed.pop(stale, None)
+    for piece in expert_checkpoint_slices(model, name, experts):
+        for ct_name, tensor in tensors[piece.projection].items():
+            value = tensor[piece.expert, piece.rows] if tensor.dim() == 3 else tensor[piece.expert, piece.shard].reshape(1)
+            packed[f"{piece.module}.{ct_name}"] = value.contiguous()

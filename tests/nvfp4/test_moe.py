@@ -204,3 +204,38 @@ def test_unsupported_experts_and_misuse_are_refused_with_the_fix():
     layer.quantization_enabled = False
     with pytest.raises(RuntimeError, match="is packed: it holds no high-precision weights"):
         layer(*routing())
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "own"])
+@pytest.mark.parametrize("margin", [0.99, 1.01])
+def test_outlier_warning_names_the_expert_whose_blocks_quantize_to_zero(margin, shared):
+    # every weight is 1 but one in expert 1's gate half; expert 2's large weights (x100) are harmless
+    from hf_qad.nvfp4.linear import ZEROED_BLOCK_RATIO
+
+    layer = NVFP4Experts(E, H, I, quantize_activations=False, share_gate_up_global_scale=shared)
+    layer.module_name = "model.layers.0.mlp.experts"
+    with torch.no_grad():
+        layer.gate_up_proj.fill_(1.0)
+        layer.down_proj.fill_(1.0)
+        layer.gate_up_proj[2] *= 100
+        layer.gate_up_proj[1, 0, 0] = ZEROED_BLOCK_RATIO * margin
+    packed, block_scale, global_scale = layer.quantized_weight("gate_up_proj")
+    shards = layer._shards("gate_up_proj", packed)
+    blocks = functional.dequantize(shards, block_scale.view(*shards.shape[:-1], -1), global_scale,
+                                   dtype=torch.float32).unflatten(-1, (-1, 16))
+    zeroed = (blocks == 0).all(-1).flatten(1).sum(-1)  # per expert
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        warned = layer.warn_if_outlier_zeroes_blocks()
+    messages = [str(w.message) for w in record if "median block amax" in str(w.message)]
+    blocks_per_expert = 2 * I * H // 16
+    if margin < 1:
+        assert zeroed.tolist() == [0, 0, 0, 0] and not messages and warned == {}
+        return
+    # with a shared global scale the up half is lost too; with its own, only the gate half
+    lost, blocks = (blocks_per_expert - 1, blocks_per_expert) if shared else (blocks_per_expert // 2 - 1, blocks_per_expert // 2)
+    assert zeroed.tolist() == [0, lost, 0, 0]
+    assert list(warned) == [("gate_up_proj", 1)] and warned["gate_up_proj", 1] == pytest.approx(ZEROED_BLOCK_RATIO * margin)
+    subject = "expert 1 gate_up_proj: its" if shared else "expert 1 gate_up_proj (gate half): its"
+    assert len(messages) == 1 and messages[0].startswith(f"NVFP4Experts model.layers.0.mlp.experts {subject} largest weight")
+    assert f"so {lost} of its {blocks} weight blocks quantize to zero" in messages[0]
