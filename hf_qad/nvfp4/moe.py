@@ -305,8 +305,9 @@ class NVFP4Experts(nn.Module):
         shards = EXPERT_PROJECTIONS[name]
         return weight.reshape(weight.shape[0], shards, weight.shape[1] // shards, weight.shape[2])
 
-    def _output_major(self, weight: torch.Tensor) -> torch.Tensor:
-        """A master weight as ``[E, N, K]`` (a view): NVFP4 blocks run along each expert's input ``K``."""
+    def output_major(self, weight: torch.Tensor) -> torch.Tensor:
+        """A master-layout weight (this module's, or a teacher's of the same layout) as ``[E, N, K]``, a view:
+        NVFP4 blocks run along each expert's input ``K``; transposed layouts are transposed back."""
         return weight.transpose(1, 2) if self.is_transposed else weight
 
     def weight_global_scales(self, name: str, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -326,7 +327,7 @@ class NVFP4Experts(nn.Module):
             record = self._unpacked_global_scales.get(name)
             if record is not None and record[0] == weight._version:
                 return record[1]
-        view = self._shards(name, self._output_major(weight.detach()))
+        view = self._shards(name, self.output_major(weight.detach()))
         amax = torch.maximum(-view.amin(dim=(-2, -1)), view.amax(dim=(-2, -1))).float()  # [E, shards]
         if self.share_gate_up_global_scale:
             amax = amax.amax(dim=1, keepdim=True).expand_as(amax)
@@ -336,7 +337,7 @@ class NVFP4Experts(nn.Module):
         global_scale = self.weight_global_scales(name, weight if weight is not getattr(self, name) else None)
         if self.scale_method == "amax":
             return global_scale, None
-        return global_scale, search_block_scales(self._shards(name, self._output_major(weight)), global_scale,
+        return global_scale, search_block_scales(self._shards(name, self.output_major(weight)), global_scale,
                                                  self.scale_method)
 
     def quantized_weight(self, name: str, weight: torch.Tensor | None = None) -> NVFP4Quantized:
@@ -352,7 +353,7 @@ class NVFP4Experts(nn.Module):
                                     for t in ("weight_packed", "weight_scale", "weight_global_scale")))
         weight = getattr(self, name) if weight is None else weight
         global_scale, block_scale = self._weight_scales(name, weight)
-        packed, block_scale, _ = functional.quantize(self._shards(name, self._output_major(weight)), global_scale,
+        packed, block_scale, _ = functional.quantize(self._shards(name, self.output_major(weight)), global_scale,
                                                      block_scale, name=self._label(name))
         e, n, k = self.weight_shapes()[name]
         return NVFP4Quantized(packed.reshape(e, n, k // 2), block_scale.reshape(e, n, k // BLOCK_SIZE), global_scale)
@@ -361,7 +362,7 @@ class NVFP4Experts(nn.Module):
         """Projection ``name`` fake-quantized (all experts in one call), ``[E, N, K]``, differentiable through the STE."""
         weight = getattr(self, name)
         global_scale, block_scale = self._weight_scales(name, weight)
-        return functional.fake_quant(self._shards(name, self._output_major(weight)), global_scale, block_scale,
+        return functional.fake_quant(self._shards(name, self.output_major(weight)), global_scale, block_scale,
                                      name=self._label(name)).view(self.weight_shapes()[name])
 
     def dequantized_weight(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -376,7 +377,7 @@ class NVFP4Experts(nn.Module):
         if self.is_packed:
             return self.dequantized_weight(name, dtype)
         if not self.quantization_enabled:
-            return self._output_major(getattr(self, name))
+            return self.output_major(getattr(self, name))
         return self.fake_quantized_weight(name)
 
     @torch.no_grad()
@@ -401,12 +402,12 @@ class NVFP4Experts(nn.Module):
             [('gate_up_proj', 1)]
         """
         shapes = self.weight_shapes()
-        if self.is_packed or any(getattr(self, name).is_meta or tuple(self._output_major(getattr(self, name)).shape)
+        if self.is_packed or any(getattr(self, name).is_meta or tuple(self.output_major(getattr(self, name)).shape)
                                  != shape for name, shape in shapes.items()):
             return {}
         warned: dict[tuple[str, int], float] = {}
         for name in shapes:
-            low, high = self._shards(name, self._output_major(getattr(self, name).detach())).unflatten(-1, (-1, BLOCK_SIZE)).aminmax(dim=-1)
+            low, high = self._shards(name, self.output_major(getattr(self, name).detach())).unflatten(-1, (-1, BLOCK_SIZE)).aminmax(dim=-1)
             block_amax = torch.maximum(-low, high).float()  # [E, shards, N / shards, K / 16]
             amax = block_amax.amax(dim=(-2, -1), keepdim=True)  # what each shard's global scale comes from
             # One tensor per global scale: an expert's gate and up together when they share it
@@ -444,7 +445,7 @@ class NVFP4Experts(nn.Module):
             for name, (weight, global_scale) in weights.items():
                 for tensor_name in ("weight_packed", "weight_scale", "weight_global_scale"):
                     del self._buffers[name + EXPERT_TENSOR_SUFFIXES[tensor_name]]
-                setattr(self, name, nn.Parameter(self._output_major(weight).contiguous()))
+                setattr(self, name, nn.Parameter(self.output_major(weight).contiguous()))
                 self._unpacked_global_scales[name] = (getattr(self, name)._version, global_scale)
         return self
 
