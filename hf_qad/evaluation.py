@@ -267,6 +267,8 @@ def layer_quantization_errors(model: nn.Module, reference: nn.Module | None = No
                     weight = getattr(reference.get_submodule(name), tensor_name)
                 except AttributeError:
                     weight = None
+                if isinstance(layer, NVFP4Experts) and isinstance(weight, torch.Tensor) and weight.dim() == 3:
+                    weight = layer.output_major(weight)  # gpt-oss' transposed master layout
                 if not isinstance(weight, torch.Tensor) or weight.shape != quantized.shape:
                     raise ValueError(f"the reference model has no weight {key} of shape {tuple(quantized.shape)}: "
                                      "it must be the model that was quantized.")
@@ -289,4 +291,4 @@ def _nvfp4_and_master_weight(layer: nn.Module, tensor_name: str) -> tuple[torch.
         return layer.fake_quantized_weight().float(), layer.weight
     if layer.is_packed:
         return layer.dequantized_weight(tensor_name), None
-    return layer.fake_quantized_weight(tensor_name).float(), getattr(layer, tensor_name)
+    return layer.fake_quantized_weight(tensor_name).float(), layer.output_major(getattr(layer, tensor_name))

@@ -153,7 +153,7 @@ def test_packed_layer_errors_are_measured_against_the_reference():
         layer_quantization_errors(student, reference=torch.nn.Sequential(torch.nn.Linear(64, 16)))
 
 
-@pytest.mark.parametrize("architecture", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("architecture", ["qwen3_moe", "mixtral", "gpt_oss"])
 def test_moe_experts_errors_one_entry_per_projection_fake_and_packed(architecture, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -174,7 +174,7 @@ def test_moe_experts_errors_one_entry_per_projection_fake_and_packed(architectur
     assert names.index("model.layers.0.self_attn.o_proj") < names.index(f"{experts_name}.gate_up_proj")
     assert names.index(f"{experts_name}.down_proj") < names.index("model.layers.1.self_attn.q_proj")
     for projection in ("gate_up_proj", "down_proj"):  # the error over all experts together
-        weight = getattr(experts, projection).detach()
+        weight = experts.output_major(getattr(experts, projection).detach())  # gpt-oss: transposed back to [E, N, K]
         with torch.no_grad():
             expected = (experts.fake_quantized_weight(projection) - weight).norm() / weight.norm()
         assert fake[f"{experts_name}.{projection}"] == pytest.approx(float(expected), rel=1e-6)
@@ -183,7 +183,8 @@ def test_moe_experts_errors_one_entry_per_projection_fake_and_packed(architectur
     packed = hf_qad.load_packed_model(tmp_path / "packed", dtype=torch.float32)
     assert layer_quantization_errors(packed) == {}  # no master weights and no reference
     assert layer_quantization_errors(packed, reference=teacher) == pytest.approx(fake, rel=1e-6)
-    fewer_experts = {"qwen3_moe": {"num_experts": 2}, "mixtral": {"num_local_experts": 2}}[architecture]
+    fewer_experts = {"qwen3_moe": {"num_experts": 2}, "mixtral": {"num_local_experts": 2},
+                     "gpt_oss": {"num_local_experts": 2}}[architecture]
     other = AutoModelForCausalLM.from_config(tiny_config(architecture, **fewer_experts))
     with pytest.raises(ValueError, match=rf"no weight {experts_name}\.gate_up_proj of shape \(4, "):
         layer_quantization_errors(packed, reference=other)

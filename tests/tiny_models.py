@@ -9,6 +9,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     Gemma3TextConfig,
+    GptOssConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -136,6 +137,12 @@ MOE_ARCHITECTURES: dict[str, TinyArchitecture] = {
     "qwen2_moe": TinyArchitecture(
         Qwen2MoeConfig, dict(tie_word_embeddings=False, num_experts=4, num_experts_per_tok=2,
                              moe_intermediate_size=32, shared_expert_intermediate_size=64), False),
+    # experts stored transposed (gate_up_proj [E, H, 2I]) with gate and up interleaved, biases, a clamped
+    # SwiGLU, a router with a bias; on disk as fused as in memory (no weight conversion)
+    "gpt_oss": TinyArchitecture(
+        GptOssConfig, dict(tie_word_embeddings=False, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                           intermediate_size=32, sliding_window=8,
+                           layer_types=["sliding_attention", "full_attention"]), False),
 }
 
 

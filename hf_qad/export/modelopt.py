@@ -62,9 +62,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from hf_qad.nvfp4.conversion import nvfp4_experts
 from hf_qad.nvfp4.format import BLOCK_SIZE
 from hf_qad.quantizer.config import NVFP4Config
 from hf_qad.quantizer.quantizer import nvfp4_quantizer
+from hf_qad.quantizer.serialization import expert_checkpoint_slices
 from hf_qad.version import __version__
 
 if TYPE_CHECKING:
@@ -208,8 +210,10 @@ def save_modelopt_checkpoint(
 
     Raises:
         ValueError: if ``model`` is not an hf_qad model, if it is saving master weights
-            (inside :func:`hf_qad.master_weight_checkpoint`), or if a W4A4 layer was
-            never calibrated.
+            (inside :func:`hf_qad.master_weight_checkpoint`), if a W4A4 layer was
+            never calibrated, or if it has NVFP4 experts its architecture stores fused on disk
+            (gpt-oss), for which no ModelOpt layout is served (vLLM 0.33's ModelOpt NVFP4 MoE
+            registers no expert biases).
 
     Example:
         >>> # save_modelopt_checkpoint(model, "out/llama-nvfp4-trtllm", tokenizer=tokenizer)
@@ -217,6 +221,13 @@ def save_modelopt_checkpoint(
     quantizer = nvfp4_quantizer(model)
     if quantizer.saving_master_weights:
         raise ValueError("a ModelOpt checkpoint holds packed weights; call it outside master_weight_checkpoint().")
+    fused = [name for name, experts in nvfp4_experts(model).items() if not expert_checkpoint_slices(model, name, experts)]
+    if fused:
+        raise ValueError(
+            f"hf_qad has no ModelOpt layout for the NVFP4 experts '{fused[0]}' ({type(model).__name__} stores its experts "
+            "fused, with biases, and vLLM 0.33 loads no NVFP4 gpt-oss experts). Use model.save_pretrained (reloads "
+            "with hf_qad.load_packed_model), or keep the experts in high precision with modules_to_not_convert."
+        )
     directory = Path(save_directory)
     # transformers writes the compressed-tensors export (shards, index, tied weights,
     # config, generation config), which is then renamed in place.

@@ -89,7 +89,7 @@ def plan_conversion(
 
     Raises:
         ValueError: if fused experts that no pattern excludes have a layout NVFP4Experts does
-            not handle (e.g. gpt-oss' transposed experts with biases): silently leaving most of
+            not handle (e.g. a norm after each expert): silently leaving most of
             the model's weights in BF16 would misstate what the checkpoint is.
     """
     patterns = list(modules_to_not_convert)

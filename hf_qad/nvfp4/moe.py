@@ -32,6 +32,19 @@ Both hold ``P_input_global_scale`` (float32 ``[E, shards]``) for W4A4: these are
 transformers' reversed weight conversion gives the per-expert checkpoint tensors
 ``experts.N.gate_proj.weight_packed`` ... (stacked over experts, gate and up concatenated).
 
+Layouts
+-------
+transformers marks each experts class with its layout (``use_experts_implementation``:
+``is_transposed``, ``is_concatenated``, ``has_bias``) and gives it a gating function
+(``_apply_gate``). :meth:`NVFP4Experts.from_experts` keeps all of it: gpt-oss' experts store
+their weights transposed (``gate_up_proj [E, H, 2I]``, ``down_proj [E, I, H]``), gate and up
+interleaved, with biases ``gate_up_proj_bias [E, 2I]`` / ``down_proj_bias [E, H]`` and a clamped
+SwiGLU; the master parameters keep that layout, and the weight is quantized through its
+transpose, so block scales still run along each expert's input dimension. The packed buffers
+are ``[E, N, K]`` in every layout (rows = output features, as any NVFP4 Linear), biases stay in
+high precision, and the gate is transformers' own function (with the module's ``alpha`` /
+``limit``), called on the same ``gate_up`` output.
+
 W4A4 activations
 ----------------
 Each expert's input scales are calibrated from the tokens routed to it (:func:`calibrate`), and
@@ -88,27 +101,29 @@ convention for quantized companions of fused parameters (``gate_up_proj_scale_in
 def unsupported_experts_layout(module: nn.Module) -> str | None:
     """Why ``module`` (a fused experts module) cannot become :class:`NVFP4Experts`, or ``None``.
 
-    Supported: transformers' standard layout, the one its ``use_experts_implementation`` calls
-    concatenated, not transposed, gated, without biases, with the default gate
-    ``act_fn(gate) * up`` (Qwen2/3-MoE, Mixtral, DeepSeek-V3, ...), and dimensions that are
-    multiples of 16.
+    Supported: the layouts transformers' ``use_experts_implementation`` describes for gated
+    experts without a post-expert norm: concatenated (``[gate; up]``) or interleaved gate and up
+    rows, stored ``[E, N, K]`` or transposed ``[E, K, N]``, with or without biases
+    (``gate_up_proj_bias`` / ``down_proj_bias``), with the class's own gating function
+    (``_apply_gate``, e.g. gpt-oss' clamped SwiGLU) or the default ``act_fn(gate) * up``; and
+    dimensions that are multiples of 16.
     """
-    from transformers.integrations.moe import _default_apply_gate
-
     gate_up, down = (getattr(module, name, None) for name in EXPERT_PROJECTIONS)
     if not isinstance(gate_up, torch.Tensor) or not isinstance(down, torch.Tensor) or gate_up.dim() != 3:
         return "it has no 3-D gate_up_proj and down_proj parameters"
-    if getattr(module, "is_transposed", False) or not getattr(module, "is_concatenated", True):
-        return "its expert weights are stored transposed or with gate and up interleaved"
-    if getattr(module, "has_bias", False) or any(n.endswith("_bias") for n, _ in module.named_parameters()):
-        return "its experts have biases"
-    if getattr(type(module), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
-        return f"{type(module).__name__} has its own gating function"
-    if not callable(getattr(module, "act_fn", None)):
+    if not getattr(module, "has_gate", True) or getattr(module, "has_post_expert_norm", False):
+        return "its experts have no gate_up projection or a norm after each expert"
+    biases = {n for n, _ in module.named_parameters(recurse=False) if n.endswith("_bias")}
+    if biases - {name + "_bias" for name in EXPERT_PROJECTIONS} or (biases and not getattr(module, "has_bias", False)):
+        return f"its expert biases {sorted(biases)} are not the gate_up_proj_bias and down_proj_bias transformers describes"
+    if not callable(getattr(module, "act_fn", None)) and not hasattr(type(module), "_apply_gate"):
         return "it has no act_fn"
-    num_experts, two_i, hidden = gate_up.shape
-    if tuple(down.shape) != (num_experts, hidden, two_i // 2) or two_i % 2:
-        return f"gate_up_proj {tuple(gate_up.shape)} and down_proj {tuple(down.shape)} are not [E, 2I, H] and [E, H, I]"
+    transposed = getattr(module, "is_transposed", False)
+    num_experts, two_i, hidden = gate_up.shape if not transposed else gate_up.transpose(1, 2).shape
+    expected = (num_experts, hidden, two_i // 2) if not transposed else (num_experts, two_i // 2, hidden)
+    if tuple(down.shape) != expected or two_i % 2:
+        layout = "[E, H, 2I] and [E, I, H]" if transposed else "[E, 2I, H] and [E, H, I]"
+        return f"gate_up_proj {tuple(gate_up.shape)} and down_proj {tuple(down.shape)} are not {layout}"
     if hidden % BLOCK_SIZE or (two_i // 2) % BLOCK_SIZE:
         return f"its hidden ({hidden}) and intermediate ({two_i // 2}) sizes are not multiples of {BLOCK_SIZE}"
     return None
@@ -122,6 +137,14 @@ class NVFP4Experts(nn.Module):
         hidden_size: ``H``, a multiple of 16.
         intermediate_size: ``I`` of one expert, a multiple of 16.
         act_fn: the gate activation (the model's ``experts.act_fn``); SiLU when ``None``.
+        is_transposed: master weights stored ``[E, K, N]`` (``gate_up_proj [E, H, 2I]``), as gpt-oss.
+        is_concatenated: gate and up rows as ``[gate; up]``; ``False``: interleaved (gate, up, gate, ...),
+            which needs ``share_gate_up_global_scale``.
+        has_bias: experts with biases ``gate_up_proj_bias [E, 2I]`` and ``down_proj_bias [E, H]``
+            (kept in high precision).
+        apply_gate: ``fn(module, gate_up_out) -> intermediate``, transformers' ``_apply_gate`` of the
+            experts class (it reads its settings, e.g. gpt-oss' ``alpha`` / ``limit``, from the module);
+            transformers' default ``act_fn(gate) * up`` when ``None``.
         quantize_activations: W4A4 when ``True`` (needs :func:`hf_qad.calibrate`), else W4A16.
         packed: build in packed mode (buffers, no master weights), as when loading an export.
         scale_method: weight block scales, one of :data:`~hf_qad.nvfp4.scale_search.SCALE_METHODS`.
@@ -147,9 +170,22 @@ class NVFP4Experts(nn.Module):
         packed: bool = False,
         scale_method: str = "amax",
         share_gate_up_global_scale: bool = True,
+        is_transposed: bool = False,
+        is_concatenated: bool = True,
+        has_bias: bool = False,
+        apply_gate: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
+        from transformers.integrations.moe import _default_apply_gate
+
+        if not is_concatenated and not share_gate_up_global_scale:
+            # The [E, 2] global scales are gate and up halves of the rows; interleaved rows would
+            # need a de-interleaving copy per step for a variant vLLM cannot serve anyway.
+            raise ValueError(
+                "NVFP4Experts with interleaved gate and up rows needs share_gate_up_global_scale=True "
+                "(one weight global scale per expert, what vLLM's fused w13 uses)."
+            )
         if hidden_size % BLOCK_SIZE or intermediate_size % BLOCK_SIZE:
             raise ValueError(
                 f"NVFP4Experts needs hidden ({hidden_size}) and intermediate ({intermediate_size}) sizes that are "
@@ -165,6 +201,10 @@ class NVFP4Experts(nn.Module):
         self.quantize_activations = quantize_activations
         self.scale_method = scale_method
         self.share_gate_up_global_scale = share_gate_up_global_scale
+        self.is_transposed = is_transposed
+        self.is_concatenated = is_concatenated
+        self.has_bias = has_bias
+        self.gate_function = apply_gate if apply_gate is not None else _default_apply_gate
         self.module_name: str | None = None
         self.input_calibrated = False
         self.quantization_enabled = True
@@ -172,8 +212,11 @@ class NVFP4Experts(nn.Module):
         self._observed: dict[str, torch.Tensor] | None = None
         self._unpacked_global_scales: dict[str, tuple[int, torch.Tensor]] = {}
         shapes = self.weight_shapes()
-        for name, shape in shapes.items():
+        for name, (e, n, k) in shapes.items():
+            shape = (e, k, n) if is_transposed else (e, n, k)
             self.register_parameter(name, nn.Parameter(torch.empty(shape, device=device, dtype=dtype)))
+            if has_bias:
+                self.register_parameter(name + "_bias", nn.Parameter(torch.empty(e, n, device=device, dtype=dtype)))
         if quantize_activations:
             for name, shards in EXPERT_PROJECTIONS.items():
                 self.register_buffer(name + "_input_global_scale",
@@ -200,6 +243,9 @@ class NVFP4Experts(nn.Module):
         """An NVFP4Experts for a transformers experts module, on its device and dtype.
 
         In fake mode it shares ``module``'s parameters; packed, it has empty buffers to load into.
+        Biases are shared in both modes. The layout, biases and gating function are ``module``'s
+        (:func:`unsupported_experts_layout` lists what is supported), and its plain settings
+        (gpt-oss' ``alpha``, ``limit``, ...) are copied, since its gating function reads them.
 
         Raises:
             ValueError: if :func:`unsupported_experts_layout` names a reason.
@@ -210,22 +256,34 @@ class NVFP4Experts(nn.Module):
                 f"hf_qad cannot quantize these fused experts ({type(module).__name__}): {reason}. Keep them in high "
                 "precision with modules_to_not_convert=[..., '<their module name>']."
             )
-        num_experts, two_i, hidden = module.gate_up_proj.shape
+        transposed = getattr(module, "is_transposed", False)
+        gate_up = module.gate_up_proj.transpose(1, 2) if transposed else module.gate_up_proj
+        num_experts, two_i, hidden = gate_up.shape
+        has_bias = getattr(module, "has_bias", False)
         layer = cls(
-            num_experts, hidden, two_i // 2, module.act_fn,
+            num_experts, hidden, two_i // 2, getattr(module, "act_fn", None),
             quantize_activations=quantize_activations, packed=packed, scale_method=scale_method,
-            share_gate_up_global_scale=share_gate_up_global_scale,
-            device="meta", dtype=module.gate_up_proj.dtype,
+            share_gate_up_global_scale=share_gate_up_global_scale, is_transposed=transposed,
+            is_concatenated=getattr(module, "is_concatenated", True), has_bias=has_bias,
+            apply_gate=getattr(type(module), "_apply_gate", None), device="meta", dtype=module.gate_up_proj.dtype,
         )  # fmt: skip
+        for key, value in vars(module).items():
+            if not key.startswith("_") and isinstance(value, (bool, int, float)) and not hasattr(layer, key):
+                setattr(layer, key, value)
         if not packed:
             layer.gate_up_proj, layer.down_proj = module.gate_up_proj, module.down_proj
+        if has_bias:
+            layer.gate_up_proj_bias, layer.down_proj_bias = module.gate_up_proj_bias, module.down_proj_bias
         device = module.gate_up_proj.device
         for name, tensor in list(layer._buffers.items()):
             layer._buffers[name] = torch.zeros_like(tensor, device=device) if tensor.is_meta else tensor
         return layer
 
     def weight_shapes(self) -> dict[str, tuple[int, int, int]]:
-        """The master weights' shapes ``[E, N, K]`` by projection (also in packed mode, which holds none)."""
+        """The weights' shapes ``[E, N, K]`` (output, input) by projection, as quantized and packed.
+
+        Also in packed mode, which holds no master weights; transposed master weights are ``[E, K, N]``.
+        """
         e, h, i = self.num_experts, self.hidden_dim, self.intermediate_dim
         return {"gate_up_proj": (e, 2 * i, h), "down_proj": (e, h, i)}
 
@@ -241,9 +299,16 @@ class NVFP4Experts(nn.Module):
 
     # ------------------------------------------------------------------ weight quantization
     def _shards(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        """``weight [E, N, K]`` viewed as ``[E, shards, N / shards, K]`` (gate and up apart)."""
+        """``weight [E, N, K]`` as ``[E, shards, N / shards, K]`` (gate and up apart when concatenated;
+        interleaved rows share their expert's scale, so the grouping does not matter); a copy when
+        ``weight`` is a transposed master's view."""
         shards = EXPERT_PROJECTIONS[name]
-        return weight.view(weight.shape[0], shards, weight.shape[1] // shards, weight.shape[2])
+        return weight.reshape(weight.shape[0], shards, weight.shape[1] // shards, weight.shape[2])
+
+    def output_major(self, weight: torch.Tensor) -> torch.Tensor:
+        """A master-layout weight (this module's, or a teacher's of the same layout) as ``[E, N, K]``, a view:
+        NVFP4 blocks run along each expert's input ``K``; transposed layouts are transposed back."""
+        return weight.transpose(1, 2) if self.is_transposed else weight
 
     def weight_global_scales(self, name: str, weight: torch.Tensor | None = None) -> torch.Tensor:
         """``2688 / amax`` per expert and shard, float32 ``[E, shards]``, from the master weight.
@@ -262,7 +327,7 @@ class NVFP4Experts(nn.Module):
             record = self._unpacked_global_scales.get(name)
             if record is not None and record[0] == weight._version:
                 return record[1]
-        view = self._shards(name, weight.detach())
+        view = self._shards(name, self.output_major(weight.detach()))
         amax = torch.maximum(-view.amin(dim=(-2, -1)), view.amax(dim=(-2, -1))).float()  # [E, shards]
         if self.share_gate_up_global_scale:
             amax = amax.amax(dim=1, keepdim=True).expand_as(amax)
@@ -272,7 +337,8 @@ class NVFP4Experts(nn.Module):
         global_scale = self.weight_global_scales(name, weight if weight is not getattr(self, name) else None)
         if self.scale_method == "amax":
             return global_scale, None
-        return global_scale, search_block_scales(self._shards(name, weight), global_scale, self.scale_method)
+        return global_scale, search_block_scales(self._shards(name, self.output_major(weight)), global_scale,
+                                                 self.scale_method)
 
     def quantized_weight(self, name: str, weight: torch.Tensor | None = None) -> NVFP4Quantized:
         """Projection ``name`` as packed NVFP4: ``[E, N, K/2]``, ``[E, N, K/16]``, ``[E, shards]``.
@@ -287,17 +353,17 @@ class NVFP4Experts(nn.Module):
                                     for t in ("weight_packed", "weight_scale", "weight_global_scale")))
         weight = getattr(self, name) if weight is None else weight
         global_scale, block_scale = self._weight_scales(name, weight)
-        packed, block_scale, _ = functional.quantize(self._shards(name, weight), global_scale, block_scale,
-                                                     name=self._label(name))
-        e, n, k = weight.shape
+        packed, block_scale, _ = functional.quantize(self._shards(name, self.output_major(weight)), global_scale,
+                                                     block_scale, name=self._label(name))
+        e, n, k = self.weight_shapes()[name]
         return NVFP4Quantized(packed.reshape(e, n, k // 2), block_scale.reshape(e, n, k // BLOCK_SIZE), global_scale)
 
     def fake_quantized_weight(self, name: str) -> torch.Tensor:
-        """Projection ``name`` fake-quantized (all experts in one call), differentiable through the STE."""
+        """Projection ``name`` fake-quantized (all experts in one call), ``[E, N, K]``, differentiable through the STE."""
         weight = getattr(self, name)
         global_scale, block_scale = self._weight_scales(name, weight)
-        return functional.fake_quant(self._shards(name, weight), global_scale, block_scale,
-                                     name=self._label(name)).view(weight.shape)
+        return functional.fake_quant(self._shards(name, self.output_major(weight)), global_scale, block_scale,
+                                     name=self._label(name)).view(self.weight_shapes()[name])
 
     def dequantized_weight(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Projection ``name`` as its NVFP4 values, ``[E, N, K]`` in ``dtype``: the packed buffers dequantized,
@@ -311,7 +377,7 @@ class NVFP4Experts(nn.Module):
         if self.is_packed:
             return self.dequantized_weight(name, dtype)
         if not self.quantization_enabled:
-            return getattr(self, name)
+            return self.output_major(getattr(self, name))
         return self.fake_quantized_weight(name)
 
     @torch.no_grad()
@@ -336,12 +402,12 @@ class NVFP4Experts(nn.Module):
             [('gate_up_proj', 1)]
         """
         shapes = self.weight_shapes()
-        if self.is_packed or any(getattr(self, name).is_meta or tuple(getattr(self, name).shape) != shape
-                                 for name, shape in shapes.items()):
+        if self.is_packed or any(getattr(self, name).is_meta or tuple(self.output_major(getattr(self, name)).shape)
+                                 != shape for name, shape in shapes.items()):
             return {}
         warned: dict[tuple[str, int], float] = {}
         for name in shapes:
-            low, high = self._shards(name, getattr(self, name).detach()).unflatten(-1, (-1, BLOCK_SIZE)).aminmax(dim=-1)
+            low, high = self._shards(name, self.output_major(getattr(self, name).detach())).unflatten(-1, (-1, BLOCK_SIZE)).aminmax(dim=-1)
             block_amax = torch.maximum(-low, high).float()  # [E, shards, N / shards, K / 16]
             amax = block_amax.amax(dim=(-2, -1), keepdim=True)  # what each shard's global scale comes from
             # One tensor per global scale: an expert's gate and up together when they share it
@@ -379,7 +445,7 @@ class NVFP4Experts(nn.Module):
             for name, (weight, global_scale) in weights.items():
                 for tensor_name in ("weight_packed", "weight_scale", "weight_global_scale"):
                     del self._buffers[name + EXPERT_TENSOR_SUFFIXES[tensor_name]]
-                setattr(self, name, nn.Parameter(weight))
+                setattr(self, name, nn.Parameter(self.output_major(weight).contiguous()))
                 self._unpacked_global_scales[name] = (getattr(self, name)._version, global_scale)
         return self
 
@@ -480,8 +546,10 @@ class NVFP4Experts(nn.Module):
             current_state = x[token_idx]
             if self._observed is not None:
                 self._observe("gate_up_proj", expert_idx, current_state)
-            gate, up = F.linear(current_state, gate_up[expert_idx]).chunk(2, dim=-1)
-            intermediate.append(self.act_fn(gate) * up)
+            gate_up_out = F.linear(current_state, gate_up[expert_idx])
+            if self.has_bias:  # added apart from the matmul, as transformers' eager experts do
+                gate_up_out = gate_up_out + self.gate_up_proj_bias[expert_idx]
+            intermediate.append(self.gate_function(self, gate_up_out))
             routes.append((expert_idx, top_k_pos, token_idx))
         if not routes:
             return final_hidden_states
@@ -491,7 +559,10 @@ class NVFP4Experts(nn.Module):
         for (expert_idx, top_k_pos, token_idx), current in zip(routes, down_inputs):
             if self._observed is not None:
                 self._observe("down_proj", expert_idx, current)
-            current = F.linear(current, down[expert_idx]) * top_k_weights[token_idx, top_k_pos, None]
+            current = F.linear(current, down[expert_idx])
+            if self.has_bias:
+                current = current + self.down_proj_bias[expert_idx]
+            current = current * top_k_weights[token_idx, top_k_pos, None]
             final_hidden_states.index_add_(0, token_idx, current.to(final_hidden_states.dtype))
         return final_hidden_states
 
@@ -524,4 +595,6 @@ class NVFP4Experts(nn.Module):
         return (
             f"num_experts={self.num_experts}, hidden_size={self.hidden_dim}, intermediate_size={self.intermediate_dim}, "
             f"{scheme}, {mode}, scale_method={self.scale_method}"
+            + (", transposed" if self.is_transposed else "") + ("" if self.is_concatenated else ", interleaved")
+            + (", bias" if self.has_bias else "")
         )

@@ -15,6 +15,10 @@ Two checkpoint kinds, one ``quantization_config`` each:
   names transformers writes for the architecture (``mlp.experts.3.gate_proj.weight_packed``,
   Mixtral's ``block_sparse_moe.experts.3.w1.weight_packed``, ...), gate and up with their
   expert's shared global scale, as compressed-tensors writes the per-expert Linears of a MoE.
+  Architectures whose checkpoints hold the fused tensors themselves (gpt-oss: transformers has
+  no weight conversion for them) get the fused NVFP4 tensors under the fused names,
+  ``mlp.experts.gate_up_proj_packed`` ``[E, 2I, H/2]``, ``gate_up_proj_scale``,
+  ``gate_up_proj_global_scale`` ``[E, 2]``, ..., next to the high-precision biases.
 
   ``ignore`` names every Linear layer left in high precision (compressed-tensors targets all
   ``Linear`` modules, so an unlisted one would be expected to hold packed weights), the MoE
@@ -260,9 +264,7 @@ def expert_checkpoint_slices(model: nn.Module, name: str, experts: NVFP4Experts)
     The names and the rows each holds come from :func:`~hf_qad.nvfp4.experts.checkpoint_slices`: the
     master weight's conversion when the model has it, else the one of the packed buffers (a model
     loaded from a packed export only used those). What the export writes and what loading checks.
-
-    Raises:
-        ValueError: if transformers has no conversion writing the experts per expert.
+    Empty when transformers writes the fused tensors as they are (no conversion, as for gpt-oss).
     """
     result = []
     for projection, shards in EXPERT_PROJECTIONS.items():
@@ -274,11 +276,6 @@ def expert_checkpoint_slices(model: nn.Module, name: str, experts: NVFP4Experts)
             slices = checkpoint_slices(model, source, experts.num_experts, rows)
             if slices:
                 break
-        if not slices:
-            raise ValueError(
-                f"transformers has no weight conversion that writes {key} per expert for "
-                f"{type(model).__name__}, so hf_qad does not know its on-disk names."
-            )
         for on_disk, (expert, row_range) in slices.items():
             result.append(ExpertSlice(on_disk.removesuffix("." + tensor_name), projection, expert, row_range,
                                       row_range.start * shards // rows))
@@ -293,7 +290,7 @@ def _write_per_expert(
     state: Mapping[str, torch.Tensor] | None,
 ) -> None:
     """Replace ``experts``' fused tensors in ``packed`` by per-expert NVFP4 tensors under their on-disk names
-    (:func:`expert_checkpoint_slices`)."""
+    (:func:`expert_checkpoint_slices`), or by fused NVFP4 tensors where the architecture stores experts fused."""
     if experts.quantize_activations and not experts.input_calibrated:
         raise ValueError(
             f"'{name}' quantizes activations (W4A4) but was never calibrated, so it has no input_global_scale "
@@ -309,7 +306,13 @@ def _write_per_expert(
             tensors[projection]["input_global_scale"] = getattr(experts, projection + "_input_global_scale")
         for stale in (key, *(key + suffix for suffix in EXPERT_TENSOR_SUFFIXES.values())):
             packed.pop(stale, None)
-    for piece in expert_checkpoint_slices(model, name, experts):
+    pieces = expert_checkpoint_slices(model, name, experts)
+    if not pieces:
+        for projection, named in tensors.items():
+            packed.update({f"{name}.{projection}{EXPERT_TENSOR_SUFFIXES[ct_name]}": tensor.contiguous()
+                           for ct_name, tensor in named.items()})  # fmt: skip
+        return
+    for piece in pieces:
         for ct_name, tensor in tensors[piece.projection].items():
             value = tensor[piece.expert, piece.rows] if tensor.dim() == 3 else tensor[piece.expert, piece.shard].reshape(1)
             packed[f"{piece.module}.{ct_name}"] = value.contiguous()

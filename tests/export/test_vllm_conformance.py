@@ -186,13 +186,14 @@ def _shards_on_disk(tensors: dict[str, torch.Tensor], modules: list[str], param:
     return [tensors[f"{module}.{param}"] for module in modules]
 
 
-def _moe_method_parameters(method_class: type, num_experts: int, hidden: int, intermediate: int) -> dict:
+def _moe_method_parameters(method_class: type, num_experts: int, hidden: int, intermediate: int,
+                           has_bias: bool = False) -> dict:
     """The parameters ``method_class.create_weights`` registers on an experts layer (names, shapes, dtypes).
 
     Called on a stand-in for the method: building the method picks a GPU kernel, which a CPU has not.
     ``create_weights`` reads only the MoE config's gating and sizes (and the NVFP4 block size).
     """
-    moe = types.SimpleNamespace(is_act_and_mul=True, has_bias=False, hidden_dim_unpadded=hidden,
+    moe = types.SimpleNamespace(is_act_and_mul=True, has_bias=has_bias, hidden_dim_unpadded=hidden,
                                 intermediate_size_per_partition_unpadded=intermediate)
     stand_in = types.SimpleNamespace(moe=moe, group_size=16)
     layer = torch.nn.Module()
@@ -313,3 +314,40 @@ def test_modelopt_config_quantizes_what_is_exported_and_excludes_the_head_router
         prefix = per_expert[0].rsplit(".", 2)[0]  # vLLM's RoutedExperts prefix
         quantized = all(f"{module}.weight_scale" in tensors for module in per_expert)
         assert config.is_layer_excluded(prefix) is not quantized, prefix
+
+
+def test_vllm_has_no_nvfp4_path_for_gpt_oss_experts(tmp_path, vllm_parallel_state, no_kernel_selection):
+    """Pins an upstream limitation (vLLM 0.33): an NVFP4 gpt-oss cannot be served, so hf_qad's gpt-oss export is
+    for hf_qad (README) and its ModelOpt export is refused. Meant to fail once vLLM gains the path.
+
+    * vLLM's compressed-tensors NVFP4 MoE method registers no expert biases (``w13_bias`` / ``w2_bias``), which
+      every gpt-oss expert has and vLLM's gpt-oss loader loads by ``params_dict[name]`` (a KeyError);
+    * its gpt-oss weight mapper renames only the high-precision fused tensors (and MXFP4 blocks): the fused NVFP4
+      tensors keep names no vLLM parameter has (``_load_weights_other`` skips them).
+
+    What does resolve: the attention Linears to the NVFP4 scheme, the router (with its bias) to unquantized.
+    """
+    from vllm.model_executor.models.gpt_oss import GptOssForCausalLM as VllmGptOss
+
+    source = save_tiny_model(tmp_path / "bf16", "gpt_oss")
+    model = AutoModelForCausalLM.from_pretrained(source, quantization_config=NVFP4Config())
+    hf_qad.calibrate(model, [{"input_ids": ids} for ids in token_batches()])
+    model.save_pretrained(tmp_path / "export")
+    tensors = load_file(tmp_path / "export" / "model.safetensors")
+    config = _with_model_mappings(ct.CompressedTensorsConfig.from_config(
+        json.loads((tmp_path / "export" / "config.json").read_text())["quantization_config"]), VllmGptOss)
+    scheme = config.get_scheme(_instance(QKVParallelLinear), "model.layers.0.attn.qkv_proj")
+    assert isinstance(scheme, ct_nvfp4.CompressedTensorsW4A4Fp4) and not scheme.use_a16
+    assert config.get_scheme(_instance(GateLinear), "model.layers.0.mlp.router") is None
+    assert tensors["model.layers.0.mlp.router.bias"].dtype == torch.bfloat16
+
+    text = model.config
+    created = _moe_method_parameters(ct_moe_nvfp4.CompressedTensorsW4A4Nvfp4MoEMethod, text.num_local_experts,
+                                     text.hidden_size, text.intermediate_size, has_bias=True)
+    assert {"w13_weight_packed", "w13_weight_global_scale", "w2_input_global_scale"} <= set(created)
+    assert not {"w13_bias", "w2_bias"} & set(created)
+    mapper = VllmGptOss.hf_to_vllm_mapper
+    experts = "model.layers.0.mlp.experts."
+    assert mapper.map_name(experts + "gate_up_proj_bias") == experts + "w13_bias"  # what the loader looks up
+    nvfp4 = [key for key in tensors if key.startswith(experts) and not key.endswith("_bias")]
+    assert len(nvfp4) == 8 and all(mapper.map_name(key) == key for key in nvfp4)  # no vLLM parameter's name

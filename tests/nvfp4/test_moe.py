@@ -32,6 +32,22 @@ def original_experts(seed: int = 0, dtype: torch.dtype = torch.float32) -> Qwen3
     return experts.to(dtype)
 
 
+def gpt_oss_experts(dtype: torch.dtype = torch.float32) -> GptOssExperts:
+    """transformers' gpt-oss experts in eager mode: transposed weights (``gate_up_proj [E, H, 2I]``), gate and up
+    interleaved, biases, a SwiGLU clamped at ``limit``; weights large enough that the clamp acts, expert 2's
+    100x larger (its own global scale)."""
+    config = GptOssConfig(hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=2)
+    config._experts_implementation = "eager"
+    experts = GptOssExperts(config)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in experts.parameters():
+            param.normal_(std=0.5)
+        experts.gate_up_proj[2] *= 100
+        experts.down_proj[2] *= 100
+    return experts.to(dtype)
+
+
 def routing(tokens: int = 12, seed: int = 1, experts=(0, 1, 2)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Hidden states and a top-2 routing over ``experts`` (the others get no token)."""
     g = torch.Generator().manual_seed(seed)
@@ -195,9 +211,12 @@ def test_scale_buffers_keep_their_dtypes_when_the_model_is_cast():
 
 
 def test_unsupported_experts_and_misuse_are_refused_with_the_fix():
-    gpt_oss = GptOssExperts(GptOssConfig(hidden_size=64, intermediate_size=32, num_local_experts=4))
-    with pytest.raises(ValueError, match=r"GptOssExperts.*stored transposed.*modules_to_not_convert"):
-        NVFP4Experts.from_experts(gpt_oss)
+    normed = original_experts()
+    normed.has_post_expert_norm = True  # transformers' flag for a norm after each expert (not handled)
+    with pytest.raises(ValueError, match=r"Qwen3MoeExperts.*norm after each expert.*modules_to_not_convert"):
+        NVFP4Experts.from_experts(normed)
+    with pytest.raises(ValueError, match=r"interleaved gate and up rows needs share_gate_up_global_scale=True"):
+        NVFP4Experts.from_experts(gpt_oss_experts(), share_gate_up_global_scale=False)
     with pytest.raises(ValueError, match=r"intermediate \(24\) sizes.*multiples of 16.*modules_to_not_convert"):
         NVFP4Experts(4, 64, 24)
     layer = NVFP4Experts.from_experts(original_experts()).pack()
@@ -239,3 +258,91 @@ def test_outlier_warning_names_the_expert_whose_blocks_quantize_to_zero(margin, 
     subject = "expert 1 gate_up_proj: its" if shared else "expert 1 gate_up_proj (gate half): its"
     assert len(messages) == 1 and messages[0].startswith(f"NVFP4Experts model.layers.0.mlp.experts {subject} largest weight")
     assert f"so {lost} of its {blocks} weight blocks quantize to zero" in messages[0]
+
+
+# gpt-oss: transposed, interleaved gate/up, biases, clamped SwiGLU (transformers' own _apply_gate)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpt_oss_experts_without_quantization_compute_transformers_eager_bit_for_bit(dtype):
+    original = gpt_oss_experts(dtype)
+    layer = NVFP4Experts.from_experts(original)
+    assert layer.gate_up_proj is original.gate_up_proj and layer.gate_up_proj_bias is original.gate_up_proj_bias
+    assert (layer.alpha, layer.limit) == (original.alpha, original.limit)  # what transformers' gate reads
+    x, index, weights = routing()
+    x, weights = x.to(dtype), weights.to(dtype)
+    gate_up = x @ original.gate_up_proj[0] + original.gate_up_proj_bias[0]
+    assert bool((gate_up > original.limit).any())  # the clamp is exercised
+    layer.quantization_enabled = False
+    with torch.no_grad():
+        assert torch.equal(layer(x, index, weights), original(x, index, weights))
+
+
+def gpt_oss_linears(experts: GptOssExperts, e: int) -> tuple[NVFP4Linear, NVFP4Linear]:
+    """Expert ``e`` as two NVFP4Linear layers (W4A16) holding the transposes of its weights: ``[2I, H]``, ``[H, I]``."""
+    layers = []
+    for name in ("gate_up_proj", "down_proj"):
+        weight, bias = getattr(experts, name)[e].detach().t(), getattr(experts, name + "_bias")[e].detach()
+        linear = torch.nn.Linear(weight.shape[1], weight.shape[0])
+        linear.weight, linear.bias = torch.nn.Parameter(weight.contiguous()), torch.nn.Parameter(bias.clone())
+        layers.append(NVFP4Linear.from_linear(linear, quantize_activations=False))
+    return tuple(layers)
+
+
+@pytest.mark.parametrize("scale_method", ["amax", "mse"])
+def test_each_gpt_oss_expert_is_quantized_as_nvfp4_linears_of_its_transposed_weights(scale_method):
+    original = gpt_oss_experts()
+    layer = NVFP4Experts.from_experts(original, quantize_activations=False, scale_method=scale_method)
+    fake = {name: layer.fake_quantized_weight(name) for name in ("gate_up_proj", "down_proj")}
+    packed = {name: layer.quantized_weight(name) for name in ("gate_up_proj", "down_proj")}
+    assert fake["gate_up_proj"].shape == (E, 2 * I, H) and packed["gate_up_proj"].packed.shape == (E, 2 * I, H // 2)
+    assert packed["down_proj"].block_scale.shape == (E, H, I // 16)  # blocks along the down projection's input I
+    linears = [gpt_oss_linears(original, e) for e in range(E)]
+    for e, pair in enumerate(linears):
+        for name, linear in zip(("gate_up_proj", "down_proj"), pair):
+            linear.scale_method = scale_method
+            expected = linear.quantized_weight()
+            assert torch.equal(fake[name][e], linear.fake_quantized_weight())
+            assert torch.equal(packed[name].packed[e], expected.packed)
+            assert torch.equal(packed[name].block_scale[e], expected.block_scale)
+            assert bool((packed[name].global_scale[e] == expected.global_scale).all())
+    x, index, weights = routing()
+    expected = torch.zeros_like(x)
+    with torch.no_grad():
+        for t in range(x.shape[0]):
+            for k in range(2):
+                gate_up, down = linears[int(index[t, k])]
+                expected[t] += down(original._apply_gate(gate_up(x[t:t + 1])))[0] * weights[t, k]
+        torch.testing.assert_close(layer(x, index, weights), expected, rtol=1e-4, atol=1e-3)  # fused bias add, sum order
+
+
+def test_gpt_oss_ste_gradients_reach_the_transposed_masters_and_biases():
+    original = gpt_oss_experts()
+    layer = NVFP4Experts.from_experts(original, quantize_activations=False)
+    x, index, weights = routing(experts=(0, 1, 2))
+    layer(x, index, weights).square().mean().backward()
+    for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
+        grad = getattr(original, name).grad
+        assert grad.shape == getattr(original, name).shape and bool(torch.isfinite(grad).all())
+        assert bool((grad[:3] != 0).flatten(1).any(dim=1).all()) and bool((grad[3] == 0).all())
+
+
+@pytest.mark.parametrize("scheme", ["w4a16", "w4a4"])
+def test_gpt_oss_packed_forward_equals_fake_and_unpack_restores_the_transposed_layout(scheme):
+    layer = NVFP4Experts.from_experts(gpt_oss_experts(torch.bfloat16), quantize_activations=scheme == "w4a4")
+    x, index, weights = routing()
+    x, weights = x.bfloat16(), weights.bfloat16()
+    if scheme == "w4a4":
+        with layer.observing_inputs() as amax, torch.no_grad():
+            layer(x, index, weights)
+        layer.set_input_amax({name: values.clamp(min=1.0) for name, values in amax.items()})
+    with torch.no_grad():
+        fake = layer(x, index, weights)
+        codes = layer.quantized_weight("gate_up_proj")
+        assert torch.equal(layer.pack()(x, index, weights), fake)
+        layer.unpack(torch.bfloat16)
+        assert layer.gate_up_proj.shape == (E, H, 2 * I) and layer.down_proj.shape == (E, I, H)
+        assert torch.equal(layer(x, index, weights), fake)
+        again = layer.quantized_weight("gate_up_proj")  # codes equal up to -0 / +0, as for the standard layout
+        assert torch.equal(again.block_scale.view(torch.uint8), codes.block_scale.view(torch.uint8))
+        assert torch.equal(again.global_scale, codes.global_scale)

@@ -168,3 +168,22 @@ def test_lora_qad_adapts_attention_experts_and_routers_and_merges_into_the_expor
     merged.save_pretrained(tmp_path / "export")
     with torch.no_grad():
         assert torch.equal(load_packed_model(tmp_path / "export")(input_ids=ids).logits, expected)
+
+
+def test_qad_trains_a_gpt_oss_student_experts_biases_and_router(tmp_path):
+    """gpt-oss: transposed NVFP4 experts with high-precision biases, a router with a bias; all train under QAD."""
+    from tests.tiny_models import save_tiny_model
+
+    student = _student(save_tiny_model(tmp_path / "gpt_oss", "gpt_oss"))
+    mlp = student.model.layers[0].mlp
+    assert isinstance(mlp.experts, NVFP4Experts) and mlp.experts.is_transposed
+    trained = {"router.weight": mlp.router.weight, "router.bias": mlp.router.bias,
+               "experts.gate_up_proj": mlp.experts.gate_up_proj, "experts.down_proj_bias": mlp.experts.down_proj_bias}
+    before = {name: param.detach().clone() for name, param in trained.items()}
+    trainer = _trainer(student, tmp_path)
+    trainer.train()  # calibrates the experts' input scales, then QAD steps
+    assert mlp.experts.input_calibrated
+    logs = [entry for entry in trainer.state.log_history if "kl" in entry]
+    assert len(logs) == 2 and all(0.0 < entry["router_agreement"] <= 1.0 for entry in logs)
+    for name, param in trained.items():
+        assert param.dtype == torch.float32 and not torch.equal(param.detach(), before[name]), name
