@@ -60,6 +60,11 @@ class QADConfig(SFTConfig):
             A teacher cache made by :func:`hf_qad.trainer.teacher_cache.build_teacher_cache`: the
             teacher's top-k log-probabilities over the training set. No teacher is loaded; the loss
             is the top-k forward KL (needs ``divergence="forward_kl"``, ``temperature=1``, no packing).
+        kl_guard (`bool`, defaults to `True`):
+            With a single ``eval_dataset``: evaluate the calibrated PTQ student before the first step
+            (``eval_kl`` at step 0), log ``eval_kl_ratio`` (held-out KL over that start) at every later
+            evaluation, and warn, naming the step and the learning rate, when training has made the
+            held-out KL worse than the start (see :mod:`hf_qad.trainer.kl_guard`). Costs one evaluation.
     """
 
     teacher_model_name_or_path: str | None = field(default=None, metadata={"help": "BF16 teacher path or hub id."})
@@ -82,6 +87,9 @@ class QADConfig(SFTConfig):
     max_new_tokens: int = field(default=128, metadata={"help": "Generated completion length."})
     generation_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (0: greedy)."})
     teacher_cache_path: str | None = field(default=None, metadata={"help": "Offline teacher top-k cache."})
+    kl_guard: bool = field(
+        default=True, metadata={"help": "Evaluate the PTQ student first; warn when the held-out KL rises above it."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

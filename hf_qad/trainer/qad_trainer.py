@@ -55,6 +55,7 @@ from hf_qad.trainer.generation import (
     is_prompt_only,
     tokenize_prompts,
 )
+from hf_qad.trainer.kl_guard import KLGuardCallback
 from hf_qad.trainer.losses import DistillationSums, cached_distillation_loss, chunked_distillation_loss
 from hf_qad.trainer.qad_config import QADConfig
 from hf_qad.trainer.teacher_cache import CACHE_COLUMNS, TeacherCacheCollator, attach_teacher_cache, read_cache_info
@@ -200,6 +201,10 @@ class QADTrainer(SFTTrainer):
         super().__init__(model, args, *sft_args, callbacks=callbacks, peft_config=peft_config, **sft_kwargs)
         self._check_student()
         self.add_callback(_CalibrationCallback(self))
+        # After calibration (callbacks run in order): the guard's starting point is the calibrated PTQ student.
+        self.kl_guard = KLGuardCallback(self) if args.kl_guard and self._single_eval_dataset() else None
+        if self.kl_guard is not None:
+            self.add_callback(self.kl_guard)
         if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
             self._register_fused_peers_with_zero3()
         self.shared_teacher = teacher_source is None and not cached
@@ -227,6 +232,13 @@ class QADTrainer(SFTTrainer):
             known = QADConfig.__dataclass_fields__
             return QADConfig(**{k: v for k, v in values.items() if k in known and known[k].init})
         raise TypeError(f"args must be a QADConfig, SFTConfig or TrainingArguments, got {type(args).__name__}.")
+
+    def _single_eval_dataset(self) -> bool:
+        if isinstance(self.eval_dataset, dict):
+            # SFTTrainer logs every dataset's KL as eval_kl, so one starting point cannot stand for them all.
+            logger.info("hf_qad: kl_guard covers a single eval_dataset; it is off for a dict of them.")
+            return False
+        return self.eval_dataset is not None
 
     def _check_student(self) -> None:
         if not nvfp4_modules(self.model):
@@ -577,3 +589,7 @@ class QADTrainer(SFTTrainer):
             return
         for name, value in zip(("kl", "top1_agreement", "student_ce", "teacher_ce"), gathered[:4]):
             self._metrics[mode][name].append(value.item() / count)
+        start = self.kl_guard.start_kl if self.kl_guard is not None else None
+        if mode == "eval" and start:
+            # SFTTrainer.log averages each metric's per-batch values, so this averages to eval_kl / start.
+            self._metrics[mode]["kl_ratio"].append(gathered[0].item() / count / start)
