@@ -36,7 +36,7 @@ from hf_qad.nvfp4.conversion import (
     tied_linears,
 )
 from hf_qad.nvfp4.experts import experts_listed_by_name, high_precision_moe_names
-from hf_qad.nvfp4.linear import NVFP4Linear
+from hf_qad.nvfp4.linear import CLIP_PARAMETERS, NVFP4Linear
 from hf_qad.quantizer.config import QUANT_METHOD, NVFP4Config
 from hf_qad.quantizer.serialization import (
     compressed_tensors_config,
@@ -98,15 +98,20 @@ class NVFP4HfQuantizer(HfQuantizer):
             plan,
             quantize_activations=config.quantize_activations,
             scale_method=config.scale_method,
+            learn_scales=config.learn_scales,
             packed=self.packed,
             share_fused_global_scales=config.share_fused_global_scales,
         )
         self.unconverted_linears = sorted(set(plan.skipped) | set(high_precision_moe_names(model, plan.kept_experts)))
         plan.log()
+        ignored = list(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])
         if not self.pre_quantized:
             # A high-precision checkpoint has no input scales: they stay unset until calibration.
-            ignored = list(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])
-            model._keys_to_ignore_on_load_missing = ignored + [r"\.input_global_scale$"]
+            ignored.append(r"\.input_global_scale$")
+        if config.learn_scales:
+            # Clipping factors start at 1 (the amax scales) unless a master-weight checkpoint holds them.
+            ignored += [rf"\.{name}$" for name in CLIP_PARAMETERS]
+        model._keys_to_ignore_on_load_missing = ignored
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         # For a pre-quantized checkpoint, "needs quantization" tells transformers that the tensor is
@@ -132,6 +137,10 @@ class NVFP4HfQuantizer(HfQuantizer):
         if self.pre_quantized:
             _check_loaded_tensors(layers, model.config.name_or_path)
         for layer in layers.values():
+            for clip in layer.clip_parameters.values():
+                if not getattr(clip, "_is_hf_initialized", False) or not self.pre_quantized:
+                    with torch.no_grad():
+                        clip.fill_(1.0)  # not in the checkpoint: the loader left uninitialized memory
             if not layer.is_packed:
                 layer.warn_if_outlier_zeroes_blocks()
             if not layer.quantize_activations:

@@ -30,6 +30,16 @@ class QADConfig(SFTConfig):
             Weight block-scale method (``"amax"``, ``"four_over_six"``, ``"mse"``); student given as a path.
         nvfp4_modules_to_not_convert (`list[str]` or `None`, defaults to `None`):
             Modules kept in high precision; student given as a path. ``None``: NVFP4Config's defaults.
+        nvfp4_learn_scales (`bool`, defaults to `False`):
+            Learned NVFP4 scales (``NVFP4Config(learn_scales=True)``) for a student given as a path:
+            trainable clipping factors in front of every weight block scale and every W4A4 input
+            global scale, exported as learned. A student loaded by the caller learns its scales when
+            it was loaded with that option.
+        scale_learning_rate (`float`, defaults to `1e-3`):
+            Peak learning rate of the learned clipping factors (a parameter group of their own, no
+            weight decay, the same schedule). A factor moves the block scale it multiplies by its own
+            relative amount, and e4m3 block scales are 6-12% apart, so it needs a far larger rate
+            than the weights.
         divergence (`str`, defaults to `"forward_kl"`):
             ``"forward_kl"`` (KL(teacher || student), the QAD paper's loss), ``"reverse_kl"`` or ``"jsd"``.
         beta (`float`, defaults to `0.5`):
@@ -76,6 +86,8 @@ class QADConfig(SFTConfig):
     nvfp4_modules_to_not_convert: list[str] | None = field(
         default=None, metadata={"help": "Modules kept in high precision."}
     )
+    nvfp4_learn_scales: bool = field(default=False, metadata={"help": "Learn NVFP4 block and input scales."})
+    scale_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of learned scales."})
     divergence: str = field(default="forward_kl", metadata={"help": "forward_kl, reverse_kl or jsd."})
     beta: float = field(default=0.5, metadata={"help": "Teacher share of the JSD mixture."})
     temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the divergence."})
@@ -102,6 +114,8 @@ class QADConfig(SFTConfig):
             raise ValueError("max_new_tokens must be positive and generation_temperature >= 0.")
         if self.teacher_cache_path is not None:
             self._check_teacher_cache_options()
+        if not self.scale_learning_rate > 0:
+            raise ValueError(f"scale_learning_rate must be positive, got {self.scale_learning_rate}.")
         if self.loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size must be positive, got {self.loss_chunk_size}.")
         self.nvfp4_config()  # validates the NVFP4 options early
@@ -119,4 +133,5 @@ class QADConfig(SFTConfig):
             scheme=self.nvfp4_scheme,
             scale_method=self.nvfp4_scale_method,
             modules_to_not_convert=self.nvfp4_modules_to_not_convert,
+            learn_scales=self.nvfp4_learn_scales,
         )

@@ -416,6 +416,33 @@ class QADTrainer(SFTTrainer):
             amax = calibrate(self.model_wrapped, batches, num_batches=None)
         logger.info("hf_qad: calibrated %d W4A4 layers on %d batches", len(amax), len(batches))
 
+    # ------------------------------------------------------------------ optimizer
+    def _clip_parameters(self, model: nn.Module) -> set[int]:
+        """Ids of the trainable learned clipping factors (NVFP4Config(learn_scales=True))."""
+        return {id(p) for layer in nvfp4_modules(model).values() for p in layer.clip_parameters.values()
+                if p.requires_grad}
+
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        # Weight decay would pull the clipping factors towards 0, i.e. every block scale towards zero.
+        clips = self._clip_parameters(model)
+        names = super().get_decay_parameter_names(model)
+        return [name for name, p in model.named_parameters() if name in names and id(p) not in clips]
+
+    def create_optimizer(self, model=None):
+        # The Trainer builds its (decay, no decay) groups; the clipping factors move to a group of their own
+        # with scale_learning_rate, before any step and before the scheduler reads each group's rate.
+        optimizer = super().create_optimizer(model)
+        clips = self._clip_parameters(self.model if model is None else model)
+        if not clips or any(group.get("hf_qad_clips") for group in optimizer.param_groups):
+            return optimizer
+        moved = []
+        for group in optimizer.param_groups:
+            moved += [p for p in group["params"] if id(p) in clips]
+            group["params"] = [p for p in group["params"] if id(p) not in clips]
+        optimizer.add_param_group({"params": moved, "lr": self.args.scale_learning_rate, "weight_decay": 0.0,
+                                   "hf_qad_clips": True})
+        return optimizer
+
     # ------------------------------------------------------------------ non-finite values
     def _get_grad_norm(self, model, grad_norm=None):
         # The Trainer's last call before the optimizer step, with the norm its clipping computed (or computed here
