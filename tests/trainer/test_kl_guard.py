@@ -69,3 +69,14 @@ def test_off_without_an_eval_dataset_or_when_disabled(tiny_path, tmp_path):
     disabled = QADTrainer(str(tiny_path), args=QADConfig(str(tmp_path / "b"), **plain, kl_guard=False),
                           train_dataset=data, eval_dataset=data, processing_class=tiny_tokenizer())
     assert without.kl_guard is None and disabled.kl_guard is None
+
+
+def test_a_resumed_run_compares_with_the_ptq_start_not_with_its_checkpoint(tiny_path, tmp_path, caplog):
+    first, evals, _ = _train(tiny_path, tmp_path, caplog, save_strategy="steps", save_steps=1)
+    args = QADConfig(str(tmp_path / "resumed"), **{**COMMON, "max_steps": 2, "learning_rate": 1e-4})
+    data = Dataset.from_dict({"text": TEXTS})
+    resumed = QADTrainer(str(tiny_path), args=args, train_dataset=data, eval_dataset=data,
+                         processing_class=tiny_tokenizer())
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-1"))
+    assert resumed.kl_guard.start_kl == evals[0]["eval_kl"]
+    assert [e["step"] for e in resumed.state.log_history if "eval_kl" in e] == [0, 1, 2]  # no new step-0 entry
