@@ -150,12 +150,13 @@ class _ClippedActivationSTE(torch.autograd.Function):
         grad_clip = None
         if ctx.needs_input_grad[2]:
             amax = block_amax(x)
-            block_scale = runtime_block_scales(amax, gs).float()
-            grad_step = _scale_gradient(out, grad_output, block_scale / gs)
             # Only a block whose scale saturates at 448 has an effective scale 448 / gs that moves with
             # the global scale gs = calibrated / clip: d(448 / gs) / d clip = step / clip.
             saturated = gs * (amax * E2M1_MAX_RECIPROCAL) > E4M3_MAX
-            step = block_scale / gs
+            if not saturated.any():  # the usual case within the calibrated range: skip the passes below
+                return grad_output, None, torch.zeros_like(clip), None
+            step = runtime_block_scales(amax, gs).float() / gs
+            grad_step = _scale_gradient(out, grad_output, step)
             total = (grad_step * step * saturated).sum() / _factor(clip).reshape(())
             grad_clip = (total * _inside(clip)).reshape(clip.shape).to(clip.dtype)
         return grad_output, None, grad_clip, None
