@@ -14,6 +14,8 @@ Rows (``--methods``):
   ``ptq_mse`` / ``ptq_four_over_six`` force one of them;
 * ``qat``: ``QADConfig(kl_weight=0, ce_weight=1)``: the data's cross-entropy only;
 * ``qad``: ``QADConfig()`` defaults: forward KL(teacher || student), full parameters;
+* ``qad_learned``: ``qad`` with learned NVFP4 scales (``NVFP4Config(learn_scales=True)``: a clipping
+  factor per weight block and per W4A4 input scale, trained at ``--scale-lr``);
 * ``qad_lora``: QAD of LoRA adapters (``peft_config=LoraConfig``) on the frozen NVFP4 base,
   teacher shared with the student (the same model with adapters and quantizers off);
 * ``qad_cache``: QAD from an offline teacher cache (``hf_qad.trainer.teacher_cache``: the
@@ -85,7 +87,8 @@ from hf_qad.trainer import QADConfig, QADTrainer
 from hf_qad.trainer.teacher_cache import build_teacher_cache
 from tests.shared_data import read_text, shared_data_dir
 
-METHODS = ("bf16", "ptq_amax", "ptq_best", "ptq_mse", "ptq_four_over_six", "qat", "qad", "qad_lora", "qad_cache")
+METHODS = ("bf16", "ptq_amax", "ptq_best", "ptq_mse", "ptq_four_over_six", "qat", "qad", "qad_learned", "qad_lora",
+           "qad_cache")
 DEFAULT_METHODS = ("bf16", "ptq_amax", "ptq_best", "qat", "qad", "qad_lora", "qad_cache")
 LABELS = {
     "bf16": "BF16 (teacher)",
@@ -94,6 +97,7 @@ LABELS = {
     "ptq_four_over_six": "PTQ (four_over_six)",
     "qat": "QAT (CE only)",
     "qad": "QAD (KL)",
+    "qad_learned": "QAD (KL), learned scales",
     "qad_lora": "QAD-LoRA (KL, shared teacher)",
     "qad_cache": "QAD (KL, offline teacher cache)",
 }
@@ -105,7 +109,8 @@ ARC_FILE = "arc_easy_test.jsonl"
 _COMMON_KEYS = ("tiny", "seq_len", "batch_size", "eval_tokens", "arc_limit", "calibration_rows", "seed")
 _TRAIN_KEYS = ("train_tokens", "train_scale_method", "train_texts")
 _METHOD_KEYS = {
-    "qat": ("lr",), "qad": ("lr",), "qad_cache": ("lr", "cache_top_k"), "qad_lora": ("lora_lr", "lora_r"),
+    "qat": ("lr",), "qad": ("lr",), "qad_learned": ("lr", "scale_lr"), "qad_cache": ("lr", "cache_top_k"),
+    "qad_lora": ("lora_lr", "lora_r"),
 }
 
 
@@ -123,6 +128,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=4, help="rows per optimizer step")
     parser.add_argument("--lr", type=float, default=3e-5, help="learning rate of QAT, QAD and QAD-cache")
     parser.add_argument("--lora-lr", type=float, default=3e-4, help="learning rate of QAD-LoRA")
+    parser.add_argument("--scale-lr", type=float, default=1e-3,
+                        help="learning rate of the clipping factors of qad_learned (QADConfig.scale_learning_rate)")
     parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank (alpha = 2 r, all linear layers)")
     parser.add_argument("--train-scale-method", default="amax", choices=("amax", "four_over_six", "mse"),
                         help="weight scale method of the trained students (default amax, as in the QAD paper)")
@@ -236,11 +243,10 @@ def load_teacher(path: Path, device: str) -> torch.nn.Module:
 
 
 def load_student(path: Path, scale_method: str, calibration_rows: torch.Tensor, batch_size: int,
-                 device: str) -> torch.nn.Module:
+                 device: str, learn_scales: bool = False) -> torch.nn.Module:
     """NVFP4 W4A4 fake-quant student, float32 masters, calibrated on ``calibration_rows``."""
-    student = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, quantization_config=hf_qad.NVFP4Config(scheme="w4a4", scale_method=scale_method)
-    ).to(device)
+    config = hf_qad.NVFP4Config(scheme="w4a4", scale_method=scale_method, learn_scales=learn_scales)
+    student = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=config).to(device)
     calibrate(student, [{"input_ids": b} for b in batches(calibration_rows.to(device), batch_size)],
               num_batches=None)
     return student
@@ -279,14 +285,18 @@ def train_student(method: str, args: argparse.Namespace, path: Path, tokenizer, 
     info: dict[str, Any] = {"lr": lr}
     dataset = data.dataset(tokens)
     info["train_tokens"] = len(dataset) * args.seq_len
-    student = load_student(path, args.train_scale_method, data.calibration, args.batch_size, args.device)
+    learned = method == "qad_learned"
+    student = load_student(path, args.train_scale_method, data.calibration, args.batch_size, args.device, learned)
     kwargs: dict[str, Any] = dict(train_dataset=dataset, processing_class=tokenizer)
     out = work / method
     if method == "qat":
         config = train_config(args, out, lr, kl_weight=0.0, ce_weight=1.0)
         trainer = QADTrainer(student, teacher=teacher, args=config, **kwargs)
-    elif method == "qad":
-        trainer = QADTrainer(student, teacher=teacher, args=train_config(args, out, lr), **kwargs)
+    elif method in ("qad", "qad_learned"):
+        config = train_config(args, out, lr, scale_learning_rate=args.scale_lr)
+        if learned:
+            info["scale_lr"] = args.scale_lr
+        trainer = QADTrainer(student, teacher=teacher, args=config, **kwargs)
     elif method == "qad_lora":
         lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
                           target_modules="all-linear", task_type="CAUSAL_LM")
@@ -375,7 +385,7 @@ def bar_check(results: dict[str, dict[str, Any]]) -> list[str]:
     ok = {m: r for m, r in results.items() if "error" not in r}
     lines = []
     ptq = ok.get("ptq_amax")
-    for name in ("qad", "qad_lora", "qad_cache"):
+    for name in ("qad", "qad_learned", "qad_lora", "qad_cache"):
         r = ok.get(name)
         if r is None:
             continue
@@ -401,13 +411,13 @@ def bar_check(results: dict[str, dict[str, Any]]) -> list[str]:
 def run_lr_search(args, path, tokenizer, teacher, data, work, report, output) -> None:
     lrs = [float(v) for v in args.lr_search.split(",")]
     search = report.setdefault("lr_search", [])
-    methods = [m for m in args.methods if m in ("qad", "qad_lora", "qat")] or ["qad"]
+    methods = [m for m in args.methods if m in ("qad", "qad_learned", "qad_lora", "qat")] or ["qad"]
     for method in methods:
         for lr in lrs:
             print(f"== lr search: {method} lr={lr:g} on {args.search_tokens} tokens", flush=True)
             started = time.perf_counter()
             model, info = train_student(method, args, path, tokenizer, teacher, data, work, lr, args.search_tokens)
-            entry = {"method": method, "lr": lr, "train_tokens": info["train_tokens"],
+            entry = {"method": method, "lr": lr, "scale_lr": info.get("scale_lr"), "train_tokens": info["train_tokens"],
                      "held_out": held_out_kl(model, teacher, data, args.batch_size),
                      "final_train_log": info["log"][-1] if info["log"] else None,
                      "wall_s": time.perf_counter() - started}
@@ -417,9 +427,10 @@ def run_lr_search(args, path, tokenizer, teacher, data, work, report, output) ->
             save(output, report)
             del model
             gc.collect()
-    print("| method | lr | train tokens | held-out KL | held-out agreement |\n|---|---|---|---|---|")
+    print("| method | lr | scale lr | train tokens | held-out KL | held-out agreement |\n|---|---|---|---|---|---|")
     for e in search:
-        print(f"| {e['method']} | {e['lr']:g} | {e['train_tokens']} | {e['held_out']['kl']:.4f} | "
+        scale_lr = f"{e['scale_lr']:g}" if e.get("scale_lr") is not None else ""
+        print(f"| {e['method']} | {e['lr']:g} | {scale_lr} | {e['train_tokens']} | {e['held_out']['kl']:.4f} | "
               f"{e['held_out']['top1_agreement']:.4f} |")
 
 
@@ -532,7 +543,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             entry["wall_s"] = wall
             entry.update(evaluate(model, teacher, tokenizer, eval_rows, arc_rows, args.batch_size,
                                   args.arc_batch_size))
-            if method in ("qad", "qad_lora", "qad_cache", "qat"):
+            if method in ("qad", "qad_learned", "qad_lora", "qad_cache", "qat"):
                 entry["held_out_train_text"] = held_out_kl(model, teacher, data, args.batch_size)
             if method == "qad_lora":
                 # What the NVFP4 export holds: B A added into the masters, then quantized as a whole.

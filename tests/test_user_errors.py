@@ -44,6 +44,8 @@ from tests.tiny_models import (
         ({"scheme": None}, "scheme must be"),
         ({"modules_to_not_convert": -1}, "list of module-name patterns"),
         ({"share_fused_global_scales": "no"}, "must be True or False"),
+        ({"learn_scales": 1}, "learn_scales must be True or False"),
+        ({"learn_scales": True, "scale_method": "four_over_six"}, "learn_scales starts from the amax scales"),
     ],
 )
 def test_bad_nvfp4config_option_is_refused(options, match):

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hf_qad.nvfp4 import functional
+from hf_qad.nvfp4 import functional, learned_scales
 from hf_qad.nvfp4.format import (
     BLOCK_SIZE,
     E4M3_MAX,
@@ -46,7 +46,7 @@ from hf_qad.nvfp4.format import (
 )
 from hf_qad.nvfp4.scale_search import SCALE_METHODS, search_block_scales
 
-__all__ = ["NVFP4Linear", "ZeroedBlocks", "keep_scale_dtypes", "zeroed_blocks"]
+__all__ = ["CLIP_PARAMETERS", "NVFP4Linear", "ZeroedBlocks", "keep_scale_dtypes", "zeroed_blocks"]
 
 # Buffers that must keep their dtype when the model is cast with .to(dtype)/.half():
 # packed codes, e4m3 block scales, and float32 global scales (rounding a global scale
@@ -58,6 +58,9 @@ _PROTECTED_BUFFERS = ("weight_packed", "weight_scale", "weight_global_scale", "i
 # subnormal (2**-9 / 2) it rounds to zero and the whole block quantizes to zero, so blocks vanish
 # once amax / amax_block reaches 448 / 2**-10 (about 4.6e5; the 6 of E2M1 cancels out).
 ZEROED_BLOCK_RATIO = E4M3_MAX / (E4M3_SUBNORMAL_STEP / 2)
+
+CLIP_PARAMETERS = ("weight_clip", "input_clip")
+"""Names of the learned clipping factors of ``learn_scales`` (:mod:`hf_qad.nvfp4.learned_scales`), ordinary parameters."""
 
 
 class ZeroedBlocks(NamedTuple):
@@ -144,7 +147,12 @@ class NVFP4Linear(nn.Linear):
             loading a packed checkpoint.
         scale_method: how weight block scales are chosen, one of
             :data:`hf_qad.nvfp4.scale_search.SCALE_METHODS` (``"amax"`` by default).
-        device, dtype: of the master weight and bias.
+        learn_scales: give the fake-mode layer trainable clipping factors in front of its scales
+            (``weight_clip``, one per weight block, and for W4A4 ``input_clip``), starting at 1,
+            where the layer equals the ``amax`` one bit for bit; see
+            :mod:`hf_qad.nvfp4.learned_scales`. :meth:`pack` and the export store the scales they
+            give. Needs ``scale_method="amax"``.
+        device, dtype: of the master weight and bias (and of the clipping factors).
 
     Attributes:
         input_global_scale: ``2688 / amax`` of calibrated inputs; 0 until calibrated.
@@ -170,6 +178,7 @@ class NVFP4Linear(nn.Linear):
         quantize_activations: bool = True,
         packed: bool = False,
         scale_method: str = "amax",
+        learn_scales: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -180,9 +189,14 @@ class NVFP4Linear(nn.Linear):
             )
         if scale_method not in SCALE_METHODS:
             raise ValueError(f"unknown scale_method {scale_method!r}; choose one of {', '.join(SCALE_METHODS)}.")
+        if learn_scales and scale_method != "amax":
+            raise ValueError(
+                f"learn_scales starts from the amax scales; it cannot be combined with scale_method={scale_method!r}."
+            )
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.quantize_activations = quantize_activations
         self.scale_method = scale_method
+        self.learn_scales = learn_scales
         self.module_name: str | None = None
         self.global_scale_peers: tuple[NVFP4Linear, ...] = ()
         self.input_calibrated = False
@@ -199,11 +213,18 @@ class NVFP4Linear(nn.Linear):
                 torch.zeros(out_features, in_features // BLOCK_SIZE, dtype=torch.float8_e4m3fn, device=device),
                 torch.ones(1, dtype=torch.float32, device=device),
             )
+        elif learn_scales:
+            self._add_clip_parameters(device, dtype)
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, *, quantize_activations: bool = True, scale_method: str = "amax"
+        cls,
+        linear: nn.Linear,
+        *,
+        quantize_activations: bool = True,
+        scale_method: str = "amax",
+        learn_scales: bool = False,
     ) -> NVFP4Linear:
         """A fake-mode layer sharing ``linear``'s weight and bias parameters."""
         layer = cls(
@@ -212,6 +233,7 @@ class NVFP4Linear(nn.Linear):
             bias=linear.bias is not None,
             quantize_activations=quantize_activations,
             scale_method=scale_method,
+            learn_scales=learn_scales,
             device="meta",
             dtype=linear.weight.dtype,
         )
@@ -219,7 +241,22 @@ class NVFP4Linear(nn.Linear):
         layer.bias = linear.bias
         if quantize_activations:
             layer.input_global_scale = torch.zeros(1, dtype=torch.float32, device=linear.weight.device)
+        if learn_scales:
+            layer._add_clip_parameters(linear.weight.device, linear.weight.dtype)
         return layer
+
+    def _add_clip_parameters(self, device: torch.device | str | None, dtype: torch.dtype | None) -> None:
+        # In the master weight's dtype: FSDP2 needs one dtype for all trainable parameters of a unit.
+        self.weight_clip = nn.Parameter(
+            torch.ones(self.out_features, self.in_features // BLOCK_SIZE, device=device, dtype=dtype)
+        )
+        if self.quantize_activations:
+            self.input_clip = nn.Parameter(torch.ones(1, device=device, dtype=dtype))
+
+    @property
+    def clip_parameters(self) -> dict[str, nn.Parameter]:
+        """The learned clipping factors by name (``weight_clip``, ``input_clip``); empty without ``learn_scales``."""
+        return {name: self._parameters[name] for name in CLIP_PARAMETERS if self._parameters.get(name) is not None}
 
     @property
     def is_packed(self) -> bool:
@@ -262,8 +299,10 @@ class NVFP4Linear(nn.Linear):
         return global_scale_from_amax(amax)
 
     def _weight_scales(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Global scale and, for a searched scale method, the chosen block scales."""
+        """Global scale and, for a searched scale method or learned clips, the block scales."""
         global_scale = self.weight_global_scale_from_master()
+        if "weight_clip" in self.clip_parameters:
+            return global_scale, learned_scales.clipped_block_scales(self.weight, global_scale, self.weight_clip)
         if self.scale_method == "amax":
             return global_scale, None
         return global_scale, search_block_scales(self.weight, global_scale, self.scale_method)
@@ -282,11 +321,16 @@ class NVFP4Linear(nn.Linear):
         once and cached until it changes in place (PyTorch bumps the tensor's version counter).
         """
         weight = self.weight
-        if weight.requires_grad or not self.cache_frozen_weight:
+        clip = self.clip_parameters.get("weight_clip")
+        trainable = weight.requires_grad or (clip is not None and clip.requires_grad)
+        if trainable or not self.cache_frozen_weight:
             self._frozen_cache = None
+            if clip is not None:
+                global_scale = self.weight_global_scale_from_master()
+                return learned_scales.fake_quant_clipped(weight, global_scale, clip, name=self._name())
             return functional.fake_quant(weight, *self._weight_scales(), name=self._name())
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.device,
-               tuple(p.weight._version for p in self.global_scale_peers))
+               tuple(p.weight._version for p in self.global_scale_peers), None if clip is None else clip._version)
         if self._frozen_cache is None or self._frozen_cache[0] != key:
             with torch.no_grad():
                 value = functional.fake_quant(weight, *self._weight_scales(), name=self._name())
@@ -295,9 +339,18 @@ class NVFP4Linear(nn.Linear):
 
     @torch.no_grad()
     def pack(self) -> NVFP4Linear:
-        """Convert to packed mode in place (drops the master weight) and return ``self``."""
+        """Convert to packed mode in place (drops the master weight and clips) and return ``self``.
+
+        Learned clips are folded into what is stored: the weight's block scales, and the input clip
+        into ``input_global_scale`` (see :meth:`exported_input_global_scale`).
+        """
         if not self.is_packed:
+            input_scale = self.exported_input_global_scale() if self.quantize_activations else None
             self._become_packed(*self.quantized_weight())
+            if input_scale is not None:
+                self.input_global_scale.copy_(input_scale)
+            for name in self.clip_parameters:
+                del self._parameters[name]
         return self
 
     @torch.no_grad()
@@ -316,6 +369,8 @@ class NVFP4Linear(nn.Linear):
                 del self._buffers[name]
             self.weight = nn.Parameter(weight)
             self._unpacked_global_scale = (self.weight._version, global_scale)
+            if self.learn_scales:  # the stored scales are folded in: clipping starts again from 1
+                self._add_clip_parameters(weight.device, dtype)
         return self
 
     def mark_weight_changed(self) -> None:
@@ -331,12 +386,13 @@ class NVFP4Linear(nn.Linear):
         self._unpacked_global_scale = None
 
     @contextmanager
-    def using_master_weight(self, weight: torch.Tensor) -> Iterator[None]:
+    def using_master_weight(self, weight: torch.Tensor, clips: dict[str, torch.Tensor] | None = None) -> Iterator[None]:
         """Within this block the layer reads ``weight`` as its master weight; the live one is put back after.
 
         For quantizing from weights the layer does not hold, such as the full weight FSDP or
         ZeRO-3 gathered from shards for a save (fused peers read it too). The stored global scale
-        of :meth:`unpack` belongs to the live weight, so it is set aside meanwhile.
+        of :meth:`unpack` belongs to the live weight, so it is set aside meanwhile. ``clips``: the
+        learned clipping factors gathered with it, by name, read in place of the live ones.
 
         Example:
             >>> import torch
@@ -349,14 +405,17 @@ class NVFP4Linear(nn.Linear):
         """
         if self.is_packed:
             raise ValueError(f"NVFP4Linear {self._name() or ''} is packed: it has no master weight to replace.")
-        live, unpacked = self._parameters["weight"], self._unpacked_global_scale
-        self._parameters["weight"] = nn.Parameter(weight, requires_grad=False)
+        replaced = {"weight": weight, **(clips or {})}
+        live = {name: self._parameters[name] for name in replaced}
+        unpacked = self._unpacked_global_scale
+        for name, value in replaced.items():
+            self._parameters[name] = nn.Parameter(value, requires_grad=False)
         self._unpacked_global_scale = None
         self._frozen_cache = None
         try:
             yield
         finally:
-            self._parameters["weight"] = live
+            self._parameters.update(live)
             self._unpacked_global_scale = unpacked
             self._frozen_cache = None
 
@@ -413,6 +472,16 @@ class NVFP4Linear(nn.Linear):
         return record is not None and self.weight is not None and self.weight._version == record[0]
 
     # ------------------------------------------------------------------ activations
+    def exported_input_global_scale(self) -> torch.Tensor:
+        """The W4A4 ``input_global_scale`` a checkpoint stores: the calibrated one, over the learned input clip.
+
+        Exactly the global scale the fake-mode forward quantizes calibrated inputs with.
+        """
+        clip = self.clip_parameters.get("input_clip")
+        if clip is None:
+            return self.input_global_scale
+        return learned_scales.clipped_global_scale(self.input_global_scale, clip)
+
     def _input_global_scale(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_calibrated:
             return self.input_global_scale
@@ -438,7 +507,10 @@ class NVFP4Linear(nn.Linear):
         input_scale = self._input_global_scale(x) if self.quantize_activations else None
         if self.is_packed:
             return functional.linear(x, self.quantized_weight(), self.bias, input_scale)
-        if input_scale is not None:
+        clip = self.clip_parameters.get("input_clip")
+        if input_scale is not None and clip is not None:
+            x = learned_scales.fake_quant_activation_clipped(x, input_scale, clip, name=self._name())
+        elif input_scale is not None:
             x = functional.fake_quant_activation(x, input_scale, name=self._name())
         return F.linear(x, self.fake_quantized_weight(), self.bias)
 
@@ -461,9 +533,10 @@ class NVFP4Linear(nn.Linear):
     def extra_repr(self) -> str:
         mode = "packed" if self.is_packed else "fake"
         scheme = "W4A4" if self.quantize_activations else "W4A16"
+        learned = ", learned scales" if self.clip_parameters else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, {scheme}, {mode}, scale_method={self.scale_method}"
+            f"bias={self.bias is not None}, {scheme}, {mode}, scale_method={self.scale_method}{learned}"
         )
 
     @staticmethod

@@ -38,6 +38,14 @@ class NVFP4Config(QuantizationConfigMixin):
             kept (and listed in one log line).
         share_fused_global_scales: give q/k/v and gate/up projections of a block one
             weight global scale (from their largest amax), as vLLM's fused kernels need.
+        learn_scales: make the weight block scales and the W4A4 activation global scales trainable:
+            each weight block gets a clipping factor in front of its ``amax`` scale, each W4A4 layer
+            one in front of its calibrated input scale (parameters ``weight_clip`` / ``input_clip``,
+            starting at 1, where the model equals the ``amax`` one; LSQ gradients, scales re-rounded
+            to e4m3 in every forward; see :mod:`hf_qad.nvfp4.learned_scales`). The packed export
+            stores the learned scales, exactly those the forward used; master-weight checkpoints
+            keep the factors. Train them with float32 masters and their own learning rate
+            (``QADConfig.scale_learning_rate``). Needs ``scale_method="amax"``.
         weights_format: what the checkpoint being loaded holds: ``"master"`` (high-precision
             weights, or a master-weight checkpoint: a trainable fake-quant model) or
             ``"packed"`` (NVFP4 buffers: a packed model for inference, see
@@ -60,6 +68,7 @@ class NVFP4Config(QuantizationConfigMixin):
         scale_method: str = "amax",
         modules_to_not_convert: list[str] | None = None,
         share_fused_global_scales: bool = True,
+        learn_scales: bool = False,
         weights_format: str = "master",
         quant_method: str = QUANT_METHOD,
     ) -> None:
@@ -76,6 +85,12 @@ class NVFP4Config(QuantizationConfigMixin):
             raise ValueError(f"unknown weights_format {weights_format!r}; choose one of {', '.join(WEIGHTS_FORMATS)}.")
         if not isinstance(share_fused_global_scales, bool):
             raise ValueError(f"share_fused_global_scales must be True or False, got {share_fused_global_scales!r}.")
+        if not isinstance(learn_scales, bool):
+            raise ValueError(f"learn_scales must be True or False, got {learn_scales!r}.")
+        if learn_scales and scale_method != "amax":
+            raise ValueError(
+                f"learn_scales starts from the amax scales; it cannot be combined with scale_method={scale_method!r}."
+            )
         if modules_to_not_convert is not None and (
             not isinstance(modules_to_not_convert, (list, tuple))
             or not all(isinstance(m, str) for m in modules_to_not_convert)
@@ -86,6 +101,7 @@ class NVFP4Config(QuantizationConfigMixin):
         self.scale_method = scale_method
         self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert is not None else None
         self.share_fused_global_scales = share_fused_global_scales
+        self.learn_scales = learn_scales
         self.weights_format = weights_format
 
     @property
@@ -100,6 +116,7 @@ class NVFP4Config(QuantizationConfigMixin):
             "scale_method": self.scale_method,
             "modules_to_not_convert": self.modules_to_not_convert,
             "share_fused_global_scales": self.share_fused_global_scales,
+            "learn_scales": self.learn_scales,
         }
 
     def to_dict(self) -> dict[str, Any]:

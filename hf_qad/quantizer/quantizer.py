@@ -38,6 +38,7 @@ from hf_qad.nvfp4.conversion import (
     tied_linears,
 )
 from hf_qad.nvfp4.experts import experts_listed_by_name, high_precision_moe_names
+from hf_qad.nvfp4.linear import CLIP_PARAMETERS, NVFP4Linear
 from hf_qad.nvfp4.moe import EXPERT_PROJECTIONS, EXPERT_TENSOR_SUFFIXES
 from hf_qad.quantizer.config import QUANT_METHOD, NVFP4Config
 from hf_qad.quantizer.loading_checks import check_expert_tensors_on_disk, check_loaded_tensors
@@ -105,16 +106,23 @@ class NVFP4HfQuantizer(HfQuantizer):
             packed=self.packed,
             share_fused_global_scales=config.share_fused_global_scales,
         )
-        replace_linears(model, plan, **options)
+        replace_linears(model, plan, learn_scales=config.learn_scales, **options)
         replace_experts(model, plan, **options)
+        if config.learn_scales and plan.experts:
+            logger.warning("hf_qad: learn_scales trains the scales of Linear layers only; the %d fused MoE experts "
+                           "modules keep their amax scales.", len(plan.experts))
         self.unconverted_linears = sorted(set(plan.skipped) | set(high_precision_moe_names(model, plan.kept_experts)))
         plan.log()
+        ignored = list(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])
         if self.pre_quantized:
             check_expert_tensors_on_disk(model, checkpoint_files, model.config.name_or_path)
         else:
             # A high-precision checkpoint has no input scales: they stay unset until calibration.
-            ignored = list(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])
-            model._keys_to_ignore_on_load_missing = ignored + [r"input_global_scale$"]
+            ignored.append(r"input_global_scale$")  # NVFP4Experts: <proj>_input_global_scale
+        if config.learn_scales:
+            # Clipping factors start at 1 (the amax scales) unless a master-weight checkpoint holds them.
+            ignored += [rf"\.{name}$" for name in CLIP_PARAMETERS]
+        model._keys_to_ignore_on_load_missing = ignored
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         # For a pre-quantized checkpoint, "needs quantization" tells transformers that the tensor is
@@ -173,6 +181,11 @@ class NVFP4HfQuantizer(HfQuantizer):
         experts = nvfp4_experts(model)
         if self.pre_quantized:
             check_loaded_tensors({**layers, **experts}, model.config.name_or_path)
+        for layer in layers.values():
+            for clip in layer.clip_parameters.values():
+                if not getattr(clip, "_is_hf_initialized", False) or not self.pre_quantized:
+                    with torch.no_grad():
+                        clip.fill_(1.0)  # not in the checkpoint: the loader left uninitialized memory
         for layer in [*layers.values(), *experts.values()]:
             if not layer.is_packed:
                 layer.warn_if_outlier_zeroes_blocks()

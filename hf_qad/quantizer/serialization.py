@@ -75,6 +75,8 @@ FORMAT = "nvfp4-pack-quantized"
 _MIN_CT_VERSION = "0.12.0"
 # Settings of the advisory "hf_qad" entry that compressed-tensors' own fields do not carry.
 _ADVISORY_SETTINGS = ("scale_method", "share_fused_global_scales")
+# Settings of training only: a packed checkpoint stores their result (learned scales), not the setting.
+_TRAINING_SETTINGS = ("learn_scales",)
 
 
 def _quantization_args(dynamic: bool | str, observer: str | None) -> dict[str, Any]:
@@ -133,7 +135,7 @@ def compressed_tensors_config(config: NVFP4Config, ignore: Iterable[str]) -> dic
         "sparsity_config": {},
         "transform_config": {},
         "version": _ct_version(),
-        "hf_qad": {"version": __version__, **config.settings()},
+        "hf_qad": {"version": __version__, **config.settings()},  # learn_scales: how the scales were found
     }
 
 
@@ -185,6 +187,8 @@ def config_from_compressed_tensors(quantization_config: Mapping[str, Any]) -> NV
     advisory.pop("version", None)
     written_scheme = advisory.pop("scheme", scheme)
     advisory.pop("modules_to_not_convert", None)  # `ignore` lists the exact layers
+    for key in _TRAINING_SETTINGS:
+        advisory.pop(key, None)
     if written_scheme != scheme:
         logger.warning(
             "hf_qad: the checkpoint's hf_qad entry says scheme %r but its compressed-tensors config group is %s; "
@@ -227,7 +231,8 @@ def packed_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor] | None
         if state is not None:  # every layer first: a layer's global scale reads its fused peers' weights
             for name, layer in layers.items():
                 if not layer.is_packed:
-                    stack.enter_context(layer.using_master_weight(state[f"{name}.weight"]))
+                    clips = {key: state[f"{name}.{key}"] for key in layer.clip_parameters}
+                    stack.enter_context(layer.using_master_weight(state[f"{name}.weight"], clips))
         for name, layer in layers.items():
             prefix = f"{name}." if name else ""
             if layer.quantize_activations and not layer.input_calibrated:
@@ -237,6 +242,10 @@ def packed_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor] | None
                     "or use NVFP4Config(scheme='w4a16')."
                 )
             packed.pop(prefix + "weight", None)
+            for key in layer.clip_parameters:  # folded into the scales below
+                packed.pop(prefix + key)
+            if "input_clip" in layer.clip_parameters:
+                packed[prefix + "input_global_scale"] = layer.exported_input_global_scale().contiguous()
             weight_packed, block_scale, global_scale = layer.quantized_weight()
             packed[prefix + "weight_packed"] = weight_packed.contiguous()
             packed[prefix + "weight_scale"] = block_scale.contiguous()

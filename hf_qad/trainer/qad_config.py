@@ -30,6 +30,16 @@ class QADConfig(SFTConfig):
             Weight block-scale method (``"amax"``, ``"four_over_six"``, ``"mse"``); student given as a path.
         nvfp4_modules_to_not_convert (`list[str]` or `None`, defaults to `None`):
             Modules kept in high precision; student given as a path. ``None``: NVFP4Config's defaults.
+        nvfp4_learn_scales (`bool`, defaults to `False`):
+            Learned NVFP4 scales (``NVFP4Config(learn_scales=True)``) for a student given as a path:
+            trainable clipping factors in front of every weight block scale and every W4A4 input
+            global scale, exported as learned. A student loaded by the caller learns its scales when
+            it was loaded with that option.
+        scale_learning_rate (`float`, defaults to `1e-3`):
+            Peak learning rate of the learned clipping factors (a parameter group of their own, no
+            weight decay, the same schedule). A factor moves the block scale it multiplies by its own
+            relative amount, and e4m3 block scales are 6-12% apart, so it needs a far larger rate
+            than the weights.
         divergence (`str`, defaults to `"forward_kl"`):
             ``"forward_kl"`` (KL(teacher || student), the QAD paper's loss), ``"reverse_kl"`` or ``"jsd"``.
         beta (`float`, defaults to `0.5`):
@@ -69,6 +79,11 @@ class QADConfig(SFTConfig):
             student to route and predict as its teacher does, and the balancing term pulls the routers
             elsewhere (SFTConfig's ``None`` turns it on for every MoE model). ``QADTrainer`` resolves it to a
             number when it starts.
+        kl_guard (`bool`, defaults to `True`):
+            With a single ``eval_dataset``: evaluate the calibrated PTQ student before the first step
+            (``eval_kl`` at step 0), log ``eval_kl_ratio`` (held-out KL over that start) at every later
+            evaluation, and warn, naming the step and the learning rate, when training has made the
+            held-out KL worse than the start (see :mod:`hf_qad.trainer.kl_guard`). Costs one evaluation.
     """
 
     teacher_model_name_or_path: str | None = field(default=None, metadata={"help": "BF16 teacher path or hub id."})
@@ -80,6 +95,8 @@ class QADConfig(SFTConfig):
     nvfp4_modules_to_not_convert: list[str] | None = field(
         default=None, metadata={"help": "Modules kept in high precision."}
     )
+    nvfp4_learn_scales: bool = field(default=False, metadata={"help": "Learn NVFP4 block and input scales."})
+    scale_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of learned scales."})
     divergence: str = field(default="forward_kl", metadata={"help": "forward_kl, reverse_kl or jsd."})
     beta: float = field(default=0.5, metadata={"help": "Teacher share of the JSD mixture."})
     temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the divergence."})
@@ -96,6 +113,9 @@ class QADConfig(SFTConfig):
         metadata={"help": "MoE load-balancing loss weight. None: the model's own coefficient if the student was "
                   "loaded with output_router_logits=True, else off. 0 turns it off."},
     )
+    kl_guard: bool = field(
+        default=True, metadata={"help": "Evaluate the PTQ student first; warn when the held-out KL rises above it."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -108,6 +128,8 @@ class QADConfig(SFTConfig):
             raise ValueError("max_new_tokens must be positive and generation_temperature >= 0.")
         if self.teacher_cache_path is not None:
             self._check_teacher_cache_options()
+        if not self.scale_learning_rate > 0:
+            raise ValueError(f"scale_learning_rate must be positive, got {self.scale_learning_rate}.")
         if self.loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size must be positive, got {self.loss_chunk_size}.")
         self.nvfp4_config()  # validates the NVFP4 options early
@@ -125,4 +147,5 @@ class QADConfig(SFTConfig):
             scheme=self.nvfp4_scheme,
             scale_method=self.nvfp4_scale_method,
             modules_to_not_convert=self.nvfp4_modules_to_not_convert,
+            learn_scales=self.nvfp4_learn_scales,
         )

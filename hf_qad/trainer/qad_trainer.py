@@ -55,6 +55,7 @@ from hf_qad.trainer.generation import (
     is_prompt_only,
     tokenize_prompts,
 )
+from hf_qad.trainer.kl_guard import KLGuardCallback
 from hf_qad.trainer.losses import DistillationSums, cached_distillation_loss, chunked_distillation_loss
 from hf_qad.trainer.qad_config import QADConfig
 from hf_qad.trainer.routing import is_moe, router_agreement_sums, router_aux_loss, top_k_experts
@@ -203,6 +204,10 @@ class QADTrainer(SFTTrainer):
         super().__init__(model, args, *sft_args, callbacks=callbacks, peft_config=peft_config, **sft_kwargs)
         self._check_student()
         self.add_callback(_CalibrationCallback(self))
+        # After calibration (callbacks run in order): the guard's starting point is the calibrated PTQ student.
+        self.kl_guard = KLGuardCallback(self) if args.kl_guard and self._single_eval_dataset() else None
+        if self.kl_guard is not None:
+            self.add_callback(self.kl_guard)
         if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
             self._register_fused_peers_with_zero3()
         self.shared_teacher = teacher_source is None and not cached
@@ -251,6 +256,13 @@ class QADTrainer(SFTTrainer):
             config = model.config.get_text_config()
             asked = getattr(config, "output_router_logits", False)
         args.router_aux_loss_coef = getattr(config, "router_aux_loss_coef", 0.0) if asked else 0.0
+
+    def _single_eval_dataset(self) -> bool:
+        if isinstance(self.eval_dataset, dict):
+            # SFTTrainer logs every dataset's KL as eval_kl, so one starting point cannot stand for them all.
+            logger.info("hf_qad: kl_guard covers a single eval_dataset; it is off for a dict of them.")
+            return False
+        return self.eval_dataset is not None
 
     def _check_student(self) -> None:
         if not nvfp4_modules(self.model):
@@ -428,6 +440,33 @@ class QADTrainer(SFTTrainer):
         with self.accelerator.autocast():  # the precision of the training forward (see compute_loss)
             amax = calibrate(self.model_wrapped, batches, num_batches=None)
         logger.info("hf_qad: calibrated %d W4A4 layers on %d batches", len(amax), len(batches))
+
+    # ------------------------------------------------------------------ optimizer
+    def _clip_parameters(self, model: nn.Module) -> set[int]:
+        """Ids of the trainable learned clipping factors (NVFP4Config(learn_scales=True))."""
+        return {id(p) for layer in nvfp4_modules(model).values() for p in layer.clip_parameters.values()
+                if p.requires_grad}
+
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        # Weight decay would pull the clipping factors towards 0, i.e. every block scale towards zero.
+        clips = self._clip_parameters(model)
+        names = super().get_decay_parameter_names(model)
+        return [name for name, p in model.named_parameters() if name in names and id(p) not in clips]
+
+    def create_optimizer(self, model=None):
+        # The Trainer builds its (decay, no decay) groups; the clipping factors move to a group of their own
+        # with scale_learning_rate, before any step and before the scheduler reads each group's rate.
+        optimizer = super().create_optimizer(model)
+        clips = self._clip_parameters(self.model if model is None else model)
+        if not clips or any(group.get("hf_qad_clips") for group in optimizer.param_groups):
+            return optimizer
+        moved = []
+        for group in optimizer.param_groups:
+            moved += [p for p in group["params"] if id(p) in clips]
+            group["params"] = [p for p in group["params"] if id(p) not in clips]
+        optimizer.add_param_group({"params": moved, "lr": self.args.scale_learning_rate, "weight_decay": 0.0,
+                                   "hf_qad_clips": True})
+        return optimizer
 
     # ------------------------------------------------------------------ non-finite values
     def _get_grad_norm(self, model, grad_norm=None):
@@ -640,6 +679,10 @@ class QADTrainer(SFTTrainer):
             return
         for name, value in zip(("kl", "top1_agreement", "student_ce", "teacher_ce"), gathered[:4]):
             self._metrics[mode][name].append(value.item() / count)
+        start = self.kl_guard.start_kl if self.kl_guard is not None else None
+        if mode == "eval" and start:
+            # SFTTrainer.log averages each metric's per-batch values, so this averages to eval_kl / start.
+            self._metrics[mode]["kl_ratio"].append(gathered[0].item() / count / start)
 
     def _log_routing_metrics(self, mode: str, agreement: tuple[torch.Tensor, int] | None,
                              aux_loss: torch.Tensor | None) -> None:

@@ -76,3 +76,37 @@ def test_uncalibrated_w4a4_export_is_refused(bf16_path, tmp_path):
 def test_load_packed_model_refuses_other_checkpoints(bf16_path):
     with pytest.raises(ValueError, match="not a packed NVFP4 export"):
         hf_qad.load_packed_model(bf16_path)
+
+
+def test_learned_scales_export_from_a_gathered_state_reads_its_clips(bf16_path):
+    """FSDP and ZeRO-3 hand the export a full state gathered on one rank: its clips, not the live shards, count."""
+    from hf_qad.quantizer.serialization import packed_state_dict
+
+    model = _load(bf16_path, learn_scales=True)
+    hf_qad.calibrate(model, [token_batches(1)[0]])
+    layer = model.model.layers[0].mlp.up_proj
+    with torch.no_grad():
+        layer.weight_clip.uniform_(0.7, 1.2)
+        layer.input_clip.fill_(1.25)
+    live = packed_state_dict(model)
+    assert torch.equal(packed_state_dict(model, model.state_dict())["model.layers.0.mlp.up_proj.weight_scale"]
+                       .view(torch.uint8), live["model.layers.0.mlp.up_proj.weight_scale"].view(torch.uint8))
+    assert not any(key.endswith(("weight_clip", "input_clip")) for key in live)
+    gathered = {key: value.clone() for key, value in model.state_dict().items()}
+    gathered["model.layers.0.mlp.up_proj.weight_clip"].fill_(1.0)
+    gathered["model.layers.0.mlp.up_proj.input_clip"].fill_(1.0)
+    from_gathered = packed_state_dict(model, gathered)
+    plain = packed_state_dict(_calibrated_like(bf16_path, model))
+    for name in ("weight_scale", "input_global_scale"):
+        key = f"model.layers.0.mlp.up_proj.{name}"
+        assert torch.equal(from_gathered[key].view(torch.uint8), plain[key].view(torch.uint8)), name
+        assert not torch.equal(from_gathered[key].view(torch.uint8), live[key].view(torch.uint8)), name
+    assert torch.equal(layer.input_clip, torch.full_like(layer.input_clip, 1.25))  # the live clips are untouched
+
+
+def _calibrated_like(path, model):
+    """A model without learned scales, with ``model``'s calibrated input scales."""
+    plain = _load(path)
+    scales = {k: v for k, v in model.state_dict().items() if k.endswith("input_global_scale")}
+    plain.load_state_dict(scales, strict=False)  # NVFP4Linear marks a loaded non-zero input scale calibrated
+    return plain

@@ -98,14 +98,15 @@ def texts() -> list[str]:
 
 
 def train(model_path: str, output_dir: str, batch_size: int, accumulation: int = 1, fsdp2: bool = False,
-          zero3: bool = False, gradient_checkpointing: bool = True) -> None:
+          zero3: bool = False, gradient_checkpointing: bool = True, learn_scales: bool = False) -> None:
     """Train, save the packed model to ``output_dir/final``, write this rank's record and master weights."""
     if zero3:
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # what TrainingArguments sets for deepspeed=
         PartialState()  # initializes DeepSpeed's process group (gloo on CPU)
         _count_every_process()
-    student = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=NVFP4Config(scheme="w4a4"),
-                                                   dtype=torch.float32)
+    student = AutoModelForCausalLM.from_pretrained(
+        model_path, quantization_config=NVFP4Config(scheme="w4a4", learn_scales=learn_scales), dtype=torch.float32
+    )
     args = QADConfig(
         output_dir,
         use_cpu=not zero3,  # accelerate turns DeepSpeed off under use_cpu; it runs on CPU anyway
@@ -121,6 +122,7 @@ def train(model_path: str, output_dir: str, batch_size: int, accumulation: int =
         gradient_accumulation_steps=accumulation,
         optim="sgd",
         learning_rate=0.5,
+        scale_learning_rate=0.5,  # learned clips (learn_scales) move as much as the weights
         lr_scheduler_type="constant",
         dataloader_drop_last=True,
         # Step k trains on samples 8k..8k+7 whatever the process count: accelerate hands
@@ -172,13 +174,14 @@ def main() -> None:
     parser.add_argument("--fsdp2", action="store_true", help="shard with FSDP2 instead of DDP")
     parser.add_argument("--zero3", action="store_true", help="partition with DeepSpeed ZeRO-3 instead of DDP")
     parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
+    parser.add_argument("--learn-scales", action="store_true", help="NVFP4Config(learn_scales=True)")
     options = parser.parse_args()
     torch.set_num_threads(1)  # one core per process
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if options.batch_size * world != GLOBAL_BATCH:
         raise SystemExit(f"--batch-size x processes must be {GLOBAL_BATCH}, got {options.batch_size} x {world}")
     train(options.model_path, options.output_dir, options.batch_size, fsdp2=options.fsdp2, zero3=options.zero3,
-          gradient_checkpointing=options.gradient_checkpointing)
+          gradient_checkpointing=options.gradient_checkpointing, learn_scales=options.learn_scales)
 
 
 if __name__ == "__main__":

@@ -142,21 +142,24 @@ def _bits(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.view(torch.uint8) if tensor.element_size() == 1 else tensor  # float8 has no equality
 
 
-def _assert_one_packed_export_of_the_master_weights(out: Path, tiny_path, tmp_path: Path) -> None:
+def _assert_one_packed_export_of_the_master_weights(out: Path, tiny_path, tmp_path: Path,
+                                                    learn_scales: bool = False) -> None:
     """``save_model`` wrote, from rank 0 only, what packing the final master weights in one process writes."""
     assert [_record(out, rank)["should_save"] for rank in (0, 1)] == [True, False]
     final = out / "final"
     assert sorted(p.name for p in final.glob("*.safetensors")) == ["model.safetensors"]
     config = json.loads((final / "config.json").read_text())
     assert config["quantization_config"]["format"] == "nvfp4-pack-quantized"
-    model = AutoModelForCausalLM.from_pretrained(tiny_path, quantization_config=NVFP4Config(scheme="w4a4"),
-                                                 dtype=torch.float32)
+    config = NVFP4Config(scheme="w4a4", learn_scales=learn_scales)
+    model = AutoModelForCausalLM.from_pretrained(tiny_path, quantization_config=config, dtype=torch.float32)
     model.load_state_dict(_master(out))
     model.save_pretrained(tmp_path)
     exported, expected = load_file(final / "model.safetensors"), load_file(tmp_path / "model.safetensors")
     assert exported.keys() == expected.keys()
     for name, value in expected.items():
         assert torch.equal(_bits(exported[name]), _bits(value)), name
+    if learn_scales:  # the export holds the calibrated scales over the learned clips, compared just above
+        return
     packed = hf_qad.load_packed_model(final)
     for name, scale in _record(out)["input_global_scale"].items():
         assert packed.get_submodule(name).input_global_scale.item() == scale, name
@@ -223,6 +226,26 @@ def test_zero3_matches_one_process_and_exports_from_gathered_weights(one_process
     assert _record(zero3, 1)["input_global_scale"] == _record(zero3)["input_global_scale"]
     assert _record(zero3, 1)["logs"] == _record(zero3)["logs"]
     _assert_one_packed_export_of_the_master_weights(zero3, tiny_path, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def one_process_learned(tiny_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one_process_learned")
+    train(str(tiny_path), str(out), batch_size=GLOBAL_BATCH, learn_scales=True)
+    return out
+
+
+@needs_gloo
+@pytest.mark.parametrize("sharding", ["--fsdp2", pytest.param("--zero3", marks=needs_deepspeed)])
+def test_learned_scales_shard_train_and_export_like_one_process(one_process_learned, tiny_path, tmp_path, sharding):
+    """The clipping factors of learn_scales are sharded (FSDP2) or partitioned (ZeRO-3) parameters like the
+    weights: the same run as one process, and rank 0 packs the scales of the gathered clips."""
+    out = _two_processes(tiny_path, tmp_path / "run", sharding, "--learn-scales")
+    clips = [name for name in _master(one_process_learned) if name.endswith(("weight_clip", "input_clip"))]
+    master = _master(one_process_learned)
+    assert clips and any(not torch.equal(master[n], torch.ones_like(master[n])) for n in clips)
+    _assert_same_run(out, one_process_learned)
+    _assert_one_packed_export_of_the_master_weights(out, tiny_path, tmp_path / "expected", learn_scales=True)
 
 
 def test_gradient_accumulation_matches_the_same_global_batch(one_process, tiny_path, tmp_path):
