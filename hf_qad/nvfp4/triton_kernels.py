@@ -137,6 +137,18 @@ def _exp2i(k):
 
 
 @triton.jit
+def _with_sign(magnitude, negative):
+    """``magnitude`` (float32, sign bit clear) with its sign bit set where ``negative``.
+
+    Not ``tl.where(negative, -magnitude, magnitude)``: Triton before 3.7 compiled unary minus
+    on floats as ``0 - x``, which gives +0.0 for x = +0.0, so negative zeros (a zero block
+    scale stored as byte 0x80) came out positive on GPUs while the interpreter negated exactly.
+    """
+    bits = magnitude.to(tl.int32, bitcast=True) | (negative.to(tl.int32) << 31)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _round_to_e4m3(v):
     """Round float32 ``v`` (``|v| <= 448``) to the nearest e4m3 value, ties to even.
 
@@ -156,7 +168,7 @@ def _round_to_e4m3(v):
     rounded = (significand + half_minus_one + ((significand >> drop) & 1)) >> drop
     step = _exp2i(tl.maximum(exponent, _E4M3_MIN_EXPONENT) - _E4M3_MANTISSA_BITS)
     magnitude = rounded.to(tl.float32) * step
-    return tl.where(v < 0, -magnitude, magnitude)
+    return _with_sign(magnitude, v.to(tl.int32, bitcast=True) < 0)  # -0.0 stays -0.0, as PyTorch's cast
 
 
 @triton.jit
@@ -181,7 +193,7 @@ def _e4m3_value(byte):
     normal = ((exponent + _E4M3_REBIAS) << _F32_MANTISSA_BITS) | (mantissa << _E4M3_DROPPED_BITS)
     subnormal = mantissa.to(tl.float32) * _E4M3_SUBNORMAL_STEP
     magnitude = tl.where(exponent == 0, subnormal, normal.to(tl.float32, bitcast=True))
-    return tl.where((byte & 0x80) != 0, -magnitude, magnitude)
+    return _with_sign(magnitude, (byte & 0x80) != 0)
 
 
 @triton.jit
