@@ -10,6 +10,10 @@ Kernels
   block scales (e.g. searched weight scales) are loaded instead of computed.
 * :func:`quantize` / :func:`dequantize` — the same math writing (reading) the packed
   ``nvfp4-pack-quantized`` layout.
+* :func:`global_scale` — ``2688 / amax`` of one or more tensors (a weight and its fused
+  peers) in one read of each: per-program maxima, then one program that reduces them and
+  writes the float32 scale the kernels above read, all on the device (no host sync, no
+  ``|x|`` temporary). Ops given no global scale use it.
 * :func:`w4a16_linear` — a tiled matmul that dequantizes packed weights in registers;
   :func:`w4a4_linear` fake-quantizes the activations first (vLLM's NVFP4 emulation).
 
@@ -82,13 +86,21 @@ from hf_qad.nvfp4.format import (
     E4M3_MIN_EXPONENT,
     E4M3_SMALLEST_NORMAL,
     E4M3_SUBNORMAL_STEP,
+    GLOBAL_SCALE_NUMERATOR,
     ZERO_BLOCK_SCALE,
     NVFP4Quantized,
     check_block_scale,
-    global_scale_from_amax,
 )
 
-__all__ = ["dequantize", "fake_quant", "fake_quant_activation", "quantize", "w4a16_linear", "w4a4_linear"]
+__all__ = [
+    "dequantize",
+    "fake_quant",
+    "fake_quant_activation",
+    "global_scale",
+    "quantize",
+    "w4a16_linear",
+    "w4a4_linear",
+]
 
 # The format's constants, made visible to compiled kernels (which only read constexpr globals).
 _BLOCK_SIZE = tl.constexpr(BLOCK_SIZE)
@@ -107,6 +119,7 @@ _E4M3_SMALLEST_NORMAL = tl.constexpr(E4M3_SMALLEST_NORMAL)
 _E4M3_SUBNORMAL_STEP = tl.constexpr(E4M3_SUBNORMAL_STEP)
 _E4M3_SUBNORMALS_PER_UNIT = tl.constexpr(1 / E4M3_SUBNORMAL_STEP)  # 512, exact
 _ZERO_BLOCK_SCALE = tl.constexpr(ZERO_BLOCK_SCALE)
+_GLOBAL_SCALE_NUMERATOR = tl.constexpr(GLOBAL_SCALE_NUMERATOR)
 # float32 layout: 23 mantissa bits, exponent bias 127.
 _F32_MANTISSA_BITS = tl.constexpr(23)
 _F32_EXPONENT_BIAS = tl.constexpr(127)
@@ -119,8 +132,17 @@ _E2M1_TO_F16_SHIFT = tl.constexpr(10 - E2M1_MANTISSA_BITS)
 _E2M1_SIGN_TO_F16_SHIFT = tl.constexpr(15 - 3)
 _E2M1_F16_RESCALE = tl.constexpr(2.0 ** (15 - 1))
 
+_F32_TINY_BITS = tl.constexpr(0x00800000)  # the smallest normal float32, 2**-126
+_F32_EXPONENT_FIELD = tl.constexpr(0x7F800000)  # all ones: Inf or NaN
+
 _BLOCKS_PER_PROGRAM = 64
 """16-element blocks per program of the elementwise kernels (1024 elements)."""
+
+_AMAX_BLOCKS_PER_PROGRAM = 512
+"""16-element blocks per program of the amax reduction (8192 elements): few partial maxima."""
+
+_AMAX_REDUCE_CHUNK = 1024
+"""Partial maxima the final amax program loads per iteration."""
 
 _TARGET_PROGRAMS = 256
 """Programs the matmul aims for, splitting K when the output has fewer tiles: about two
@@ -366,6 +388,34 @@ def _dequantize_kernel(packed_ptr, scale_ptr, gs_ptr, out_ptr, n_blocks, BLOCKS:
     tl.store(out_ptr + offsets, x_hat, mask=mask[:, None])
 
 
+@triton.jit
+def _amax_partials_kernel(x_ptr, partials_ptr, n_blocks, blocks_per_row, row_stride, BLOCKS: tl.constexpr):
+    """This program's ``max |x|`` as the int32 bits of a float32 (see :func:`_global_scale_kernel`)."""
+    x, _, _ = _load_blocks(x_ptr, n_blocks, blocks_per_row, row_stride, BLOCKS)
+    # With the sign cleared, float32 bits order like the values, NaN above Inf: an integer max
+    # carries a NaN through to the scale (1.0, as global_scale_from_amax gives it).
+    bits = tl.abs(x).to(tl.int32, bitcast=True)
+    tl.store(partials_ptr + tl.program_id(0), tl.max(tl.max(bits, axis=1), axis=0))
+
+
+@triton.jit
+def _global_scale_kernel(partials_ptr, n_partials, gs_ptr, CHUNK: tl.constexpr):
+    """``global_scale_from_amax`` of the largest partial, in one program.
+
+    As PyTorch computes it: ``amax`` clamped below at the smallest normal float32,
+    ``2688 / amax`` as ``reciprocal(amax) * 2688`` (what ``2688 / tensor`` runs), and a
+    non-finite result replaced by 1.0. The clamp is an integer max, so NaN stays NaN.
+    """
+    running = tl.zeros((CHUNK,), dtype=tl.int32)
+    for start in range(0, n_partials, CHUNK):
+        offs = start + tl.arange(0, CHUNK)
+        running = tl.maximum(running, tl.load(partials_ptr + offs, mask=offs < n_partials, other=0))
+    amax_bits = tl.maximum(tl.max(running, axis=0), _F32_TINY_BITS)
+    scale = tl.div_rn(1.0, amax_bits.to(tl.float32, bitcast=True)) * _GLOBAL_SCALE_NUMERATOR
+    finite = (scale.to(tl.int32, bitcast=True) & _F32_EXPONENT_FIELD) != _F32_EXPONENT_FIELD
+    tl.store(gs_ptr, tl.where(finite, scale, 1.0))
+
+
 # ---------------------------------------------------------------------- matmul kernels
 
 
@@ -505,11 +555,52 @@ def _scale_on(global_scale: torch.Tensor, device: torch.device) -> torch.Tensor:
     return global_scale.detach().float().reshape(1).to(device)
 
 
-def _global_scale(x: torch.Tensor, global_scale: torch.Tensor | None) -> torch.Tensor:
-    """The given global scale, or ``x``'s own (a device-side reduction, no sync)."""
-    if global_scale is None:
-        return global_scale_from_amax(x.detach().abs().amax())
-    return _scale_on(global_scale, x.device)
+def _global_scale(x: torch.Tensor, given: torch.Tensor | None) -> torch.Tensor:
+    """The given global scale, or ``x``'s own (:func:`global_scale`: on the device, no sync)."""
+    if given is None:
+        return global_scale(x)
+    return _scale_on(given, x.device)
+
+
+def global_scale(*tensors: torch.Tensor) -> torch.Tensor:
+    """``global_scale_from_amax`` of the largest ``|x|`` over ``tensors``, computed on the device.
+
+    Equal bit for bit to ``format.global_scale_from_amax(torch.stack([t.abs().amax() for t in
+    tensors]))``: one read of each tensor (a program's maximum each), then one program for
+    the scale; nothing waits for the host, and no ``|x|`` temporary is written.
+
+    Args:
+        tensors: bf16, fp16 or fp32 tensors on one device, last dimensions multiples of 16
+            (e.g. a weight and the weights that share its global scale).
+
+    Returns:
+        The float32 ``[1]`` global scale ``2688 / amax`` (1.0 when that is not finite).
+    """
+    if not tensors:
+        raise ValueError("global_scale needs at least one tensor.")
+    device = tensors[0].device
+    views, programs = [], []
+    for x in tensors:
+        _check_blocks(x)
+        if x.device != device:
+            raise ValueError(f"global_scale takes tensors on one device, got {device} and {x.device}.")
+        views.append(_rows(x))
+        programs.append(triton.cdiv(x.numel() // BLOCK_SIZE, _AMAX_BLOCKS_PER_PROGRAM))
+    # Every program writes its partial; only empty tensors leave nothing, whose amax is 0.
+    total = sum(programs)
+    partials = torch.empty(total, dtype=torch.int32, device=device) if total else torch.zeros(1, dtype=torch.int32,
+                                                                                              device=device)
+    start = 0
+    for rows, count in zip(views, programs):
+        if count:
+            _amax_partials_kernel[(count,)](
+                rows, partials[start:], rows.numel() // BLOCK_SIZE, rows.shape[1] // BLOCK_SIZE, rows.stride(0),
+                BLOCKS=_AMAX_BLOCKS_PER_PROGRAM,
+            )  # fmt: skip
+        start += count
+    scale = torch.empty(1, dtype=torch.float32, device=device)
+    _global_scale_kernel[(1,)](partials, partials.numel(), scale, CHUNK=_AMAX_REDUCE_CHUNK)
+    return scale
 
 
 def _grid(n_blocks: int) -> tuple[int]:

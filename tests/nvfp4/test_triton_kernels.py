@@ -23,7 +23,7 @@ from hf_qad.nvfp4 import reference as ref
 from hf_qad.nvfp4 import triton_kernels
 from hf_qad.nvfp4.scale_search import search_block_scales
 from hf_qad.nvfp4.triton_kernels import _round_to_bf16
-from tests.nvfp4_cases import _cases
+from tests.nvfp4_cases import _cases, expected_global_scale, global_scale_cases
 from tests.runtime_oracle import adversarial_activations, runtime_fake_quant
 
 DEVICE = torch.device(os.environ.get("HF_QAD_TEST_DEVICE", "cpu"))
@@ -202,6 +202,48 @@ def test_bf16_rounding_is_nearest_even_where_the_interpreter_truncates():
     out = out.cpu()
     _assert_bits_equal(out.to(torch.bfloat16), x.to(torch.bfloat16))
     assert torch.equal(out, out.to(torch.bfloat16).float())  # exactly representable
+
+
+# ------------------------------------------------------------------------ global scale
+
+
+def _assert_same_global_scale(got: torch.Tensor, tensors: tuple[torch.Tensor, ...]) -> None:
+    want = expected_global_scale(tensors)
+    assert got.dtype == torch.float32 and got.shape == (1,)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", sorted(global_scale_cases()))
+def test_global_scale_is_bit_exact(case, dtype):
+    tensors = tuple(t.to(dtype) for t in global_scale_cases()[case])
+    _assert_same_global_scale(tk.global_scale(*tensors), tensors)
+
+
+def test_global_scale_reduces_many_partials_in_several_rounds(monkeypatch):
+    """One block per program and two partials per round: the reduction's loop and masks."""
+    monkeypatch.setattr(triton_kernels, "_AMAX_BLOCKS_PER_PROGRAM", 1)
+    monkeypatch.setattr(triton_kernels, "_AMAX_REDUCE_CHUNK", 2)
+    g = torch.Generator().manual_seed(13)
+    for position in (0, 37, 69):  # the largest value in the first, a middle and the last (odd) partial
+        x = torch.randn(70, 16, generator=g)
+        x.view(-1)[position * 16 + 5] = -40.0
+        peer = torch.randn(3, 16, generator=g)
+        _assert_same_global_scale(tk.global_scale(x, peer), (x, peer))
+
+
+def test_fake_quant_and_quantize_without_a_global_scale_use_the_fused_one():
+    x = CASES["outlier"].to(torch.bfloat16)
+    gs = expected_global_scale((x,))
+    _assert_bits_equal(tk.fake_quant(x), ref.fake_quant(x, gs))
+    assert torch.equal(tk.quantize(x).global_scale, gs)
+
+
+def test_global_scale_refuses_nothing_and_odd_shapes():
+    with pytest.raises(ValueError, match="at least one tensor"):
+        triton_kernels.global_scale()
+    with pytest.raises(ValueError, match="multiple of 16"):
+        tk.global_scale(torch.ones(2, 16), torch.ones(2, 24))
 
 
 # ------------------------------------------------------------------ given block scales
