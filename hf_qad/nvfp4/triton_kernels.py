@@ -41,10 +41,16 @@ The matmul
 :func:`w4a16_linear` never materializes W: each program loads packed bytes and scale
 bytes (3.5x fewer bytes than bf16 weights), decodes them to float32, rounds to the
 activation dtype (the weight :func:`reference.dequantize` would give) and feeds ``tl.dot``
-with float32 accumulation. Small M (decode) uses 16-row tiles and splits K until there
-are about :data:`_TARGET_PROGRAMS` programs, so that reading the weights, the bound at
-batch 1, uses the whole GPU; the split partial sums are added in a fixed order
-(deterministic, no atomics).
+with float32 accumulation (for M <= 4 it may instead multiply elementwise and sum, a
+GEMV that wastes no tensor-core rows). Small M (decode) splits K until there are about
+as many programs as the config asks for, so that reading the weights, the bound at batch
+1, uses the whole GPU; the split partial sums are added in a fixed order (no atomics).
+
+Tiles are autotuned on CUDA: the first call for a (rows bucket, N, K, dtype) times every
+candidate of :func:`_matmul_candidates` and keeps the fastest for the process. Each config
+is deterministic, but two processes may pick different ones (and so round the float32
+sums in a different order); ``HF_QAD_MATMUL_AUTOTUNE=0`` keeps the first candidate, the
+same on every run. Off CUDA (the interpreter) the first candidate is used.
 
 Example (on CPU tensors this needs ``TRITON_INTERPRET=1`` set before importing triton):
     >>> import torch
@@ -67,11 +73,14 @@ Example (on CPU tensors this needs ``TRITON_INTERPRET=1`` set before importing t
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
+from triton.testing import do_bench
 
 from hf_qad.nvfp4.format import (
     BLOCK_SIZE,
@@ -145,8 +154,8 @@ _AMAX_REDUCE_CHUNK = 1024
 """Partial maxima the final amax program loads per iteration."""
 
 _TARGET_PROGRAMS = 256
-"""Programs the matmul aims for, splitting K when the output has fewer tiles: about two
-per SM of an H100 (132 SMs), so that small-M (decode) matmuls keep every SM streaming."""
+"""Programs the default matmul config aims for, splitting K when the output has fewer tiles:
+about two per SM of an H100 (132 SMs), so that small-M (decode) matmuls keep every SM streaming."""
 
 
 # --------------------------------------------------------------------------- bit helpers
@@ -442,9 +451,16 @@ def _weight_tile(packed_ptr, scale_ptr, global_scale, offs_n, n_mask, k_block0, 
 
 
 @triton.jit
-def _dot_acc(x, w, acc, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+def _dot_acc(x, w, acc, INTERPRET: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr):
     """``acc + x @ w^T`` for a float32 tile ``w`` rounded to ``x``'s dtype, as the reference
-    dequantizes to the activation dtype before multiplying."""
+    dequantizes to the activation dtype before multiplying.
+
+    Without DOT (a few rows: a GEMV) the products are formed elementwise in float32, exact
+    for 16-bit inputs, and summed over K.
+    """
+    if not DOT:
+        w = _round_to(w, x.dtype)
+        return acc + tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
     if INTERPRET:
         # The interpreter multiplies bfloat16 tiles as raw integers and truncates casts:
         # round like a GPU cast and multiply in float32 (16-bit products are exact there).
@@ -468,11 +484,11 @@ def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: 
 def _w4a16_kernel(
     x_ptr, packed_ptr, scale_ptr, gs_ptr, bias_ptr, out_ptr,
     M, N, K, stride_xm, stride_pn, stride_sn, k_tiles_per_split,
-    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
-    """``out = x @ W^T (+ bias)``; with SPLIT_K > 1, float32 partial sums ``[SPLIT_K, M, N]``."""
+    """``out = x @ W^T (+ bias)``; with SPLIT, float32 partial sums ``[splits, M, N]``."""
     tile_m, tile_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     split = tl.program_id(1)
     offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -490,10 +506,10 @@ def _w4a16_kernel(
         offs_k = tile * BLOCK_K + tl.arange(0, BLOCK_K)
         x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :],
                     other=0.0)  # fmt: skip
-        acc = _dot_acc(x, w, acc, INTERPRET, PRECISION)
+        acc = _dot_acc(x, w, acc, INTERPRET, PRECISION, DOT)
     out_offsets = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K == 1:
+    if not SPLIT:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         out = _round_to(acc, out_ptr.dtype.element_ty)
@@ -503,13 +519,13 @@ def _w4a16_kernel(
 
 
 @triton.jit
-def _sum_splits_kernel(partial_ptr, bias_ptr, out_ptr, numel, N,
-                       HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+def _sum_splits_kernel(partial_ptr, bias_ptr, out_ptr, numel, N, split_k,
+                       HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     """``out = sum(partials, 0) (+ bias)`` in a fixed order, so results are deterministic."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for split in range(SPLIT_K):
+    for split in range(split_k):
         acc += tl.load(partial_ptr + split * numel + offs, mask=mask, other=0.0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
@@ -749,30 +765,42 @@ class _MatmulConfig(NamedTuple):
     block_k: int
     num_warps: int
     num_stages: int
+    target_programs: int = _TARGET_PROGRAMS  # K is split until there are about this many programs
+    dot: bool = True  # tl.dot; False: elementwise products summed (a GEMV, block_m <= 4)
 
 
-def _matmul_config(m: int, dtype: torch.dtype) -> _MatmulConfig:
-    """Tiles by the number of rows.
+def _matmul_candidates(m: int, dtype: torch.dtype) -> list[_MatmulConfig]:
+    """The tile configs autotuning times for ``m`` rows, the default (untuned) one first.
 
-    Decode (small M) is bound by reading the weights: it takes the smallest M tile tensor
-    cores allow, and split-K supplies the parallelism. Prefill (large M) takes big tiles to
-    reuse each dequantized weight tile. float32 inputs (no tensor cores unless TF32 is
-    allowed) take half the K tile and two stages, so shared memory fits ~100 KiB GPUs too.
+    Decode (small M) is bound by reading the weights: the smallest M tile tensor cores allow,
+    or for M <= 4 a GEMV without them, and split-K for the parallelism, at a few program
+    counts (one, two or four per SM of an H100). Prefill (large M) takes big tiles to reuse
+    each dequantized weight tile. float32 inputs (no tensor cores unless TF32 is allowed)
+    take half the K tile and two stages, so shared memory fits ~100 KiB GPUs too.
     """
     if m <= 16:
-        config = _MatmulConfig(16, 64, 128, num_warps=4, num_stages=4)
+        tiles = [_MatmulConfig(16, 64, 128, 4, 4), _MatmulConfig(16, 32, 256, 4, 3),
+                 _MatmulConfig(16, 64, 256, 4, 3), _MatmulConfig(16, 128, 128, 4, 3),
+                 _MatmulConfig(16, 128, 256, 8, 3)]  # fmt: skip
+        if m <= 4:
+            gemv_m = triton.next_power_of_2(m)
+            tiles += [_MatmulConfig(gemv_m, 64, 128, 4, 3, dot=False), _MatmulConfig(gemv_m, 128, 64, 4, 3, dot=False),
+                      _MatmulConfig(gemv_m, 32, 256, 4, 3, dot=False)]  # fmt: skip
+        candidates = [tile._replace(target_programs=programs) for tile in tiles for programs in (256, 132, 528)]
     elif m <= 64:
-        config = _MatmulConfig(64, 64, 128, num_warps=4, num_stages=3)
+        candidates = [_MatmulConfig(64, 64, 128, 4, 3), _MatmulConfig(32, 64, 128, 4, 4),
+                      _MatmulConfig(64, 128, 64, 4, 3), _MatmulConfig(64, 128, 128, 8, 3)]  # fmt: skip
     else:
-        config = _MatmulConfig(128, 128, 64, num_warps=8, num_stages=3)
+        candidates = [_MatmulConfig(128, 128, 64, 8, 3), _MatmulConfig(128, 256, 64, 8, 3),
+                      _MatmulConfig(64, 128, 64, 4, 4), _MatmulConfig(128, 64, 64, 4, 4)]  # fmt: skip
     if dtype == torch.float32:
-        return config._replace(block_k=config.block_k // 2, num_stages=2)
-    return config
+        return [c._replace(block_k=c.block_k // 2, num_stages=2) for c in candidates]
+    return candidates
 
 
-def _k_tiles_per_split(tiles: int, k_tiles: int) -> int:
+def _k_tiles_per_split(tiles: int, k_tiles: int, target_programs: int) -> int:
     """K tiles per program, splitting K only when the output has too few tiles."""
-    split_k = max(1, min(k_tiles, _TARGET_PROGRAMS // tiles))
+    split_k = max(1, min(k_tiles, target_programs // tiles))
     return triton.cdiv(k_tiles, split_k)
 
 
@@ -804,32 +832,64 @@ def _matmul(
     global_scale: torch.Tensor,
     bias: torch.Tensor | None,
     out: torch.Tensor,
+    config: _MatmulConfig,
 ) -> None:
-    """Launch the W4A16 kernel on ``x [M, K]`` into ``out [M, N]`` (M > 0).
+    """Launch the W4A16 kernel on ``x [M, K]`` into ``out [M, N]`` (M > 0) with ``config``.
 
     With split-K the programs write float32 partial sums that a second kernel adds up in
     a fixed order (deterministic, unlike atomics), adding the bias and rounding once.
     """
     (m, k), n = x.shape, packed.shape[0]
-    config = _matmul_config(m, x.dtype)
     tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
-    per_split = _k_tiles_per_split(tiles, triton.cdiv(k, config.block_k))
-    split_k = triton.cdiv(triton.cdiv(k, config.block_k), per_split)
+    k_tiles = triton.cdiv(k, config.block_k)
+    per_split = _k_tiles_per_split(tiles, k_tiles, config.target_programs)
+    split_k = triton.cdiv(k_tiles, per_split)
     target = out if split_k == 1 else torch.empty((split_k, m, n), device=x.device)
     bias_arg = out if bias is None else bias.contiguous()  # any pointer when there is none
     _w4a16_kernel[(tiles, split_k)](
         x, packed, scale_bits, global_scale, bias_arg, target,
         m, n, k, x.stride(0), packed.stride(0), scale_bits.stride(0), per_split,
-        HAS_BIAS=bias is not None, SPLIT_K=split_k,
+        HAS_BIAS=bias is not None, SPLIT=split_k > 1,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=8,
-        INTERPRET=x.device.type != "cuda", PRECISION=_dot_precision(x.dtype),
+        INTERPRET=x.device.type != "cuda", PRECISION=_dot_precision(x.dtype), DOT=config.dot,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     if split_k > 1:
         _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](
-            target, bias_arg, out, m * n, n,
-            HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK=1024,
+            target, bias_arg, out, m * n, n, split_k, HAS_BIAS=bias is not None, BLOCK=1024,
         )  # fmt: skip
+
+
+_TUNED: dict[tuple, _MatmulConfig] = {}
+"""The fastest candidate per (rows bucket, N, K, dtype, device), timed once per process."""
+
+
+def _autotune(args: tuple, m: int, candidates: list[_MatmulConfig]) -> _MatmulConfig:
+    """The candidate that runs ``_matmul(*args, config)`` fastest, cached per problem key.
+
+    Rows are bucketed to powers of two so that a training run's varying token counts
+    retune a few times, not every step; candidates that fail to compile (too much shared
+    memory on a smaller GPU) are skipped.
+    """
+    x, packed = args[0], args[1]
+    key = (triton.next_power_of_2(m), packed.shape[0], x.shape[1], x.dtype, x.device)
+    if key not in _TUNED:
+        timings = {}
+        for config in candidates:
+            try:
+                timings[config] = do_bench(lambda: _matmul(*args, config), warmup=5, rep=20, return_mode="median")
+            except OutOfResources:
+                continue
+        _TUNED[key] = min(timings, key=timings.get)
+    return _TUNED[key]
+
+
+def _matmul_config(args: tuple, m: int) -> _MatmulConfig:
+    """The config for these operands: autotuned on CUDA unless ``HF_QAD_MATMUL_AUTOTUNE=0``."""
+    candidates = _matmul_candidates(m, args[0].dtype)
+    if args[0].device.type != "cuda" or os.environ.get("HF_QAD_MATMUL_AUTOTUNE", "1") == "0":
+        return candidates[0]
+    return _autotune(args, m, candidates)
 
 
 def w4a16_linear(
@@ -858,9 +918,9 @@ def w4a16_linear(
     rows = _rows(x)
     out = torch.empty((*x.shape[:-1], packed.shape[0]), dtype=x.dtype, device=x.device)
     if rows.shape[0] > 0:
-        scale_bits = _rows(block_scale).view(torch.uint8)
-        gs = _scale_on(global_scale, x.device)
-        _matmul(rows, _rows(packed), scale_bits, gs, bias, out.view(-1, packed.shape[0]))
+        args = (rows, _rows(packed), _rows(block_scale).view(torch.uint8), _scale_on(global_scale, x.device), bias,
+                out.view(-1, packed.shape[0]))  # fmt: skip
+        _matmul(*args, _matmul_config(args, rows.shape[0]))
     return out
 
 

@@ -356,6 +356,35 @@ def test_w4a16_linear_reads_a_strided_weight_view():
     _assert_linear_close(y, x, w, None)
 
 
+@pytest.mark.parametrize(("m", "dtype"), [(1, torch.bfloat16), (3, torch.float32), (16, torch.float16),
+                                          (40, torch.bfloat16), (70, torch.bfloat16)], ids=str)
+def test_every_autotuning_candidate_computes_the_product(m, dtype):
+    """Each tile config autotuning may pick (GEMV, split-K, big tiles) is a correct matmul
+    (configs launching the same tiles and splits on this shape run once); the first
+    candidate is the one used untuned and off CUDA."""
+    n, k = 40, 512
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    q = _weight(n, k, seed=15)
+    bias = torch.randn(n, generator=g).to(dtype)
+    w = ref.dequantize(*q, dtype=dtype)
+    operands = _moved((x, q.packed, q.block_scale.view(torch.uint8), q.global_scale, bias), DEVICE)
+    candidates = triton_kernels._matmul_candidates(m, dtype)
+    assert any(not c.dot for c in candidates) == (m <= 4)
+    launches = set()
+    for config in candidates:
+        tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+        k_tiles = triton.cdiv(k, config.block_k)
+        splits = triton.cdiv(k_tiles, triton_kernels._k_tiles_per_split(tiles, k_tiles, config.target_programs))
+        if (config._replace(target_programs=0), splits) in launches:
+            continue
+        launches.add((config._replace(target_programs=0), splits))
+        out = torch.empty(m, n, dtype=dtype, device=DEVICE)
+        triton_kernels._matmul(*operands, out, config)
+        _assert_linear_close(out.cpu(), x, w, bias)
+    assert m > 16 or any(splits > 1 for _, splits in launches)  # decode splits K
+
+
 def test_w4a16_linear_zero_rows():
     q = _weight(16, 32, seed=7)
     assert tk.w4a16_linear(torch.zeros(0, 32), *q).shape == (0, 16)
