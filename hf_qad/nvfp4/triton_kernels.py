@@ -107,6 +107,7 @@ __all__ = [
     "fake_quant_activation",
     "global_scale",
     "quantize",
+    "tuned_matmul_configs",
     "w4a16_linear",
     "w4a4_linear",
 ]
@@ -882,6 +883,15 @@ def _autotune(args: tuple, m: int, candidates: list[_MatmulConfig]) -> _MatmulCo
                 continue
         _TUNED[key] = min(timings, key=timings.get)
     return _TUNED[key]
+
+
+def tuned_matmul_configs() -> dict[tuple, tuple]:
+    """The W4A16 tile configs autotuning chose so far in this process, for benchmarks to report.
+
+    Keys are ``(rows bucket, N, K, dtype, device)``; values ``(block_m, block_n, block_k,
+    num_warps, num_stages, target_programs, dot)``.
+    """
+    return {key: tuple(config) for key, config in _TUNED.items()}
 
 
 def _matmul_config(args: tuple, m: int) -> _MatmulConfig:
