@@ -32,6 +32,14 @@ Usage:
     python benchmarks/gpu_suite.py                          # on a GPU, everything
     python benchmarks/gpu_suite.py --sections bandwidth,matmul
     python benchmarks/gpu_suite.py --dry-run                # CPU, about a minute
+
+On the lent H200 (no network there; its image has torch and Triton but not TRL or datasets):
+fetch the wheels of ``benchmarks/gpu_wheels.txt`` here, into a folder git ignores, with
+``pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
+--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl -r
+benchmarks/gpu_wheels.txt``, carry ``.whl`` and run ``python3 -m pip install -q --no-index
+--no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3
+benchmarks/gpu_suite.py``.
 """
 
 from __future__ import annotations
@@ -121,7 +129,7 @@ def bandwidth(plan: Plan, device_name: str) -> str:
     return (f"### {device_name}: Triton fake-quant (copy bandwidth {copy / 1e9:.0f} GB/s, read + written; "
             f"goal >= {FAKE_QUANT_GOAL:.0%})\n\nGB/s counts the tensor read once and the result written once; a "
             "weight is read twice (its amax, then the fake-quant), so 2/3 of the copy's bandwidth is its ceiling "
-            f"unless the second read hits the L2.\n\n{table}")
+            f"unless the second read hits the L2.\n\n{table}\n\n{tuned_configs(triton_kernels, matmul=False)}")
 
 
 def matmul(plan: Plan, device_name: str) -> str:
@@ -131,11 +139,15 @@ def matmul(plan: Plan, device_name: str) -> str:
     from hf_qad.nvfp4 import triton_kernels
 
     rows = w4a16_rows(triton_kernels, False, plan.repeats, plan.device, plan.matmul_sizes, plan.matmul_batches)
-    tuned = triton_kernels.tuned_matmul_configs()
-    chosen = "".join(f"\n- rows <= {key[0]}, N {key[1]}, K {key[2]}: (block_m, block_n, block_k, warps, stages, "
-                     f"target programs, dot) = {config}" for key, config in tuned.items())
     return (f"### {device_name}: W4A16 matmul vs bf16 linear (goal >= 1x at batch 1 and 16)\n\n"
-            f"{markdown_table(MATMUL_HEADERS, rows)}\n\nAutotuned tiles:{chosen or ' none (not on CUDA)'}")
+            f"{markdown_table(MATMUL_HEADERS, rows)}\n\n{tuned_configs(triton_kernels, matmul=True)}")
+
+
+def tuned_configs(triton_kernels, matmul: bool) -> str:
+    """What autotuning chose in this run, the matmul's tiles or the elementwise kernels' programs."""
+    lines = [f"- {key[0]} {', '.join(map(str, key[1:-1]))}: {config}"
+             for key, config in triton_kernels.tuned_configs().items() if (key[0] == "_w4a16_kernel") == matmul]
+    return "Autotuned configs:\n" + ("\n".join(lines) if lines else "none (autotuning runs on CUDA only)")
 
 
 def _is_oom(error: Exception) -> bool:

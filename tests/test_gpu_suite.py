@@ -15,7 +15,7 @@ def test_gpu_suite_dry_run_prints_every_section():
     out = result.stdout
     kernels = re.search(r"pytest tests/nvfp4/test_triton_kernels.py .*\*\*(.*)\*\*", out)
     assert kernels and re.search(r"\d+ passed", kernels.group(1)) and "failed" not in kernels.group(1), out
-    fake_quant = [line for line in out.splitlines() if line.startswith(("| weight |", "| activation |"))]
+    fake_quant = [line for line in out.splitlines() if re.match(r"\| (weight|activation) \| \d+x\d+ \|", line)]
     assert len(fake_quant) == 2 and all(line.rstrip(" |").endswith("yes") for line in fake_quant), out  # same bits
     assert len([line for line in out.splitlines() if line.startswith("| 64x64 |")]) == 2  # batch 1 and 16
     steps = {line.split("|")[1].strip() + " " + line.split("|")[2].strip() for line in out.splitlines()

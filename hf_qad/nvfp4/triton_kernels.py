@@ -46,11 +46,16 @@ GEMV that wastes no tensor-core rows). Small M (decode) splits K until there are
 as many programs as the config asks for, so that reading the weights, the bound at batch
 1, uses the whole GPU; the split partial sums are added in a fixed order (no atomics).
 
-Tiles are autotuned on CUDA: the first call for a (rows bucket, N, K, dtype) times every
-candidate of :func:`_matmul_candidates` and keeps the fastest for the process. Each config
-is deterministic, but two processes may pick different ones (and so round the float32
-sums in a different order); ``HF_QAD_MATMUL_AUTOTUNE=0`` keeps the first candidate, the
-same on every run. Off CUDA (the interpreter) the first candidate is used.
+Autotuning (CUDA)
+-----------------
+The first call of a kernel for a problem key times its candidate configs and keeps the
+fastest for the process (:func:`tuned_configs` lists the choices). The elementwise kernels
+choose their program size (:data:`_ELEMENTWISE_CANDIDATES`), which never changes a bit; the
+matmul chooses its tiles (:func:`_matmul_candidates`, per rows bucket, N, K, dtype). Each
+matmul config is deterministic, but two processes may pick different ones and so add the
+float32 partial sums in a different order; ``HF_QAD_TRITON_AUTOTUNE=0`` keeps the first
+candidate of every kernel, the same on every run. Off CUDA (the interpreter) the first
+candidate is used.
 
 Example (on CPU tensors this needs ``TRITON_INTERPRET=1`` set before importing triton):
     >>> import torch
@@ -74,11 +79,13 @@ Example (on CPU tensors this needs ``TRITON_INTERPRET=1`` set before importing t
 from __future__ import annotations
 
 import os
+import warnings
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources
 from triton.testing import do_bench
 
@@ -107,7 +114,7 @@ __all__ = [
     "fake_quant_activation",
     "global_scale",
     "quantize",
-    "tuned_matmul_configs",
+    "tuned_configs",
     "w4a16_linear",
     "w4a4_linear",
 ]
@@ -145,8 +152,21 @@ _E2M1_F16_RESCALE = tl.constexpr(2.0 ** (15 - 1))
 _F32_TINY_BITS = tl.constexpr(0x00800000)  # the smallest normal float32, 2**-126
 _F32_EXPONENT_FIELD = tl.constexpr(0x7F800000)  # all ones: Inf or NaN
 
-_BLOCKS_PER_PROGRAM = 64
-"""16-element blocks per program of the elementwise kernels (1024 elements)."""
+class _ElementwiseConfig(NamedTuple):
+    blocks: int  # 16-element blocks per program
+    num_warps: int
+
+
+_ELEMENTWISE_CANDIDATES = (
+    _ElementwiseConfig(64, 4), _ElementwiseConfig(128, 4), _ElementwiseConfig(256, 4), _ElementwiseConfig(256, 8),
+    _ElementwiseConfig(512, 8),
+)  # fmt: skip
+"""Program sizes of the elementwise kernels that autotuning times on CUDA; the first is the
+default (1024 elements, 4 warps). Every block is computed on its own, so the choice never
+changes a bit of the result."""
+
+_TUNED: dict[tuple, NamedTuple] = {}
+"""Autotuned configs: the fastest candidate per kernel and problem key, timed once per process."""
 
 _AMAX_BLOCKS_PER_PROGRAM = 512
 """16-element blocks per program of the amax reduction (8192 elements): few partial maxima."""
@@ -620,8 +640,48 @@ def global_scale(*tensors: torch.Tensor) -> torch.Tensor:
     return scale
 
 
-def _grid(n_blocks: int) -> tuple[int]:
-    return (triton.cdiv(n_blocks, _BLOCKS_PER_PROGRAM),)
+def _autotuning(device: torch.device) -> bool:
+    """Whether launches on ``device`` time their candidate configs (CUDA, unless turned off)."""
+    return device.type == "cuda" and os.environ.get("HF_QAD_TRITON_AUTOTUNE", "1") != "0"
+
+
+def _fastest(key: tuple, candidates: tuple | list, launch) -> NamedTuple:
+    """The candidate whose ``launch(candidate)`` runs fastest, timed once per ``key`` and process.
+
+    Candidates that do not compile on this GPU (too much shared memory, a layout this
+    Triton cannot lower) are skipped with a warning; if none compiles, the first is kept
+    and its error surfaces at the launch.
+    """
+    if key not in _TUNED:
+        timings = {}
+        for config in candidates:
+            try:
+                timings[config] = do_bench(lambda: launch(config), warmup=5, rep=20, return_mode="median")
+            except (OutOfResources, CompilationError) as error:
+                warnings.warn(f"hf_qad: {key[0]} config {config} skipped by autotuning: {type(error).__name__}",
+                              stacklevel=3)
+        _TUNED[key] = min(timings, key=timings.get) if timings else candidates[0]
+    return _TUNED[key]
+
+
+def _launch_elementwise(kernel, n_blocks: int, *args, **constexprs) -> None:
+    """Launch an elementwise kernel over ``n_blocks`` blocks of 16 (its first argument the
+    input), with the program size autotuned on CUDA per kernel, tensor dtypes, options and
+    power-of-two bucket of ``n_blocks``."""
+
+    def launch(config: _ElementwiseConfig) -> None:
+        kernel[(triton.cdiv(n_blocks, config.blocks),)](*args, BLOCKS=config.blocks, num_warps=config.num_warps,
+                                                        **constexprs)  # fmt: skip
+
+    if n_blocks == 0:
+        return
+    config = _ELEMENTWISE_CANDIDATES[0]
+    if _autotuning(args[0].device):
+        dtypes = tuple(arg.dtype for arg in args if torch.is_tensor(arg))
+        key = (kernel.fn.__name__, dtypes, tuple(sorted(constexprs.items())), triton.next_power_of_2(n_blocks),
+               args[0].device)  # fmt: skip
+        config = _fastest(key, _ELEMENTWISE_CANDIDATES, launch)
+    launch(config)
 
 
 def _given_scale_bits(
@@ -660,10 +720,10 @@ def fake_quant(
     rows = _rows(x)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     n_blocks = rows.numel() // BLOCK_SIZE
-    _fake_quant_kernel[_grid(n_blocks)](
+    _launch_elementwise(
+        _fake_quant_kernel, n_blocks,
         rows, _global_scale(x, global_scale), out if scale_bits is None else scale_bits, out,
-        n_blocks, rows.shape[1] // BLOCK_SIZE, rows.stride(0),
-        BLOCKS=_BLOCKS_PER_PROGRAM, GIVEN_SCALE=scale_bits is not None,
+        n_blocks, rows.shape[1] // BLOCK_SIZE, rows.stride(0), GIVEN_SCALE=scale_bits is not None,
     )  # fmt: skip
     return out
 
@@ -690,9 +750,9 @@ def fake_quant_activation(
     rows = _rows(x)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     n_blocks = rows.numel() // BLOCK_SIZE
-    _fake_quant_activation_kernel[_grid(n_blocks)](
+    _launch_elementwise(
+        _fake_quant_activation_kernel, n_blocks,
         rows, _global_scale(x, global_scale), out, n_blocks, rows.shape[1] // BLOCK_SIZE, rows.stride(0),
-        BLOCKS=_BLOCKS_PER_PROGRAM,
     )  # fmt: skip
     return out
 
@@ -727,9 +787,9 @@ def quantize(
     if scale_bits is None:
         scale_bits = torch.empty((*leading, k // BLOCK_SIZE), dtype=torch.uint8, device=x.device)
     n_blocks = rows.numel() // BLOCK_SIZE
-    _quantize_kernel[_grid(n_blocks)](
-        rows, gs, packed, scale_bits, n_blocks, k // BLOCK_SIZE, rows.stride(0),
-        BLOCKS=_BLOCKS_PER_PROGRAM, GIVEN_SCALE=given_bits is not None,
+    _launch_elementwise(
+        _quantize_kernel, n_blocks,
+        rows, gs, packed, scale_bits, n_blocks, k // BLOCK_SIZE, rows.stride(0), GIVEN_SCALE=given_bits is not None,
     )  # fmt: skip
     if block_scale is not None:
         return NVFP4Quantized(packed, block_scale, gs)
@@ -753,9 +813,10 @@ def dequantize(
     _check_packed(packed, block_scale)
     out = torch.empty((*packed.shape[:-1], packed.shape[-1] * 2), dtype=dtype, device=packed.device)
     n_blocks = block_scale.numel()
-    _dequantize_kernel[_grid(n_blocks)](
+    _launch_elementwise(
+        _dequantize_kernel, n_blocks,
         packed.contiguous(), block_scale.contiguous().view(torch.uint8),
-        _scale_on(global_scale, packed.device), out, n_blocks, BLOCKS=_BLOCKS_PER_PROGRAM,
+        _scale_on(global_scale, packed.device), out, n_blocks,
     )  # fmt: skip
     return out
 
@@ -861,45 +922,28 @@ def _matmul(
         )  # fmt: skip
 
 
-_TUNED: dict[tuple, _MatmulConfig] = {}
-"""The fastest candidate per (rows bucket, N, K, dtype, device), timed once per process."""
+def tuned_configs() -> dict[tuple, NamedTuple]:
+    """The configs autotuning chose so far in this process, for benchmarks to report.
 
-
-def _autotune(args: tuple, m: int, candidates: list[_MatmulConfig]) -> _MatmulConfig:
-    """The candidate that runs ``_matmul(*args, config)`` fastest, cached per problem key.
-
-    Rows are bucketed to powers of two so that a training run's varying token counts
-    retune a few times, not every step; candidates that fail to compile (too much shared
-    memory on a smaller GPU) are skipped.
+    Keys start with the kernel's name: ``("_w4a16_kernel", rows bucket, N, K, dtype, device)``
+    for the matmul, ``(kernel, input dtype, options, blocks bucket, device)`` for the
+    elementwise kernels.
     """
-    x, packed = args[0], args[1]
-    key = (triton.next_power_of_2(m), packed.shape[0], x.shape[1], x.dtype, x.device)
-    if key not in _TUNED:
-        timings = {}
-        for config in candidates:
-            try:
-                timings[config] = do_bench(lambda: _matmul(*args, config), warmup=5, rep=20, return_mode="median")
-            except OutOfResources:
-                continue
-        _TUNED[key] = min(timings, key=timings.get)
-    return _TUNED[key]
-
-
-def tuned_matmul_configs() -> dict[tuple, tuple]:
-    """The W4A16 tile configs autotuning chose so far in this process, for benchmarks to report.
-
-    Keys are ``(rows bucket, N, K, dtype, device)``; values ``(block_m, block_n, block_k,
-    num_warps, num_stages, target_programs, dot)``.
-    """
-    return {key: tuple(config) for key, config in _TUNED.items()}
+    return dict(_TUNED)
 
 
 def _matmul_config(args: tuple, m: int) -> _MatmulConfig:
-    """The config for these operands: autotuned on CUDA unless ``HF_QAD_MATMUL_AUTOTUNE=0``."""
+    """The config for these operands: autotuned on CUDA unless ``HF_QAD_TRITON_AUTOTUNE=0``.
+
+    Rows are bucketed to powers of two so that a training run's varying token counts
+    retune a few times, not every step.
+    """
     candidates = _matmul_candidates(m, args[0].dtype)
-    if args[0].device.type != "cuda" or os.environ.get("HF_QAD_MATMUL_AUTOTUNE", "1") == "0":
+    x, packed = args[0], args[1]
+    if not _autotuning(x.device):
         return candidates[0]
-    return _autotune(args, m, candidates)
+    key = ("_w4a16_kernel", triton.next_power_of_2(m), packed.shape[0], x.shape[1], x.dtype, x.device)
+    return _fastest(key, candidates, lambda config: _matmul(*args, config))
 
 
 def w4a16_linear(

@@ -385,6 +385,30 @@ def test_every_autotuning_candidate_computes_the_product(m, dtype):
     assert m > 16 or any(splits > 1 for _, splits in launches)  # decode splits K
 
 
+def test_autotuning_keeps_the_fastest_candidate_once_and_skips_what_does_not_compile(monkeypatch):
+    """The choice logic of CUDA autotuning, with a fake timer (``do_bench`` needs a GPU)."""
+    from triton.runtime.errors import OutOfResources
+
+    seconds = {"slow": 3.0, "fast": 1.0, "too_big": None}
+    timed = []
+
+    def launch(config):
+        timed.append(config)
+        if seconds[config] is None:
+            raise OutOfResources(300_000, 232_448, "shared memory")
+        return seconds[config]
+
+    monkeypatch.setattr(triton_kernels, "do_bench", lambda fn, **options: fn())
+    monkeypatch.setattr(triton_kernels, "_TUNED", {})
+    with pytest.warns(UserWarning, match="too_big skipped by autotuning: OutOfResources"):
+        assert triton_kernels._fastest(("kernel", 1), ["slow", "too_big", "fast"], launch) == "fast"
+    assert triton_kernels._fastest(("kernel", 1), ["slow", "too_big", "fast"], launch) == "fast"
+    assert timed == ["slow", "too_big", "fast"]  # timed once per key
+    assert triton_kernels.tuned_configs() == {("kernel", 1): "fast"}
+    with pytest.warns(UserWarning):  # nothing compiles: the first is kept, its launch will say why
+        assert triton_kernels._fastest(("kernel", 2), ["too_big"], launch) == "too_big"
+
+
 def test_w4a16_linear_zero_rows():
     q = _weight(16, 32, seed=7)
     assert tk.w4a16_linear(torch.zeros(0, 32), *q).shape == (0, 16)
