@@ -12,7 +12,7 @@ validation text:
 2. W4A4 PTQ KL(BF16 || student) in nats/token and top-1 agreement with the activations
    rounded by each formula (the second run swaps the offline formula in for the inputs only),
    calibrated on WikiText-2 *test* rows, evaluated on validation rows;
-3. with ``--qad-steps N``: short QAD runs (float32 master weights, BF16 teacher, AdamW, lr
+3. with ``--qad-steps N``: short QAD runs (float32 master weights, ``--dtype`` teacher, AdamW, lr
    ``--lr``, cosine schedule) on WikiText-2 *test* rows, once with the run-time rounding in
    training (hf_qad's W4A4) and once with the offline formula swapped in for the inputs, both
    students then evaluated as they are served (run-time rounding), beside their PTQ start.
@@ -132,27 +132,10 @@ def qad_rows(path, tokenizer, teacher, calibration_rows: torch.Tensor, train_row
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    parser.add_argument("--rows", type=int, default=8, help="evaluation rows (default 8)")
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--calibration-rows", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--qad-steps", type=int, default=0, help="QAD steps per rounding (0: no QAD rows)")
-    parser.add_argument("--lr", type=float, default=1e-4, help="QAD learning rate (bench_accuracy.py's choice)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def ptq_tables(teacher, path, eval_rows: torch.Tensor, calibration_rows: torch.Tensor, eval_batches: list,
+               args: argparse.Namespace) -> None:
+    """Print the block-difference table and the PTQ KL under each rounding."""
     dtype = getattr(torch, args.dtype)
-    torch.manual_seed(0)
-    path = smollm2_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    eval_rows = token_rows(tokenizer, "wikitext2_valid.txt", args.rows, args.seq_len)
-    calibration_rows = token_rows(tokenizer, "wikitext2_test.txt", args.calibration_rows, args.seq_len)
-    teacher = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-
     start = time.time()
     counts = block_differences(teacher, eval_rows, args.batch_size)
     total = [sum(c[i] for c in counts.values()) for i in range(4)]
@@ -168,7 +151,6 @@ def main() -> None:
     batches = [{"input_ids": calibration_rows[i: i + args.batch_size]}
                for i in range(0, calibration_rows.shape[0], args.batch_size)]
     calibrate(student, batches, num_batches=None)
-    eval_batches = [eval_rows[i: i + args.batch_size] for i in range(0, eval_rows.shape[0], args.batch_size)]
     results = []
     for label in ("run time (vLLM kernel): hf_qad's W4A4", "offline (compressed-tensors)"):
         start = time.time()
@@ -184,13 +166,40 @@ def main() -> None:
     print(markdown_table(["activation rounding", "KL to BF16 (nats/token)", "top-1 agreement", "perplexity",
                           "eval time"], results))
 
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--rows", type=int, default=8, help="evaluation rows (default 8)")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--calibration-rows", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--qad-steps", type=int, default=0, help="QAD steps per rounding (0: no QAD rows)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="QAD learning rate (bench_accuracy.py's choice)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--skip-ptq", action="store_true", help="only the QAD rows (skip the block and PTQ tables)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    path = smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    eval_rows = token_rows(tokenizer, "wikitext2_valid.txt", args.rows, args.seq_len)
+    calibration_rows = token_rows(tokenizer, "wikitext2_test.txt", args.calibration_rows, args.seq_len)
+    teacher = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+    eval_batches = [eval_rows[i: i + args.batch_size] for i in range(0, eval_rows.shape[0], args.batch_size)]
+    if not args.skip_ptq:
+        ptq_tables(teacher, path, eval_rows, calibration_rows, eval_batches, args)
+
     if args.qad_steps:
         train_rows = token_rows(tokenizer, "wikitext2_test.txt", args.qad_steps * args.batch_size, args.seq_len)
         rows = qad_rows(path, tokenizer, teacher, calibration_rows, train_rows, eval_batches, args)
         print(f"\nW4A4 QAD, {args.qad_steps} steps of {args.batch_size} x {args.seq_len} WikiText-2 test tokens, "
-              f"lr {args.lr}, float32 masters, BF16 teacher; every student evaluated with the run-time rounding "
+              f"lr {args.lr}, float32 masters, {args.dtype} teacher; every student evaluated with the run-time rounding "
               f"(as served) on the {eval_rows.numel()} validation tokens")
-        print(markdown_table(["student", "KL to BF16 (nats/token)", "top-1 agreement", "perplexity", "training"],
+        print(markdown_table(["student", "KL to the teacher (nats/token)", "top-1 agreement", "perplexity", "training"],
                              rows))
 
 
