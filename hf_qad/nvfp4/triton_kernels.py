@@ -192,9 +192,10 @@ def _exp2i(k):
 def _with_sign(magnitude, negative):
     """``magnitude`` (float32, sign bit clear) with its sign bit set where ``negative``.
 
-    Not ``tl.where(negative, -magnitude, magnitude)``: Triton before 3.7 compiled unary minus
-    on floats as ``0 - x``, which gives +0.0 for x = +0.0, so negative zeros (a zero block
-    scale stored as byte 0x80) came out positive on GPUs while the interpreter negated exactly.
+    Not ``tl.where(negative, -magnitude, magnitude)``: Triton 3.6 and older (before
+    triton-lang/triton#10270) compiled unary minus on floats as ``0 - x``, which gives +0.0
+    for x = +0.0, so negative zeros (a zero block scale stored as byte 0x80) came out
+    positive on GPUs while the interpreter negated exactly.
     """
     bits = magnitude.to(tl.int32, bitcast=True) | (negative.to(tl.int32) << 31)
     return bits.to(tl.float32, bitcast=True)

@@ -167,10 +167,11 @@ def test_dequantize_every_code_pair_and_scale_byte():
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="patches Triton's CPU interpreter")
 def test_signed_zeros_do_not_depend_on_how_triton_negates(monkeypatch):
-    """Triton before 3.7 compiled ``-x`` on floats as ``0 - x``, which is +0.0 for x = +0.0: the
-    compiled dequantize then gave +0.0 where the reference has -0.0 (a zero block scale of
-    byte 0x80, H200 run in benchmarks/RESULTS.md), while the interpreter negated exactly. Under
-    an interpreter that negates as those compilers did, every signed zero must still match."""
+    """Triton 3.6 and older (triton-lang/triton#10270) compiled ``-x`` on floats as ``0 - x``,
+    +0.0 for x = +0.0: the compiled dequantize then gave +0.0 where the reference has -0.0 (a
+    zero block scale of byte 0x80, H200 run in benchmarks/RESULTS.md), while the interpreter
+    negated exactly. Under an interpreter that negates as those compilers did, every signed
+    zero must still match."""
     from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
 
     def zero_minus(self, x):
