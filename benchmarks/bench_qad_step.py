@@ -239,7 +239,8 @@ def profile_breakdown(profiler, cuda: bool) -> dict[str, float]:
     seconds = {}
     for label in PROFILED:
         if cuda and label == "fake-quant":
-            total = sum(e.self_device_time_total for e in events if e.name in FAKE_QUANT_KERNELS)
+            # Kernel names as the trace records them (a launcher may decorate the Python name).
+            total = sum(e.self_device_time_total for e in events if any(k in e.name for k in FAKE_QUANT_KERNELS))
         else:
             ranges = [e for e in events if e.name == label and e.device_type.name == "CPU"]
             total = sum(e.device_time_total if cuda else e.cpu_time_total for e in ranges)
