@@ -240,13 +240,14 @@ def profile_breakdown(profiler, cuda: bool) -> dict[str, float]:
     for label in PROFILED:
         if cuda and label == "fake-quant":
             # Kernel names as the trace records them (a launcher may decorate the Python name).
-            total = sum(e.self_device_time_total for e in events if any(k in e.name for k in FAKE_QUANT_KERNELS))
+            kernels = [e for e in events if e.device_type.name != "CPU" and any(k in e.name for k in FAKE_QUANT_KERNELS)]
+            total = sum(e.self_device_time_total for e in kernels)
         else:
             ranges = [e for e in events if e.name == label and e.device_type.name == "CPU"]
             total = sum(e.device_time_total if cuda else e.cpu_time_total for e in ranges)
         seconds[label] = total / 1e6  # microseconds
     if cuda:
-        seconds["device busy"] = sum(e.self_device_time_total for e in events) / 1e6
+        seconds["device busy"] = sum(e.self_device_time_total for e in events if e.device_type.name != "CPU") / 1e6
     return seconds
 
 
