@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import os
 import re
 import subprocess
@@ -71,6 +72,7 @@ class Plan(NamedTuple):
 
     device: str
     kernel_test_args: tuple[str, ...]  # pytest arguments after the test file
+    kernel_test_workers: int  # pytest-xdist processes compiling kernels side by side (0: one process)
     weights: tuple[tuple[int, int], ...]
     activations: tuple[tuple[int, int], ...]
     repeats: int
@@ -82,7 +84,7 @@ class Plan(NamedTuple):
 
 
 GPU_PLAN = Plan(
-    device="cuda", kernel_test_args=(), weights=((4096, 4096), (8192, 8192)), activations=((8192, 4096), (16384, 4096)),
+    device="cuda", kernel_test_args=(), kernel_test_workers=8, weights=((4096, 4096), (8192, 8192)), activations=((8192, 4096), (16384, 4096)),
     repeats=5, copy_bytes=1 << 28, matmul_sizes=(4096, 8192), matmul_batches=(1, 16, 256),
     step_options=("--random-init", "llama-1b", "--dtype", "bfloat16", "--seq-len", "2048", "--warmup", "2",
                   "--steps", "3", "--profile", "--device", "cuda"),
@@ -90,7 +92,7 @@ GPU_PLAN = Plan(
 )
 DRY_RUN_PLAN = Plan(
     device="cpu",
-    kernel_test_args=("-k", "signed_zeros or global_scale_reduces or fused_one"),
+    kernel_test_args=("-k", "signed_zeros or global_scale_reduces or fused_one"), kernel_test_workers=0,
     weights=((32, 64),), activations=((16, 64),), repeats=1, copy_bytes=1 << 20, matmul_sizes=(64,),
     matmul_batches=(1, 16),
     step_options=("--tiny", "--dtype", "float32", "--seq-len", "32", "--warmup", "1", "--steps", "1", "--profile",
@@ -103,15 +105,18 @@ DRY_RUN_PLAN = Plan(
 def kernel_tests(plan: Plan) -> str:
     """The Triton kernel tests on the plan's device (compiled on CUDA), summarized."""
     env = {**os.environ, "HF_QAD_TEST_DEVICE": plan.device, "TRITON_INTERPRET": "0" if plan.device == "cuda" else "1"}
+    args = list(plan.kernel_test_args)
+    if plan.kernel_test_workers and importlib.util.find_spec("xdist") is not None:
+        args += ["-n", str(plan.kernel_test_workers)]  # compiling the kernels is most of the time
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--no-header",
-               "tests/nvfp4/test_triton_kernels.py", *plan.kernel_test_args]  # fmt: skip
+               "tests/nvfp4/test_triton_kernels.py", *args]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
     lines = result.stdout.splitlines()
     summary = next((line.strip("= ") for line in reversed(lines) if re.search(r"\d+ (passed|failed)", line)),
                    f"pytest exited {result.returncode} without a summary:\n{result.stderr[-2000:]}")
     failed = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
     shown = " ".join(f"{key}={value}" for key, value in env.items() if key in ("HF_QAD_TEST_DEVICE", "TRITON_INTERPRET"))
-    text = f"`{shown} pytest tests/nvfp4/test_triton_kernels.py {' '.join(plan.kernel_test_args)}`: **{summary}**"
+    text = f"`{shown} pytest tests/nvfp4/test_triton_kernels.py {' '.join(args)}`: **{summary}**"
     return text + "".join(f"\n- {line}" for line in failed)
 
 
