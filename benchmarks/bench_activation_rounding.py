@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -109,8 +110,10 @@ def qad_rows(path, tokenizer, teacher, calibration_rows: torch.Tensor, train_row
 
     def evaluate(label: str, student, trained_s: float) -> list[str]:
         result = compare_to_teacher(student.eval(), teacher, eval_batches)
-        return [label, f"{result.kl:.4f}", f"{result.top1_agreement:.4f}", f"{result.student_ppl:.2f}",
-                f"{trained_s:.0f} s"]
+        row = [label, f"{result.kl:.4f}", f"{result.top1_agreement:.4f}", f"{result.student_ppl:.2f}",
+               f"{trained_s:.0f} s"]
+        print(" | ".join(row), file=sys.stderr, flush=True)  # an interrupted run keeps its rows
+        return row
 
     ids = train_rows.tolist()
     dataset = Dataset.from_dict({"input_ids": ids, "labels": ids})
