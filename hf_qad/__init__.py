@@ -9,6 +9,7 @@ Importing hf_qad registers :class:`NVFP4Config` with transformers:
 from hf_qad.export import attach_model_card, save_modelopt_checkpoint, write_model_card
 from hf_qad.nvfp4.calibration import calibrate
 from hf_qad.nvfp4.linear import NVFP4Linear
+from hf_qad.nvfp4.moe import NVFP4Experts
 from hf_qad.quantizer import NVFP4Config, NVFP4HfQuantizer, nvfp4_quantizer, register
 from hf_qad.quantizer.checkpoints import (
     MasterWeightCheckpointCallback,
@@ -36,6 +37,7 @@ def __getattr__(name: str):
 __all__ = [
     "MasterWeightCheckpointCallback",
     "NVFP4Config",
+    "NVFP4Experts",
     "NVFP4HfQuantizer",
     "NVFP4Linear",
     "NVFP4LoraLinear",

@@ -237,36 +237,56 @@ def choice_log_likelihoods(model: nn.Module, tokenizer, rows: list[dict], batch_
 
 @torch.no_grad()
 def layer_quantization_errors(model: nn.Module, reference: nn.Module | None = None) -> dict[str, float]:
-    """Relative weight error ``||W_hat - W|| / ||W||`` of every NVFP4 layer of ``model``.
+    """Relative weight error ``||W_hat - W|| / ||W||`` of every NVFP4 layer of ``model``, in model order.
 
     ``W_hat`` is the layer's NVFP4 weight. ``W`` is its master weight in fake-quant mode;
     a packed layer has none, so there ``W`` is the same-named weight of ``reference``
     (the teacher: for a PTQ export this is the quantization error, after QAD it also
     holds what training changed). Packed layers are left out without ``reference``.
+    Fused MoE experts (:class:`~hf_qad.nvfp4.moe.NVFP4Experts`) give one entry per projection,
+    ``<experts>.gate_up_proj`` and ``<experts>.down_proj``, the error over all their experts
+    (one bar per layer in ``hf-qad eval``'s figure, as for a dense MLP).
 
     Raises:
         ValueError: if ``reference`` has no weight of that name and shape for a packed layer.
     """
-    from hf_qad.nvfp4.conversion import nvfp4_modules
-    from hf_qad.nvfp4.functional import dequantize
+    from hf_qad.nvfp4.conversion import nvfp4_experts, nvfp4_modules
+    from hf_qad.nvfp4.moe import EXPERT_PROJECTIONS, NVFP4Experts
 
+    layers = {**nvfp4_modules(model), **nvfp4_experts(model)}
     errors = {}
-    for name, layer in nvfp4_modules(model).items():
-        if not layer.is_packed:
-            weight = layer.weight.float()
-            quantized = layer.fake_quantized_weight().float()
-        elif reference is None:
+    for name, _ in model.named_modules():
+        layer = layers.get(name)
+        if layer is None or (layer.is_packed and reference is None):
             continue
-        else:
-            quantized = dequantize(*layer.quantized_weight(), dtype=torch.float32)
-            try:
-                weight = reference.get_submodule(name).weight
-            except AttributeError:
-                weight = None
-            if not isinstance(weight, torch.Tensor) or weight.shape != quantized.shape:
-                raise ValueError(f"the reference model has no weight {name} of shape {tuple(quantized.shape)}: "
-                                 "it must be the model that was quantized.")
+        for tensor_name in EXPERT_PROJECTIONS if isinstance(layer, NVFP4Experts) else ("weight",):
+            key = f"{name}.{tensor_name}" if isinstance(layer, NVFP4Experts) else name
+            quantized, weight = _nvfp4_and_master_weight(layer, tensor_name)
+            if weight is None:
+                try:
+                    weight = getattr(reference.get_submodule(name), tensor_name)
+                except AttributeError:
+                    weight = None
+                if not isinstance(weight, torch.Tensor) or weight.shape != quantized.shape:
+                    raise ValueError(f"the reference model has no weight {key} of shape {tuple(quantized.shape)}: "
+                                     "it must be the model that was quantized.")
             weight = weight.to(quantized.device, torch.float32)
-        errors[name] = float((quantized - weight).norm() / weight.norm().clamp(min=1e-30))
+            errors[key] = float((quantized - weight).norm() / weight.norm().clamp(min=1e-30))
     return errors
 
+
+def _nvfp4_and_master_weight(layer: nn.Module, tensor_name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A layer's NVFP4 weight ``tensor_name`` (float32) and its master weight, ``None`` when packed.
+
+    Fake mode gives the fake-quantized weight the forward computes with.
+    """
+    from hf_qad.nvfp4.functional import dequantize
+    from hf_qad.nvfp4.linear import NVFP4Linear
+
+    if isinstance(layer, NVFP4Linear):
+        if layer.is_packed:
+            return dequantize(*layer.quantized_weight(), dtype=torch.float32), None
+        return layer.fake_quantized_weight().float(), layer.weight
+    if layer.is_packed:
+        return layer.dequantized_weight(tensor_name), None
+    return layer.fake_quantized_weight(tensor_name).float(), getattr(layer, tensor_name)

@@ -151,3 +151,39 @@ def test_packed_layer_errors_are_measured_against_the_reference():
         layer_quantization_errors(student, reference=teacher[:2])
     with pytest.raises(ValueError, match="no weight 0 of shape"):
         layer_quantization_errors(student, reference=torch.nn.Sequential(torch.nn.Linear(64, 16)))
+
+
+@pytest.mark.parametrize("architecture", ["qwen3_moe", "mixtral"])
+def test_moe_experts_errors_one_entry_per_projection_fake_and_packed(architecture, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import hf_qad
+    from hf_qad import NVFP4Config
+    from hf_qad.evaluation import layer_quantization_errors
+    from tests.tiny_models import save_tiny_model, tiny_config
+
+    save_tiny_model(tmp_path / "teacher", architecture, dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(tmp_path / "teacher")
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "teacher", quantization_config=NVFP4Config(scheme="w4a16"))
+    fake = layer_quantization_errors(student)
+    experts_name = "model.layers.0.mlp.experts"
+    experts = student.get_submodule(experts_name)
+    # one entry per projection, in model order: after the layer's attention, before the next layer
+    names = list(fake)
+    assert names.index(f"{experts_name}.gate_up_proj") + 1 == names.index(f"{experts_name}.down_proj")
+    assert names.index("model.layers.0.self_attn.o_proj") < names.index(f"{experts_name}.gate_up_proj")
+    assert names.index(f"{experts_name}.down_proj") < names.index("model.layers.1.self_attn.q_proj")
+    for projection in ("gate_up_proj", "down_proj"):  # the error over all experts together
+        weight = getattr(experts, projection).detach()
+        with torch.no_grad():
+            expected = (experts.fake_quantized_weight(projection) - weight).norm() / weight.norm()
+        assert fake[f"{experts_name}.{projection}"] == pytest.approx(float(expected), rel=1e-6)
+        assert 0.05 < fake[f"{experts_name}.{projection}"] < 0.2
+    student.save_pretrained(tmp_path / "packed")
+    packed = hf_qad.load_packed_model(tmp_path / "packed", dtype=torch.float32)
+    assert layer_quantization_errors(packed) == {}  # no master weights and no reference
+    assert layer_quantization_errors(packed, reference=teacher) == pytest.approx(fake, rel=1e-6)
+    fewer_experts = {"qwen3_moe": {"num_experts": 2}, "mixtral": {"num_local_experts": 2}}[architecture]
+    other = AutoModelForCausalLM.from_config(tiny_config(architecture, **fewer_experts))
+    with pytest.raises(ValueError, match=rf"no weight {experts_name}\.gate_up_proj of shape \(4, "):
+        layer_quantization_errors(packed, reference=other)

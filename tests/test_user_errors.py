@@ -22,7 +22,14 @@ from hf_qad.cli import train as cli_train
 from hf_qad.cli.common import CommandError
 from hf_qad.cli.main import main
 from tests.ct_oracle import assert_plain_transformers_logits
-from tests.tiny_models import TEXTS, save_tiny_llama, save_tiny_llama_with_tokenizer, tiny_tokenizer, token_batches
+from tests.tiny_models import (
+    TEXTS,
+    save_tiny_llama,
+    save_tiny_llama_with_tokenizer,
+    save_tiny_model,
+    tiny_tokenizer,
+    token_batches,
+)
 
 
 
@@ -137,6 +144,59 @@ def test_w4a4_master_checkpoint_without_input_scale_fails(w4a4_exports, tmp_path
         AutoModelForCausalLM.from_pretrained(broken)
 
 
+@pytest.fixture(scope="module", params=["qwen3_moe", "mixtral"])
+def moe_exports(request, tmp_path_factory):
+    """A calibrated W4A4 tiny MoE model saved both ways: (packed export, master-weight checkpoint, its expert 1's
+    down projection on disk)."""
+    root = tmp_path_factory.mktemp(request.param)
+    model = _nvfp4(save_tiny_model(root / "bf16", request.param))
+    hf_qad.calibrate(model, token_batches(2, batch=4))
+    model.save_pretrained(root / "packed")
+    with hf_qad.master_weight_checkpoint(model):
+        model.save_pretrained(root / "master")
+    down = {"qwen3_moe": "mlp.experts.1.down_proj", "mixtral": "block_sparse_moe.experts.1.w2"}[request.param]
+    return root / "packed", root / "master", f"model.layers.0.{down}"
+
+
+@pytest.mark.parametrize("tensor", ["weight_scale", "input_global_scale"])
+def test_packed_moe_export_without_one_experts_tensor_fails_naming_it(moe_exports, tmp_path, tensor):
+    packed, _, down = moe_exports
+    broken = _edited_copy(packed, tmp_path, lambda state: state.pop(f"{down}.{tensor}"))
+    with pytest.raises(ValueError, match=rf"does not hold .*\(missing 1: {re.escape(down)}\.{tensor}\);") as error:
+        hf_qad.load_packed_model(broken)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "edit, found",
+    [
+        (lambda t: t.view(torch.int8), "int8 [{rows}x{cols}]"),
+        (lambda t: t[:, :8].contiguous(), "uint8 [{rows}x8]"),  # transformers' stacking of the experts would fail
+        (lambda t: t.float(), "float32 [{rows}x{cols}]"),
+    ],
+    ids=["dtype", "shape", "float"],
+)
+def test_packed_moe_export_with_one_wrong_expert_tensor_fails_naming_it(moe_exports, tmp_path, edit, found):
+    packed, _, down = moe_exports
+    shape = {}
+
+    def wrong(state):
+        shape["rows"], shape["cols"] = state[f"{down}.weight_packed"].shape
+        state[f"{down}.weight_packed"] = edit(state[f"{down}.weight_packed"])
+
+    broken = _edited_copy(packed, tmp_path, wrong)
+    problem = f"{down}.weight_packed ({found.format(**shape)}, expected uint8 [{shape['rows']}x{shape['cols']}])"
+    with pytest.raises(ValueError, match=rf"\(wrong 1: {re.escape(problem)}\);"):
+        hf_qad.load_packed_model(broken)
+
+
+def test_moe_master_checkpoint_without_one_experts_weight_fails_naming_it(moe_exports, tmp_path):
+    _, master, down = moe_exports
+    broken = _edited_copy(master, tmp_path, lambda state: state.pop(f"{down}.weight"))
+    with pytest.raises(ValueError, match=rf"\(missing 1: {re.escape(down)}\.weight\);"):
+        AutoModelForCausalLM.from_pretrained(broken)
+
+
 def _edit_hf_qad_entry(w4a4_exports, tmp_path, **changes):
     folder = tmp_path / "packed"
     shutil.copytree(w4a4_exports[0], folder)
@@ -239,6 +299,24 @@ def test_outlier_weight_warns_naming_the_layer_and_the_ratio(tmp_path):
     # what the warning says happens: every block but the outlier's is zero
     dequantized = hf_qad.nvfp4.dequantize(*layer.quantized_weight(), dtype=torch.float32).unflatten(-1, (-1, 16))
     assert int((dequantized != 0).any(-1).sum()) == 1
+
+
+def test_outlier_expert_weight_warns_naming_the_layer_and_the_expert(tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(save_tiny_model(tmp_path / "bf16", "qwen3_moe"))
+    with torch.no_grad():
+        model.model.layers[1].mlp.experts.down_proj[2, 3, 5] = 1e30
+    model.save_pretrained(tmp_path / "outlier")
+    with pytest.warns(UserWarning) as record:
+        quantized = _nvfp4(tmp_path / "outlier", scheme="w4a16")
+    outliers = [str(w.message) for w in record if "median block amax" in str(w.message)]
+    assert len(outliers) == 1, outliers
+    assert "NVFP4Experts model.layers.1.mlp.experts expert 2 down_proj: its largest weight (1e+30)" in outliers[0]
+    assert "so 127 of its 128 weight blocks quantize to zero" in outliers[0]
+    # what the warning says happens: every block of expert 2 but the outlier's is zero, the other experts keep theirs
+    packed, block_scale, global_scale = quantized.model.layers[1].mlp.experts.quantized_weight("down_proj")
+    dequantized = hf_qad.nvfp4.dequantize(packed.unsqueeze(1), block_scale.unsqueeze(1), global_scale, dtype=torch.float32)
+    nonzero = (dequantized.unflatten(-1, (-1, 16)) != 0).any(-1).flatten(1).sum(-1)  # per expert
+    assert nonzero[2] == 1 and bool((nonzero[[0, 1, 3]] == 128).all())
 
 
 # ============================================================================ training

@@ -12,11 +12,16 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
+    MixtralConfig,
     Phi3Config,
     PretrainedConfig,
     Qwen2Config,
+    Qwen2MoeConfig,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
+
+from hf_qad.nvfp4.conversion import DEFAULT_MODULES_TO_NOT_CONVERT
 
 VOCAB = 128
 
@@ -120,9 +125,24 @@ ARCHITECTURES: dict[str, TinyArchitecture] = {
 }
 
 
+# Mixture-of-experts architectures (transformers 5 fuses their experts into 3-D parameters), tiny:
+# 4 experts, top-2, routers kept in high precision.
+MOE_ARCHITECTURES: dict[str, TinyArchitecture] = {
+    "qwen3_moe": TinyArchitecture(
+        Qwen3MoeConfig, dict(tie_word_embeddings=False, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                             moe_intermediate_size=32), False),
+    "mixtral": TinyArchitecture(MixtralConfig, dict(tie_word_embeddings=False, num_local_experts=4), True),
+    # a shared expert (nn.Linear MLP) with a sigmoid gate next to the routed experts
+    "qwen2_moe": TinyArchitecture(
+        Qwen2MoeConfig, dict(tie_word_embeddings=False, num_experts=4, num_experts_per_tok=2,
+                             moe_intermediate_size=32, shared_expert_intermediate_size=64), False),
+}
+
+
 def tiny_config(architecture: str, **overrides) -> PretrainedConfig:
-    """A tiny config of one of :data:`ARCHITECTURES`, special tokens matching :func:`tiny_tokenizer`."""
-    config_cls, settings, _ = ARCHITECTURES[architecture]
+    """A tiny config of one of :data:`ARCHITECTURES` (or :data:`MOE_ARCHITECTURES`), special tokens matching
+    :func:`tiny_tokenizer`."""
+    config_cls, settings, _ = {**ARCHITECTURES, **MOE_ARCHITECTURES}[architecture]
     tokenizer = tiny_tokenizer()
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id)
@@ -135,8 +155,12 @@ def save_tiny_model(path: Path, architecture: str, seed: int = 0, dtype: torch.d
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(architecture, **overrides)).to(dtype)
     model.save_pretrained(path)
-    tiny_tokenizer(add_bos=ARCHITECTURES[architecture].adds_bos).save_pretrained(path)
+    tiny_tokenizer(add_bos={**ARCHITECTURES, **MOE_ARCHITECTURES}[architecture].adds_bos).save_pretrained(path)
     return path
+
+
+KEEP_EXPERTS = [*DEFAULT_MODULES_TO_NOT_CONVERT, r".*mlp\.experts"]
+"""``modules_to_not_convert`` keeping the fused experts (and, as by default, routers and head) in high precision."""
 
 
 TEXTS = [

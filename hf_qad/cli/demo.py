@@ -42,6 +42,8 @@ TOPICS = [
 ]
 STYLES = ["Explain {} to a ten-year-old.", "Write a short story that involves {}.",
           "Give three facts about {}.", "Describe {} in a few sentences."]
+GENERATION_BATCH = 48
+"""Prompts the teacher answers at once: all of the demo's defaults (32 + 12) in one batch."""
 
 
 def prompts(count: int, offset: int) -> list[str]:
@@ -77,13 +79,19 @@ def chat_ids(tokenizer, conversation: list[dict], add_generation_prompt: bool = 
 
 
 @torch.no_grad()
-def teacher_conversations(teacher, tokenizer, prompt_list: list[str], new_tokens: int, seed: int) -> list[list[dict]]:
-    """The teacher's own answers to ``prompt_list``, as chat conversations."""
+def teacher_conversations(teacher, tokenizer, prompt_list: list[str], new_tokens: int, seed: int,
+                          batch_size: int = GENERATION_BATCH) -> list[list[dict]]:
+    """The teacher's own answers to ``prompt_list``, as chat conversations.
+
+    Prompts go in batches of ``batch_size``: on a CPU a decoding step costs about the same for
+    8 rows as for 48 (it reads every weight once either way), so fewer, larger batches are
+    several times faster.
+    """
     torch.manual_seed(seed)
     tokenizer.padding_side = "left"
     conversations = []
-    for start in range(0, len(prompt_list), 8):
-        chunk = prompt_list[start : start + 8]
+    for start in range(0, len(prompt_list), batch_size):
+        chunk = prompt_list[start : start + batch_size]
         encoded = tokenizer.pad({"input_ids": [chat_ids(tokenizer, [{"role": "user", "content": p}], True)
                                                for p in chunk]}, return_tensors="pt")
         output = teacher.generate(**encoded, max_new_tokens=new_tokens, do_sample=True, temperature=0.7,
@@ -123,9 +131,10 @@ def run(args: argparse.Namespace) -> None:
     teacher.eval()
 
     print(f"[2/5] the teacher writes {args.train_prompts} training and {args.eval_prompts} held-out answers")
-    train = teacher_conversations(teacher, tokenizer, prompts(args.train_prompts, 0), args.new_tokens, args.seed)
-    held_out = teacher_conversations(teacher, tokenizer, prompts(args.eval_prompts, args.train_prompts),
-                                     args.new_tokens, args.seed + 1)
+    # One pass over training and held-out prompts (disjoint: offsets 0 and train_prompts).
+    answered = teacher_conversations(teacher, tokenizer, prompts(args.train_prompts + args.eval_prompts, 0),
+                                     args.new_tokens, args.seed)
+    train, held_out = answered[: args.train_prompts], answered[args.train_prompts :]
     eval_rows = conversation_rows(tokenizer, held_out)
 
     print(f"[3/5] NVFP4 {args.scheme.upper()} post-training quantization")

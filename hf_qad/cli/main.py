@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 
 from hf_qad.cli import evaluate, export, quantize
@@ -41,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Progress lines go to stdout and progress bars to stderr; piped into one log, a
+    # block-buffered stdout would print the lines minutes after the bars they belong to.
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)
     try:
         if argv and argv[0] == "train":
             from hf_qad.cli import train  # TRL's parser handles its own flags, --help and --config

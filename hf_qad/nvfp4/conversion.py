@@ -1,4 +1,4 @@
-"""Model surgery: which Linear layers become NVFP4Linear, and replacing them.
+"""Model surgery: which Linear layers become NVFP4Linear and which fused experts NVFP4Experts, and replacing them.
 
 Kept apart from the transformers quantizer so that it can be used on any
 ``nn.Module`` (and tested without loading checkpoints).
@@ -17,6 +17,7 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 from hf_qad.nvfp4.experts import fused_expert_modules
 from hf_qad.nvfp4.format import BLOCK_SIZE
 from hf_qad.nvfp4.linear import NVFP4Linear
+from hf_qad.nvfp4.moe import NVFP4Experts, unsupported_experts_layout
 
 __all__ = [
     "DEFAULT_MODULES_TO_NOT_CONVERT",
@@ -24,8 +25,10 @@ __all__ = [
     "link_fused_projections",
     "ConversionPlan",
     "plan_conversion",
+    "replace_experts",
     "replace_linears",
     "tied_linears",
+    "nvfp4_experts",
     "nvfp4_modules",
 ]
 
@@ -33,7 +36,9 @@ logger = logging.getLogger("hf_qad")
 
 DEFAULT_MODULES_TO_NOT_CONVERT: tuple[str, ...] = (
     "lm_head",
-    r".*\.gate",  # MoE routers (Mixtral's block_sparse_moe.gate, Qwen-MoE's mlp.gate), not gate_proj
+    # MoE routers (Mixtral's block_sparse_moe.gate, Qwen-MoE's mlp.gate), not gate_proj: anchored, since
+    # earlier transformers 5 releases (5.20) match a pattern as a bare prefix (".*\.gate" kept every gate_proj).
+    r".*\.gate$",
     r".*router",
     r".*shared_expert_gate",
 )
@@ -55,6 +60,8 @@ class ConversionPlan:
 
     convert: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    experts: list[str] = field(default_factory=list)
+    """Modules of fused 3-D experts that become :class:`~hf_qad.nvfp4.moe.NVFP4Experts`."""
     kept_experts: list[str] = field(default_factory=list)
     """Modules of fused 3-D experts that ``modules_to_not_convert`` keeps in high precision."""
 
@@ -62,17 +69,6 @@ class ConversionPlan:
         if self.skipped:
             reasons = ", ".join(f"{name} ({why})" for name, why in self.skipped.items())
             logger.info("hf_qad: keeping %d Linear layers in high precision: %s", len(self.skipped), reasons)
-
-
-def _fused_expert_parameters(model: nn.Module, patterns: list[str]) -> list[str]:
-    """3-D expert weights (transformers' fused MoE experts) that no pattern excludes."""
-    found = []
-    for module_name, module in model.named_modules():
-        for param_name, param in module.named_parameters(recurse=False):
-            full = f"{module_name}.{param_name}" if module_name else param_name
-            if param.dim() >= 3 and should_convert_module(module_name, patterns):
-                found.append(full)
-    return found
 
 
 def plan_conversion(
@@ -87,25 +83,29 @@ def plan_conversion(
         keep: exact layer names kept in high precision whatever the patterns say, with the
             reason (e.g. :func:`tied_linears`).
 
+    Fused 3-D experts (transformers 5's MoE layers) that no pattern excludes become
+    :class:`~hf_qad.nvfp4.moe.NVFP4Experts` (``plan.experts``), the others are kept
+    (``plan.kept_experts``); MoE routers are not ``nn.Linear`` and are never converted.
+
     Raises:
-        ValueError: if the model holds fused expert tensors (3-D weights) that are not
-            excluded: we cannot quantize them yet, and silently leaving them in BF16
-            would misstate what the checkpoint is.
+        ValueError: if fused experts that no pattern excludes have a layout NVFP4Experts does
+            not handle (e.g. gpt-oss' transposed experts with biases): silently leaving most of
+            the model's weights in BF16 would misstate what the checkpoint is.
     """
     patterns = list(modules_to_not_convert)
-    fused = _fused_expert_parameters(model, patterns)
-    if fused:
-        modules = sorted({name.rsplit(".", 1)[0] for name in fused})
-        raise ValueError(
-            "hf_qad cannot quantize fused expert tensors yet: "
-            + ", ".join(fused[:6])
-            + (f" (and {len(fused) - 6} more)" if len(fused) > 6 else "")
-            + ". Load a variant whose experts are separate nn.Linear layers, or keep them in "
-            f"high precision knowingly with modules_to_not_convert=[..., {modules[0]!r}]."
-        )
     plan = ConversionPlan()
     keep = keep or {}
-    plan.kept_experts = [name for name in fused_expert_modules(model) if not should_convert_module(name, patterns)]
+    for name in fused_expert_modules(model):
+        if not should_convert_module(name, patterns):
+            plan.kept_experts.append(name)
+            continue
+        reason = unsupported_experts_layout(model.get_submodule(name))
+        if reason is not None:
+            raise ValueError(
+                f"hf_qad cannot quantize the fused experts {name} ({type(model.get_submodule(name)).__name__}): "
+                f"{reason}. Keep them in high precision knowingly with modules_to_not_convert=[..., {name!r}]."
+            )
+        plan.experts.append(name)
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or isinstance(module, NVFP4Linear):
             continue
@@ -177,6 +177,35 @@ def replace_linears(
     return list(new_layers.values())
 
 
+def replace_experts(
+    model: nn.Module,
+    plan: ConversionPlan,
+    *,
+    quantize_activations: bool,
+    scale_method: str = "amax",
+    packed: bool = False,
+    share_fused_global_scales: bool = True,
+) -> list[NVFP4Experts]:
+    """Replace the planned fused experts with :class:`~hf_qad.nvfp4.moe.NVFP4Experts` (see its
+    docstring for why a replacement module), sharing their parameters in fake mode.
+
+    ``share_fused_global_scales`` gives each expert's gate and up halves one weight global scale.
+    """
+    new_modules = []
+    for name in plan.experts:
+        layer = NVFP4Experts.from_experts(
+            model.get_submodule(name),
+            quantize_activations=quantize_activations,
+            scale_method=scale_method,
+            share_gate_up_global_scale=share_fused_global_scales,
+            packed=packed,
+        )
+        layer.module_name = name
+        model.set_submodule(name, layer)
+        new_modules.append(layer)
+    return new_modules
+
+
 def link_fused_projections(layers: dict[str, NVFP4Linear]) -> None:
     """Give each group of fused sibling projections one shared weight global scale."""
     for group in FUSED_PROJECTIONS:
@@ -191,3 +220,8 @@ def link_fused_projections(layers: dict[str, NVFP4Linear]) -> None:
 def nvfp4_modules(model: nn.Module) -> dict[str, NVFP4Linear]:
     """All NVFP4Linear layers of ``model`` by name (through peft wrappers too)."""
     return {name: module for name, module in model.named_modules() if isinstance(module, NVFP4Linear)}
+
+
+def nvfp4_experts(model: nn.Module) -> dict[str, NVFP4Experts]:
+    """All NVFP4Experts modules of ``model`` by name (through peft wrappers too)."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, NVFP4Experts)}

@@ -68,6 +68,7 @@ from hf_qad.nvfp4.format import (
     ZERO_BLOCK_SCALE,
     NVFP4Quantized,
     check_block_scale,
+    check_global_scale,
     check_quantizable,
     global_scale_from_amax,
 )
@@ -174,19 +175,16 @@ def _global_scale(
     if global_scale is None:
         global_scale = global_scale_from_amax(tensor_amax)
     if global_scale.numel() > 1:
-        return _per_block_global_scale(global_scale, x, name)
+        return _per_block_global_scale(global_scale, x.shape, x.numel() // BLOCK_SIZE, name).to(x.device)
     return global_scale.detach().float().reshape(1).to(x.device)
 
 
-def _per_block_global_scale(global_scale: torch.Tensor, x: torch.Tensor, name: str | None) -> torch.Tensor:
-    """A global scale of shape ``x.shape[:d]`` repeated over the blocks of each leading index."""
-    if tuple(global_scale.shape) != tuple(x.shape[: global_scale.dim()]) or global_scale.dim() >= x.dim():
-        raise ValueError(
-            f"{name or 'tensor'}: a global scale per leading index must have shape x.shape[:d] with d < x.dim(), "
-            f"got {tuple(global_scale.shape)} for x of shape {tuple(x.shape)}."
-        )
-    blocks_per_scale = x.numel() // BLOCK_SIZE // global_scale.numel()
-    return global_scale.detach().float().reshape(-1).to(x.device).repeat_interleave(blocks_per_scale)
+def _per_block_global_scale(
+    global_scale: torch.Tensor, shape: torch.Size, num_blocks: int, name: str | None
+) -> torch.Tensor:
+    """A global scale of shape ``shape[:d]`` repeated over the ``num_blocks`` blocks of a tensor of ``shape``."""
+    blocks_per_scale = num_blocks // check_global_scale(tuple(shape), global_scale, name)
+    return global_scale.detach().float().reshape(-1).repeat_interleave(blocks_per_scale)
 
 
 def _add_rounding_constant(
@@ -445,7 +443,9 @@ def dequantize(
     """Dequantize packed NVFP4 to ``dtype``; bit for bit :func:`hf_qad.nvfp4.reference.dequantize`.
 
     Each byte is looked up in a 256-entry table of value pairs, then multiplied by its
-    block's ``sb / gs`` in float32 and rounded once to ``dtype``.
+    block's ``sb / gs`` in float32 and rounded once to ``dtype``. ``global_scale`` is one
+    value, or one per leading index of ``packed`` (shape ``packed.shape[:d]``, as
+    :func:`quantize` takes it).
 
     Example:
         >>> import torch
@@ -456,7 +456,9 @@ def dequantize(
     if packed.dtype != torch.uint8:
         raise ValueError(f"packed NVFP4 data must be uint8, got {packed.dtype}.")
     pairs = packed.contiguous().view(-1, BLOCK_SIZE // 2)
-    scale = effective_scales(block_scale.reshape(-1, 1), global_scale.reshape(1))
+    if global_scale.numel() > 1:  # one per leading index, e.g. [E] for fused experts
+        global_scale = _per_block_global_scale(global_scale, packed.shape, pairs.shape[0], "packed")
+    scale = effective_scales(block_scale.reshape(-1, 1), global_scale.reshape(-1, 1).to(pairs.device))
     out = pairs.new_empty(pairs.shape[0], BLOCK_SIZE, dtype=dtype)
     chunk_rows = _chunk_rows(pairs.shape[0], CHUNK)
     index = pairs.new_empty(chunk_rows * BLOCK_SIZE // 2, dtype=torch.int32)

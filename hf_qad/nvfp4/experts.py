@@ -23,6 +23,7 @@ from transformers.core_model_loading import revert_weight_conversion
 
 __all__ = [
     "checkpoint_module_names",
+    "checkpoint_slices",
     "experts_listed_by_name",
     "fused_expert_modules",
     "high_precision_moe_names",
@@ -33,13 +34,17 @@ __all__ = [
 _VLLM_EXPERT_PROBES = ("gate_proj", "up_proj", "down_proj")
 
 
-def _fused_parameters(module: nn.Module) -> list[str]:
-    return [name for name, param in module.named_parameters(recurse=False) if param.dim() >= 3]
+def _is_fused_experts(module: nn.Module) -> bool:
+    if isinstance(module, nn.modules.conv._ConvNd):  # 3-D weights, but not experts
+        return False
+    # Parameters, or (packed NVFP4 experts) 3-D uint8 buffers in their place.
+    tensors = [*module._parameters.values(), *module._buffers.values()]
+    return any(tensor is not None and tensor.dim() >= 3 for tensor in tensors)
 
 
 def fused_expert_modules(model: nn.Module) -> list[str]:
-    """Names of the modules holding fused 3-D expert parameters, in model order."""
-    return [name for name, module in model.named_modules() if _fused_parameters(module)]
+    """Names of the modules holding fused 3-D expert parameters (or their packed NVFP4 buffers), in model order."""
+    return [name for name, module in model.named_modules() if _is_fused_experts(module)]
 
 
 def router_modules(model: nn.Module) -> list[str]:
@@ -75,6 +80,44 @@ def checkpoint_module_names(model: nn.Module, module_name: str) -> list[str]:
     }
     names = revert_weight_conversion(model, state)
     return sorted({key.rpartition(".")[0] for key in names})
+
+
+def checkpoint_slices(model: nn.Module, key: str, experts: int, rows: int) -> dict[str, tuple[int, slice]]:
+    """Where each row of the fused tensor ``key`` (``[experts, rows, ...]``) goes on disk, by transformers' own conversion.
+
+    A ``[experts, rows, 1]`` tensor numbering the rows is run through the reverse of the model's
+    weight-conversion mapping (what ``save_pretrained`` applies), so each on-disk tensor it
+    yields tells which expert and which rows it holds: for Qwen3-MoE's ``experts.gate_up_proj``,
+    ``experts.3.gate_proj.weight`` holds expert 3's first half of the rows. Packed NVFP4 tensors
+    are then split the same way, so the export follows each architecture's names.
+
+    Returns:
+        ``{on-disk key: (expert, rows)}``, empty when no conversion applies to ``key``.
+
+    Raises:
+        ValueError: if the conversion does not give each on-disk tensor a row range of one expert.
+
+    Example:
+        >>> # checkpoint_slices(qwen3_moe, "model.layers.0.mlp.experts.gate_up_proj", 4, 64)
+        >>> # {"model.layers.0.mlp.experts.0.gate_proj.weight": (0, slice(0, 32)), ...}
+    """
+    # On the CPU explicitly: while loading, transformers makes the meta device the default one.
+    index = torch.arange(experts * rows, device="cpu").view(experts, rows, 1)
+    converted = revert_weight_conversion(model, {key: index})
+    if list(converted) == [key]:
+        return {}
+    slices = {}
+    for name, tensor in converted.items():
+        values = tensor.reshape(-1)
+        first = int(values[0])
+        expert, start = divmod(first, rows)
+        if not torch.equal(values, torch.arange(first, first + values.numel(), device="cpu")) or start + values.numel() > rows:
+            raise ValueError(
+                f"transformers' weight conversion writes {name} from parts of several experts of {key}; "
+                "hf_qad cannot split packed NVFP4 tensors that way."
+            )
+        slices[name] = (expert, slice(start, start + values.numel()))
+    return slices
 
 
 def high_precision_moe_names(model: nn.Module, kept_experts: list[str]) -> list[str]:

@@ -109,8 +109,10 @@ __all__ = [
     "ZERO_BLOCK_SCALE",
     "NVFP4Quantized",
     "check_block_scale",
+    "check_global_scale",
     "check_quantizable",
     "global_scale_from_amax",
+    "global_scales_from_amax",
 ]
 
 BLOCK_SIZE = 16
@@ -238,6 +240,38 @@ def check_block_scale(x: torch.Tensor, block_scale: torch.Tensor, name: str | No
             f"block scales of {_what(name)} {tuple(x.shape)} must be float8_e4m3fn {expected}, "
             f"got {block_scale.dtype} {tuple(block_scale.shape)}."
         )
+
+
+def check_global_scale(shape: tuple[int, ...], global_scale: torch.Tensor, name: str | None = None) -> int:
+    """Raise unless ``global_scale`` is one value or one per leading index of a tensor of ``shape``.
+
+    One per leading index means shape ``shape[:d]`` with ``d < len(shape)``, e.g. ``[E]`` for
+    fused experts ``[E, N, K]`` (each expert is then its own NVFP4 tensor). Cheap (no data is
+    read): the backends run it before indexing scales by block.
+
+    Returns:
+        How many global scales there are (1 for a single one).
+    """
+    if global_scale.numel() == 1:
+        return 1
+    if tuple(global_scale.shape) != tuple(shape[: global_scale.dim()]) or global_scale.dim() >= len(shape):
+        raise ValueError(
+            f"{name or 'tensor'}: a global scale per leading index must have shape x.shape[:d] with d < x.dim(), "
+            f"got {tuple(global_scale.shape)} for x of shape {tuple(shape)}."
+        )
+    return global_scale.numel()
+
+
+def global_scales_from_amax(amax: torch.Tensor) -> torch.Tensor:
+    """:func:`global_scale_from_amax` of each element of ``amax``, same shape (e.g. one per expert).
+
+    Example:
+        >>> import torch
+        >>> global_scales_from_amax(torch.tensor([[5.6, 0.0]])).tolist()
+        [[480.0, 1.0]]
+    """
+    amax = torch.clamp(amax.detach().float().abs(), min=torch.finfo(torch.float32).tiny)
+    return torch.nan_to_num(GLOBAL_SCALE_NUMERATOR / amax, nan=1.0, posinf=1.0, neginf=1.0)
 
 
 def global_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:

@@ -28,8 +28,9 @@ Example:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -44,7 +45,7 @@ from hf_qad.nvfp4.format import (
 )
 from hf_qad.nvfp4.scale_search import SCALE_METHODS, search_block_scales
 
-__all__ = ["NVFP4Linear"]
+__all__ = ["NVFP4Linear", "ZeroedBlocks", "keep_scale_dtypes", "zeroed_blocks"]
 
 # Buffers that must keep their dtype when the model is cast with .to(dtype)/.half():
 # packed codes, e4m3 block scales, and float32 global scales (rounding a global scale
@@ -56,6 +57,77 @@ _PROTECTED_BUFFERS = ("weight_packed", "weight_scale", "weight_global_scale", "i
 # subnormal (2**-9 / 2) it rounds to zero and the whole block quantizes to zero, so blocks vanish
 # once amax / amax_block reaches 448 / 2**-10 (about 4.6e5; the 6 of E2M1 cancels out).
 ZEROED_BLOCK_RATIO = E4M3_MAX / (E4M3_SUBNORMAL_STEP / 2)
+
+
+class ZeroedBlocks(NamedTuple):
+    """A quantized tensor most of whose weight blocks quantize to zero next to an outlier (:func:`zeroed_blocks`)."""
+
+    index: int
+    """Which of the tensors given to :func:`zeroed_blocks`."""
+    amax: float
+    """The largest weight magnitude setting its global scale."""
+    ratio: float
+    """``amax`` over the median non-zero block amax."""
+    zeroed: int
+    """Blocks that quantize to zero."""
+    blocks: int
+    """All its blocks."""
+
+    def message(self, subject: str, fix: str) -> str:
+        """The warning about it: ``subject`` names the weight (``"NVFP4Linear x: its"``), ``fix`` the way out."""
+        return (
+            f"{subject} largest weight ({self.amax:.3g}) is {self.ratio:.3g}x the median block amax, so {self.zeroed} "
+            f"of its {self.blocks} weight blocks quantize to zero (from {ZEROED_BLOCK_RATIO:.3g}x on, block scales "
+            f"underflow e4m3). Check the checkpoint for corrupt values, or {fix}."
+        )
+
+
+def zeroed_blocks(block_amax: torch.Tensor, amax: torch.Tensor) -> list[ZeroedBlocks]:
+    """The tensors of a batch that lose at least half of their non-zero weight blocks to an outlier.
+
+    A block quantizes to zero when its amax is :data:`ZEROED_BLOCK_RATIO` or more below the amax
+    that sets its global scale. All-zero blocks (a pruned weight) are zero anyway and not counted.
+
+    Args:
+        block_amax: ``[G, B]``, the absolute maximum of each of the ``B`` blocks of ``G`` tensors.
+        amax: the amax setting each block's global scale (that of its tensor, or of a fused group
+            sharing one), broadcastable to ``[G, B]``.
+
+    Example:
+        >>> blocks = torch.tensor([[1.0, 1.0, 1e6], [1.0, 2.0, 3.0]])
+        >>> [(z.index, z.zeroed, z.blocks) for z in zeroed_blocks(blocks, blocks.amax(-1, keepdim=True))]
+        [(0, 2, 3)]
+    """
+    block_amax = block_amax.float()
+    amax = amax.float().expand_as(block_amax)
+    nonzero = block_amax > 0
+    zeroed = (nonzero & (block_amax * ZEROED_BLOCK_RATIO <= amax)).sum(-1)
+    flagged = ((zeroed > 0) & (2 * zeroed >= nonzero.sum(-1))).nonzero()[:, 0].tolist()
+    found = []
+    for index in flagged:
+        largest = amax[index].max()
+        median = block_amax[index][nonzero[index]].median()
+        found.append(ZeroedBlocks(index, float(largest), float(largest / median), int(zeroed[index]),
+                                  block_amax.shape[-1]))
+    return found
+
+
+@contextmanager
+def keep_scale_dtypes(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], names: Iterable[str]) -> Iterator[None]:
+    """Within this block (around ``nn.Module._apply``) the buffers ``names`` of ``module`` are set aside,
+    then only moved to the device ``fn`` moves tensors to, never cast.
+
+    ``nn.Module._apply`` casts every floating-point buffer on ``.to(dtype)`` / ``.half()``; float8 block
+    scales and float32 global scales must keep their dtype (a global scale rounded to bf16 would
+    change every code computed from it).
+    """
+    protected = {name: module._buffers.pop(name) for name in names if module._buffers.get(name) is not None}
+    try:
+        yield
+    finally:
+        for name, buffer in protected.items():
+            probe = fn(torch.empty(0, device=buffer.device))
+            module._buffers[name] = buffer.to(probe.device)
 
 
 class NVFP4Linear(nn.Linear):
@@ -322,20 +394,16 @@ class NVFP4Linear(nn.Linear):
         peers = [torch.stack(torch.aminmax(peer.weight.detach())).abs().amax().float()
                  for peer in self.global_scale_peers]
         amax = torch.stack([own, *peers]).amax()
-        nonzero = block_amax[block_amax > 0]
-        zeroed = int((nonzero * ZEROED_BLOCK_RATIO <= amax).sum())
-        if zeroed == 0 or 2 * zeroed < nonzero.numel():
+        found = zeroed_blocks(block_amax.reshape(1, -1), amax.reshape(1, 1))
+        if not found:
             return None
-        ratio = float(amax / nonzero.median())
         source = "its" if bool(own >= amax) else "its fused group's"
         warnings.warn(
-            f"NVFP4Linear {self._name() or ''}: {source} largest weight ({float(amax):.3g}) is {ratio:.3g}x the "
-            f"median block amax, so {zeroed} of its {block_amax.numel()} weight blocks quantize to zero (from "
-            f"{ZEROED_BLOCK_RATIO:.3g}x on, block scales underflow e4m3). Check the checkpoint for corrupt "
-            "values, or keep this layer in high precision (modules_to_not_convert).",
+            found[0].message(f"NVFP4Linear {self._name() or ''}: {source}",
+                             "keep this layer in high precision (modules_to_not_convert)"),
             stacklevel=2,
         )
-        return ratio
+        return found[0].ratio
 
     def _unpacked_weight_unchanged(self) -> bool:
         record = self._unpacked_global_scale
@@ -379,15 +447,8 @@ class NVFP4Linear(nn.Linear):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True):
-        # nn.Module._apply casts every floating-point buffer on .to(dtype)/.half();
-        # float8 scales and float32 global scales must only move between devices.
-        protected = {name: self._buffers.pop(name) for name in _PROTECTED_BUFFERS if name in self._buffers}
-        try:
+        with keep_scale_dtypes(self, fn, _PROTECTED_BUFFERS):
             super()._apply(fn, recurse)
-        finally:
-            for name, buffer in protected.items():
-                probe = fn(torch.empty(0, device=buffer.device))
-                self._buffers[name] = buffer.to(probe.device)
         self._frozen_cache = None
         return self
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from hf_qad.nvfp4.format import BLOCK_SIZE, E2M1_MAX
+from hf_qad.nvfp4.format import BLOCK_SIZE, E2M1_MAX, check_global_scale
 from hf_qad.nvfp4.reference import (
     block_amax,
     block_scales,
@@ -63,7 +63,8 @@ def search_block_scales(x: torch.Tensor, global_scale: torch.Tensor, method: str
 
     Args:
         x: the weight, last dimension a multiple of 16.
-        global_scale: its global scale (``2688 / amax``), float32 ``[1]``.
+        global_scale: its global scale (``2688 / amax``), float32 ``[1]``, or one per leading
+            index (shape ``x.shape[:d]``, e.g. ``[E]`` for fused experts ``[E, N, K]``).
         method: one of :data:`SCALE_METHODS`.
 
     Returns:
@@ -71,7 +72,10 @@ def search_block_scales(x: torch.Tensor, global_scale: torch.Tensor, method: str
     """
     if method not in _TARGETS:
         raise ValueError(f"unknown scale method {method!r}; choose one of {', '.join(SCALE_METHODS)}.")
-    gs = global_scale.detach().float().reshape(1).to(x.device)
+    count = check_global_scale(tuple(x.shape), global_scale)
+    gs = global_scale.detach().float().to(x.device)
+    # [1], or the leading shape followed by ones so that it broadcasts over each slice's blocks
+    gs = gs.reshape(1) if count == 1 else gs.reshape(*gs.shape, *([1] * (x.dim() - gs.dim())))
     amax = block_amax(x)
     blocks = x.detach().float().unflatten(-1, (-1, BLOCK_SIZE))
     best_scale = best_error = None

@@ -106,6 +106,7 @@ from hf_qad.nvfp4.format import (
     ZERO_BLOCK_SCALE,
     NVFP4Quantized,
     check_block_scale,
+    check_global_scale,
 )
 
 __all__ = [
@@ -353,12 +354,19 @@ def _quantize_blocks(x, global_scale, scale_ptr, block, mask, dtype: tl.constexp
 
 
 @triton.jit
+def _load_global_scale(gs_ptr, block, mask, blocks_per_scale):
+    """Each block's global scale: one for the tensor, or one per leading index (``blocks_per_scale`` blocks each)."""
+    return tl.load(gs_ptr + block // blocks_per_scale, mask=mask, other=1.0)
+
+
+@triton.jit
 def _fake_quant_kernel(
-    x_ptr, gs_ptr, scale_ptr, out_ptr, n_blocks, blocks_per_row, row_stride,
+    x_ptr, gs_ptr, scale_ptr, out_ptr, n_blocks, blocks_per_row, row_stride, blocks_per_scale,
     BLOCKS: tl.constexpr, GIVEN_SCALE: tl.constexpr,
 ):  # fmt: skip
     x, block, mask = _load_blocks(x_ptr, n_blocks, blocks_per_row, row_stride, BLOCKS)
-    codes, _, scale = _quantize_blocks(x, tl.load(gs_ptr), scale_ptr, block, mask,
+    global_scale = _load_global_scale(gs_ptr, block, mask, blocks_per_scale)
+    codes, _, scale = _quantize_blocks(x, global_scale, scale_ptr, block, mask,
                                        x_ptr.dtype.element_ty, GIVEN_SCALE)  # fmt: skip
     x_hat = _round_to(_e2m1_value(codes) * scale[:, None], out_ptr.dtype.element_ty)
     offsets = block[:, None] * _BLOCK_SIZE + tl.arange(0, _BLOCK_SIZE)[None, :]
@@ -391,12 +399,13 @@ def _fake_quant_activation_kernel(
 
 @triton.jit
 def _quantize_kernel(
-    x_ptr, gs_ptr, packed_ptr, scale_ptr, n_blocks, blocks_per_row, row_stride,
+    x_ptr, gs_ptr, packed_ptr, scale_ptr, n_blocks, blocks_per_row, row_stride, blocks_per_scale,
     BLOCKS: tl.constexpr, GIVEN_SCALE: tl.constexpr,
 ):  # fmt: skip
     """Packs the codes; stores the computed scales at ``scale_ptr``, or reads given ones there."""
     x, block, mask = _load_blocks(x_ptr, n_blocks, blocks_per_row, row_stride, BLOCKS)
-    codes, block_scale, _ = _quantize_blocks(x, tl.load(gs_ptr), scale_ptr, block, mask,
+    global_scale = _load_global_scale(gs_ptr, block, mask, blocks_per_scale)
+    codes, block_scale, _ = _quantize_blocks(x, global_scale, scale_ptr, block, mask,
                                              x_ptr.dtype.element_ty, GIVEN_SCALE)  # fmt: skip
     low, high = tl.split(tl.reshape(codes, (BLOCKS, _BYTES_PER_BLOCK, 2)))  # element 2i: low nibble of byte i
     offsets = block[:, None] * _BYTES_PER_BLOCK + tl.arange(0, _BYTES_PER_BLOCK)[None, :]
@@ -406,13 +415,13 @@ def _quantize_kernel(
 
 
 @triton.jit
-def _dequantize_kernel(packed_ptr, scale_ptr, gs_ptr, out_ptr, n_blocks, BLOCKS: tl.constexpr):
+def _dequantize_kernel(packed_ptr, scale_ptr, gs_ptr, out_ptr, n_blocks, blocks_per_scale, BLOCKS: tl.constexpr):
     block = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
     mask = block < n_blocks
     bytes_offsets = block[:, None] * _BYTES_PER_BLOCK + tl.arange(0, _BYTES_PER_BLOCK)[None, :]
     packed = tl.load(packed_ptr + bytes_offsets, mask=mask[:, None], other=0)
     sb = _e4m3_value(tl.load(scale_ptr + block, mask=mask, other=0))
-    scale = tl.div_rn(sb, tl.load(gs_ptr))[:, None]
+    scale = tl.div_rn(sb, _load_global_scale(gs_ptr, block, mask, blocks_per_scale))[:, None]
     values = tl.reshape(tl.join(_e2m1_value(packed), _e2m1_value(packed >> 4)), (BLOCKS, _BLOCK_SIZE))
     x_hat = _round_to(values * scale, out_ptr.dtype.element_ty)
     offsets = block[:, None] * _BLOCK_SIZE + tl.arange(0, _BLOCK_SIZE)[None, :]
@@ -594,10 +603,23 @@ def _scale_on(global_scale: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _global_scale(x: torch.Tensor, given: torch.Tensor | None) -> torch.Tensor:
-    """The given global scale, or ``x``'s own (:func:`global_scale`: on the device, no sync)."""
+    """The given global scale(s) as given, or ``x``'s own (:func:`global_scale`: on the device, no sync)."""
     if given is None:
         return global_scale(x)
-    return _scale_on(given, x.device)
+    return given
+
+
+def _global_scales(
+    shape: tuple[int, ...], n_blocks: int, global_scale: torch.Tensor, device: torch.device, name: str | None
+) -> tuple[torch.Tensor, int]:
+    """Global scales as the elementwise kernels read them: contiguous float32, and blocks per scale.
+
+    One scale for the tensor, or one per leading index (shape ``shape[:d]``, e.g. ``[E]`` for
+    fused experts ``[E, N, K]``), each covering the consecutive blocks of its slice.
+    """
+    count = check_global_scale(shape, global_scale, name)
+    scales = global_scale.detach().float().reshape(-1).to(device).contiguous()
+    return scales, max(n_blocks // count, 1)
 
 
 def global_scale(*tensors: torch.Tensor) -> torch.Tensor:
@@ -707,7 +729,8 @@ def fake_quant(
     Args:
         x: bf16, fp16 or fp32 tensor whose last dimension is a multiple of 16 (finite:
             unlike the reference, NaN and Inf are not checked, which would cost a sync).
-        global_scale: static global scale ``2688 / amax``; computed from ``x`` when ``None``.
+        global_scale: static global scale ``2688 / amax``, or one per leading index (shape
+            ``x.shape[:d]``, e.g. ``[E]`` for fused experts ``[E, N, K]``); computed from ``x`` when ``None``.
         block_scale: chosen e4m3 block scales ``[..., K / 16]`` (see
             :mod:`hf_qad.nvfp4.scale_search`), read by the kernel; ``e4m3(gs * amax / 6)``
             when ``None``.
@@ -721,10 +744,11 @@ def fake_quant(
     rows = _rows(x)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     n_blocks = rows.numel() // BLOCK_SIZE
+    gs, blocks_per_scale = _global_scales(x.shape, n_blocks, _global_scale(x, global_scale), x.device, name)
     _launch_elementwise(
         _fake_quant_kernel, n_blocks,
-        rows, _global_scale(x, global_scale), out if scale_bits is None else scale_bits, out,
-        n_blocks, rows.shape[1] // BLOCK_SIZE, rows.stride(0), GIVEN_SCALE=scale_bits is not None,
+        rows, gs, out if scale_bits is None else scale_bits, out,
+        n_blocks, rows.shape[1] // BLOCK_SIZE, rows.stride(0), blocks_per_scale, GIVEN_SCALE=scale_bits is not None,
     )  # fmt: skip
     return out
 
@@ -753,7 +777,8 @@ def fake_quant_activation(
     n_blocks = rows.numel() // BLOCK_SIZE
     _launch_elementwise(
         _fake_quant_activation_kernel, n_blocks,
-        rows, _global_scale(x, global_scale), out, n_blocks, rows.shape[1] // BLOCK_SIZE, rows.stride(0),
+        rows, _scale_on(_global_scale(x, global_scale), x.device), out, n_blocks, rows.shape[1] // BLOCK_SIZE,
+        rows.stride(0),
     )  # fmt: skip
     return out
 
@@ -769,29 +794,33 @@ def quantize(
 
     Args:
         x: bf16, fp16 or fp32 tensor whose last dimension is a multiple of 16 (finite).
-        global_scale: static global scale ``2688 / amax``; computed from ``x`` when ``None``.
+        global_scale: static global scale ``2688 / amax``, or one per leading index (shape
+            ``x.shape[:d]``); computed from ``x`` when ``None``.
         block_scale: chosen e4m3 block scales ``[..., K / 16]``, read by the kernel and
             returned as given; ``e4m3(gs * amax / 6)`` when ``None``.
         name: how to call ``x`` in error messages.
 
     Returns:
         ``packed`` uint8 ``[..., K / 2]``, ``block_scale`` float8_e4m3fn ``[..., K / 16]``
-        and the float32 ``[1]`` global scale used.
+        and the float32 global scale used (``[1]``, or the given per-leading-index shape).
     """
     _check_blocks(x, name)
     given_bits = _given_scale_bits(x, block_scale, name)
     rows = _rows(x)
-    gs = _global_scale(x, global_scale)
     leading, k = x.shape[:-1], x.shape[-1]
     packed = torch.empty((*leading, k // 2), dtype=torch.uint8, device=x.device)
     scale_bits = given_bits
     if scale_bits is None:
         scale_bits = torch.empty((*leading, k // BLOCK_SIZE), dtype=torch.uint8, device=x.device)
     n_blocks = rows.numel() // BLOCK_SIZE
+    given_gs = _global_scale(x, global_scale)
+    gs, blocks_per_scale = _global_scales(x.shape, n_blocks, given_gs, x.device, name)
     _launch_elementwise(
         _quantize_kernel, n_blocks,
-        rows, gs, packed, scale_bits, n_blocks, k // BLOCK_SIZE, rows.stride(0), GIVEN_SCALE=given_bits is not None,
+        rows, gs, packed, scale_bits, n_blocks, k // BLOCK_SIZE, rows.stride(0), blocks_per_scale,
+        GIVEN_SCALE=given_bits is not None,
     )  # fmt: skip
+    gs = gs.view(given_gs.shape) if gs.numel() > 1 else gs  # one per leading index keeps its shape
     if block_scale is not None:
         return NVFP4Quantized(packed, block_scale, gs)
     return NVFP4Quantized(packed, scale_bits.view(torch.float8_e4m3fn), gs)
@@ -808,16 +837,16 @@ def dequantize(
     Args:
         packed: ``uint8 [..., K / 2]``, element ``2i`` in the low nibble.
         block_scale: ``float8_e4m3fn [..., K / 16]``.
-        global_scale: ``float32 [1]``, ``2688 / amax``.
+        global_scale: ``float32 [1]``, ``2688 / amax``, or one per leading index (shape ``packed.shape[:d]``).
         dtype: bf16, fp16 or fp32.
     """
     _check_packed(packed, block_scale)
     out = torch.empty((*packed.shape[:-1], packed.shape[-1] * 2), dtype=dtype, device=packed.device)
     n_blocks = block_scale.numel()
+    gs, blocks_per_scale = _global_scales(packed.shape, n_blocks, global_scale, packed.device, "packed")
     _launch_elementwise(
         _dequantize_kernel, n_blocks,
-        packed.contiguous(), block_scale.contiguous().view(torch.uint8),
-        _scale_on(global_scale, packed.device), out, n_blocks,
+        packed.contiguous(), block_scale.contiguous().view(torch.uint8), gs, out, n_blocks, blocks_per_scale,
     )  # fmt: skip
     return out
 

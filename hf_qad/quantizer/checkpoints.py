@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, TrainerCallback
 
-from hf_qad.nvfp4.conversion import nvfp4_modules
+from hf_qad.nvfp4.conversion import nvfp4_experts, nvfp4_modules
 from hf_qad.quantizer.quantizer import nvfp4_quantizer
 from hf_qad.quantizer.serialization import FORMAT, config_from_compressed_tensors
 
@@ -88,7 +88,7 @@ def unpack_model(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Mo
     :meth:`hf_qad.nvfp4.linear.NVFP4Linear.unpack` for what is reproduced exactly.
     """
     quantizer = nvfp4_quantizer(model)
-    for layer in nvfp4_modules(model).values():
+    for layer in [*nvfp4_modules(model).values(), *nvfp4_experts(model).values()]:
         layer.unpack(dtype)
     quantizer.packed = False
     return model

@@ -13,6 +13,10 @@ Without the registration LoRA still works and merges correctly; the base is re-q
 every forward instead of cached.
 
 * **Adapters** stay in high precision; the forward is ``quant(W) x + B A x``.
+* **Fused MoE experts** (:class:`~hf_qad.nvfp4.moe.NVFP4Experts`) take adapters through peft's
+  ``target_parameters`` (``all-linear`` adds them on transformers-5 MoE models): peft reparametrizes
+  the 3-D weight as ``W + B A`` during the forward, which the layer fake-quantizes, so there the
+  forward is ``quant(W + B A) x``, the merged export's own weights.
 * **Export**: ``peft_model.merge_and_unload()`` adds ``B A`` into the master weights;
   ``save_pretrained`` on the result writes the packed NVFP4 checkpoint. The merged
   weight is quantized as a whole, so the exported model is close to, not equal to,
@@ -51,7 +55,7 @@ from peft import LoraConfig, PeftModel
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from hf_qad.nvfp4.conversion import nvfp4_modules
+from hf_qad.nvfp4.conversion import nvfp4_experts, nvfp4_modules
 from hf_qad.nvfp4.linear import NVFP4Linear
 
 __all__ = ["NVFP4LoraLinear", "register_nvfp4_lora", "teacher_mode"]
@@ -66,8 +70,8 @@ def teacher_mode(model: PeftModel) -> Iterator[PeftModel]:
     """Within this block, ``model`` computes its BF16 base model's outputs: the teacher.
 
     Disables the adapters (peft's ``disable_adapter``) and turns NVFP4 quantization
-    of weights and activations off, so a LoRA student shares its weights with its
-    teacher. Call the model under ``torch.no_grad()`` for teacher logits.
+    of weights and activations off (NVFP4 Linear layers and MoE experts), so a LoRA
+    student shares its weights with its teacher. Call the model under ``torch.no_grad()`` for teacher logits.
 
     Args:
         model: a peft model on a master-weight NVFP4 base whose weights are frozen.
@@ -84,7 +88,7 @@ def teacher_mode(model: PeftModel) -> Iterator[PeftModel]:
     """
     if not isinstance(model, PeftModel):
         raise TypeError(f"teacher_mode needs a peft PeftModel, got {type(model).__name__}.")
-    layers = nvfp4_modules(model)
+    layers = {**nvfp4_modules(model), **nvfp4_experts(model)}  # NVFP4 Linears and fused MoE experts
 
     def named(selected: list[str]) -> str:  # the base model's names, not peft's base_model.model...
         return _list([layers[name].module_name or name for name in selected])

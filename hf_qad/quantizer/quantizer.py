@@ -30,14 +30,17 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from hf_qad.nvfp4.conversion import (
     DEFAULT_MODULES_TO_NOT_CONVERT,
+    nvfp4_experts,
     nvfp4_modules,
     plan_conversion,
+    replace_experts,
     replace_linears,
     tied_linears,
 )
 from hf_qad.nvfp4.experts import experts_listed_by_name, high_precision_moe_names
-from hf_qad.nvfp4.linear import NVFP4Linear
+from hf_qad.nvfp4.moe import EXPERT_PROJECTIONS, EXPERT_TENSOR_SUFFIXES
 from hf_qad.quantizer.config import QUANT_METHOD, NVFP4Config
+from hf_qad.quantizer.loading_checks import check_expert_tensors_on_disk, check_loaded_tensors
 from hf_qad.quantizer.serialization import (
     compressed_tensors_config,
     master_weights_config,
@@ -52,7 +55,8 @@ _TAGS = ["hf_qad", "nvfp4"]
 
 
 class NVFP4HfQuantizer(HfQuantizer):
-    """Replaces Linear layers with :class:`~hf_qad.nvfp4.linear.NVFP4Linear` while loading.
+    """Replaces Linear layers with :class:`~hf_qad.nvfp4.linear.NVFP4Linear` and fused MoE experts
+    with :class:`~hf_qad.nvfp4.moe.NVFP4Experts` while loading.
 
     Attributes:
         unconverted_linears: exact names of the Linear layers left in high precision, of the
@@ -83,7 +87,9 @@ class NVFP4HfQuantizer(HfQuantizer):
     def update_dtype(self, dtype: torch.dtype | None) -> torch.dtype:
         return torch.bfloat16 if dtype is None else dtype
 
-    def _process_model_before_weight_loading(self, model, keep_in_fp32_modules=None, **kwargs) -> None:
+    def _process_model_before_weight_loading(
+        self, model, keep_in_fp32_modules=None, checkpoint_files=None, **kwargs
+    ) -> None:
         config = self.quantization_config
         if config.modules_to_not_convert is None:
             patterns = self.get_modules_to_not_convert(model, None, keep_in_fp32_modules)
@@ -93,25 +99,27 @@ class NVFP4HfQuantizer(HfQuantizer):
             patterns += experts_listed_by_name(model, patterns)  # a checkpoint's `ignore` names experts per expert
         # Tied output embeddings stay in high precision even when the user gives their own patterns.
         plan = plan_conversion(model, patterns, keep=tied_linears(model))
-        replace_linears(
-            model,
-            plan,
+        options = dict(
             quantize_activations=config.quantize_activations,
             scale_method=config.scale_method,
             packed=self.packed,
             share_fused_global_scales=config.share_fused_global_scales,
         )
+        replace_linears(model, plan, **options)
+        replace_experts(model, plan, **options)
         self.unconverted_linears = sorted(set(plan.skipped) | set(high_precision_moe_names(model, plan.kept_experts)))
         plan.log()
-        if not self.pre_quantized:
+        if self.pre_quantized:
+            check_expert_tensors_on_disk(model, checkpoint_files, model.config.name_or_path)
+        else:
             # A high-precision checkpoint has no input scales: they stay unset until calibration.
             ignored = list(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])
-            model._keys_to_ignore_on_load_missing = ignored + [r"\.input_global_scale$"]
+            model._keys_to_ignore_on_load_missing = ignored + [r"input_global_scale$"]
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         # For a pre-quantized checkpoint, "needs quantization" tells transformers that the tensor is
         # a quantized one whose shape the quantizer checks itself: a wrong one is then reported with
-        # the missing and wrong-dtype tensors in one error after loading (_check_loaded_tensors).
+        # the missing and wrong-dtype tensors in one error after loading (check_loaded_tensors).
         return self.pre_quantized and param_name.rpartition(".")[2] in _NVFP4_TENSORS
 
     def get_new_dtype(self, converter, param, dtype):
@@ -122,6 +130,39 @@ class NVFP4HfQuantizer(HfQuantizer):
             return None
         return super().get_new_dtype(converter, param, dtype)
 
+    def update_weight_conversions(self, weight_conversions, model):
+        """Load the per-expert NVFP4 tensors of a packed export into :class:`NVFP4Experts`' fused buffers.
+
+        transformers' base quantizer does this for companions of a parameter's name
+        (``weight_scale_inv`` -> ``gate_up_proj_scale_inv``) when the module registers them as
+        parameters; NVFP4Experts holds buffers and ``input_global_scale`` does not start with
+        ``weight``, so each of the model's converters that merges per-expert ``.weight`` tensors
+        into a fused projection gets a copy per NVFP4 tensor name here, with the same operations
+        (``experts.*.gate_proj.weight_packed`` + ``up_proj`` -> ``experts.gate_up_proj_packed``).
+        Reversed, the same copies are what ``save_pretrained`` would split.
+        """
+        from transformers.core_model_loading import WeightConverter
+
+        updated = super().update_weight_conversions(weight_conversions, model)
+        if not nvfp4_experts(model):
+            return updated
+        extra = []
+        for converter in updated:
+            if not isinstance(converter, WeightConverter):
+                continue
+            sources, targets = converter._original_source_patterns, converter._original_target_patterns
+            if not all(source.endswith(".weight") for source in sources) or not all(
+                target.rpartition(".")[2] in EXPERT_PROJECTIONS for target in targets
+            ):
+                continue
+            for tensor_name, suffix in EXPERT_TENSOR_SUFFIXES.items():
+                extra.append(converter.copy(
+                    [source.removesuffix("weight") + tensor_name for source in sources],
+                    [target + suffix for target in targets],
+                    operations=list(converter.operations),
+                ))  # fmt: skip
+        return updated + extra
+
     def _process_model_after_weight_loading(self, model, **kwargs):
         # transformers has just set model.config.quantization_config to our NVFP4Config; what
         # config.json gets must follow the save (packed export or master weights), so the model's
@@ -129,16 +170,19 @@ class NVFP4HfQuantizer(HfQuantizer):
         model.config.quantization_config = SavedQuantizationConfig(self)
         model.add_model_tags(_TAGS)  # for the model card transformers writes on push_to_hub
         layers = nvfp4_modules(model)
+        experts = nvfp4_experts(model)
         if self.pre_quantized:
-            _check_loaded_tensors(layers, model.config.name_or_path)
-        for layer in layers.values():
+            check_loaded_tensors({**layers, **experts}, model.config.name_or_path)
+        for layer in [*layers.values(), *experts.values()]:
             if not layer.is_packed:
                 layer.warn_if_outlier_zeroes_blocks()
             if not layer.quantize_activations:
                 continue
+            scales = [tensor for name, tensor in layer.named_buffers(recurse=False) if name.endswith("input_global_scale")]
             if not self.pre_quantized:
-                layer.input_global_scale.zero_()  # the loader left uninitialized memory here
-            layer.input_calibrated = bool((layer.input_global_scale > 0).all())
+                for scale in scales:
+                    scale.zero_()  # the loader left uninitialized memory here
+            layer.input_calibrated = all(bool((scale > 0).all()) for scale in scales)
         return model
 
     def checkpoint_config(self) -> dict[str, Any]:
@@ -190,42 +234,11 @@ class NVFP4HfQuantizer(HfQuantizer):
         return True
 
 
-_NVFP4_TENSORS = ("weight_packed", "weight_scale", "weight_global_scale", "input_global_scale")
-_LISTED = 4  # tensors named in a loading error; the rest are counted
-
-
-def _listing(names: list[str]) -> str:
-    more = f" (and {len(names) - _LISTED} more)" if len(names) > _LISTED else ""
-    return ", ".join(names[:_LISTED]) + more
-
-
-def _spec(shape: tuple[int, ...], dtype: torch.dtype) -> str:
-    return f"{str(dtype).removeprefix('torch.')} [{'x'.join(map(str, shape))}]"
-
-
-def _check_loaded_tensors(layers: Mapping[str, NVFP4Linear], path: str) -> None:
-    """Raise unless every NVFP4 tensor the checkpoint's config promises was loaded, with its shape and dtype.
-
-    transformers marks each tensor it loads from the checkpoint with ``_is_hf_initialized`` (what
-    its own missing-key initialization goes by); a missing one is left as uninitialized memory.
-    """
-    missing, wrong = [], []
-    for name, layer in layers.items():
-        for tensor_name, (shape, dtype) in layer.checkpoint_tensors().items():
-            key = f"{name}.{tensor_name}"
-            tensor = getattr(layer, tensor_name)
-            if not getattr(tensor, "_is_hf_initialized", False):
-                missing.append(key)
-            elif tuple(tensor.shape) != shape or tensor.dtype != dtype:
-                wrong.append(f"{key} ({_spec(tensor.shape, tensor.dtype)}, expected {_spec(shape, dtype)})")
-    if missing or wrong:
-        problems = ([f"missing {len(missing)}: {_listing(missing)}"] if missing else []) + (
-            [f"wrong {len(wrong)}: {_listing(wrong)}"] if wrong else []
-        )
-        raise ValueError(
-            f"{path} does not hold the NVFP4 tensors its quantization_config promises ({'; '.join(problems)}); "
-            "it is incomplete or was not written for this model: export it again (save_pretrained, hf-qad export)."
-        )
+_NVFP4_TENSORS = (
+    "weight_packed", "weight_scale", "weight_global_scale", "input_global_scale",
+    # NVFP4Experts' fused buffers, e.g. gate_up_proj_packed
+    *(projection + suffix for projection in EXPERT_PROJECTIONS for suffix in EXPERT_TENSOR_SUFFIXES.values()),
+)
 
 
 class SavedQuantizationConfig(QuantizationConfigMixin):

@@ -11,8 +11,14 @@ Two checkpoint kinds, one ``quantization_config`` each:
   * ``<name>.weight_global_scale``: float32 ``[1]``, ``2688 / amax`` (a divisor);
   * ``<name>.input_global_scale``: float32 ``[1]``, W4A4 only, from calibration.
 
+  Fused MoE experts (:class:`~hf_qad.nvfp4.moe.NVFP4Experts`) are written per expert under the
+  names transformers writes for the architecture (``mlp.experts.3.gate_proj.weight_packed``,
+  Mixtral's ``block_sparse_moe.experts.3.w1.weight_packed``, ...), gate and up with their
+  expert's shared global scale, as compressed-tensors writes the per-expert Linears of a MoE.
+
   ``ignore`` names every Linear layer left in high precision (compressed-tensors targets all
-  ``Linear`` modules, so an unlisted one would be expected to hold packed weights). An
+  ``Linear`` modules, so an unlisted one would be expected to hold packed weights), the MoE
+  routers and the per-expert modules of experts kept in high precision. An
   ``"hf_qad"`` entry records the settings compressed-tensors has no field for (the scale
   method); it is advisory: the compressed-tensors fields decide how the checkpoint loads.
 * a **master-weight checkpoint** (:func:`hf_qad.master_weight_checkpoint`, Trainer
@@ -34,20 +40,24 @@ import importlib.metadata
 import logging
 from collections.abc import Iterable, Mapping
 from contextlib import ExitStack
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
 
-from hf_qad.nvfp4.conversion import nvfp4_modules
+from hf_qad.nvfp4.conversion import nvfp4_experts, nvfp4_modules
+from hf_qad.nvfp4.experts import checkpoint_slices
 from hf_qad.nvfp4.format import BLOCK_SIZE
+from hf_qad.nvfp4.moe import EXPERT_PROJECTIONS, EXPERT_TENSOR_SUFFIXES, NVFP4Experts
 from hf_qad.version import __version__
 from hf_qad.quantizer.config import NVFP4Config
 
 __all__ = [
     "FORMAT",
+    "ExpertSlice",
     "compressed_tensors_config",
     "config_from_compressed_tensors",
+    "expert_checkpoint_slices",
     "is_hf_qad_checkpoint",
     "master_weights_config",
     "packed_state_dict",
@@ -207,6 +217,8 @@ def packed_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor] | None
     """
     layers = nvfp4_modules(model)
     packed = dict(model.state_dict() if state is None else state)
+    for name, experts in nvfp4_experts(model).items():
+        _write_per_expert(packed, model, name, experts, state)
     with ExitStack() as stack:
         if state is not None:  # every layer first: a layer's global scale reads its fused peers' weights
             for name, layer in layers.items():
@@ -226,3 +238,78 @@ def packed_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor] | None
             packed[prefix + "weight_scale"] = block_scale.contiguous()
             packed[prefix + "weight_global_scale"] = global_scale.contiguous()
     return packed
+
+
+class ExpertSlice(NamedTuple):
+    """Where one on-disk per-expert Linear of a fused experts module lives in its fused tensors."""
+
+    module: str
+    """On-disk module name, e.g. ``model.layers.0.mlp.experts.3.gate_proj``."""
+    projection: str
+    """The fused projection holding it (``gate_up_proj`` or ``down_proj``)."""
+    expert: int
+    rows: slice
+    """Its rows in the fused ``[E, N, ...]`` tensors."""
+    shard: int
+    """Its column in the fused ``[E, shards]`` scales (gate 0, up 1)."""
+
+
+def expert_checkpoint_slices(model: nn.Module, name: str, experts: NVFP4Experts) -> list[ExpertSlice]:
+    """The on-disk per-expert Linears of the fused experts module ``name``, by transformers' weight conversion.
+
+    The names and the rows each holds come from :func:`~hf_qad.nvfp4.experts.checkpoint_slices`: the
+    master weight's conversion when the model has it, else the one of the packed buffers (a model
+    loaded from a packed export only used those). What the export writes and what loading checks.
+
+    Raises:
+        ValueError: if transformers has no conversion writing the experts per expert.
+    """
+    result = []
+    for projection, shards in EXPERT_PROJECTIONS.items():
+        key = f"{name}.{projection}"
+        rows = experts.weight_shapes()[projection][1]
+        slices, tensor_name = {}, "weight"
+        for tensor_name in ("weight", "weight_packed"):
+            source = key + ("" if tensor_name == "weight" else EXPERT_TENSOR_SUFFIXES[tensor_name])
+            slices = checkpoint_slices(model, source, experts.num_experts, rows)
+            if slices:
+                break
+        if not slices:
+            raise ValueError(
+                f"transformers has no weight conversion that writes {key} per expert for "
+                f"{type(model).__name__}, so hf_qad does not know its on-disk names."
+            )
+        for on_disk, (expert, row_range) in slices.items():
+            result.append(ExpertSlice(on_disk.removesuffix("." + tensor_name), projection, expert, row_range,
+                                      row_range.start * shards // rows))
+    return result
+
+
+def _write_per_expert(
+    packed: dict[str, torch.Tensor],
+    model: nn.Module,
+    name: str,
+    experts: NVFP4Experts,
+    state: Mapping[str, torch.Tensor] | None,
+) -> None:
+    """Replace ``experts``' fused tensors in ``packed`` by per-expert NVFP4 tensors under their on-disk names
+    (:func:`expert_checkpoint_slices`)."""
+    if experts.quantize_activations and not experts.input_calibrated:
+        raise ValueError(
+            f"'{name}' quantizes activations (W4A4) but was never calibrated, so it has no input_global_scale "
+            "to export. Run hf_qad.calibrate(model, dataloader) first, or use NVFP4Config(scheme='w4a16')."
+        )
+    tensors = {}
+    for projection in EXPERT_PROJECTIONS:
+        key = f"{name}.{projection}"
+        master = state.get(key) if state is not None and not experts.is_packed else None
+        tensors[projection] = dict(zip(("weight_packed", "weight_scale", "weight_global_scale"),
+                                       experts.quantized_weight(projection, master)))  # fmt: skip
+        if experts.quantize_activations:
+            tensors[projection]["input_global_scale"] = getattr(experts, projection + "_input_global_scale")
+        for stale in (key, *(key + suffix for suffix in EXPERT_TENSOR_SUFFIXES.values())):
+            packed.pop(stale, None)
+    for piece in expert_checkpoint_slices(model, name, experts):
+        for ct_name, tensor in tensors[piece.projection].items():
+            value = tensor[piece.expert, piece.rows] if tensor.dim() == 3 else tensor[piece.expert, piece.shard].reshape(1)
+            packed[f"{piece.module}.{ct_name}"] = value.contiguous()

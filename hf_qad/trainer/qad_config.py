@@ -60,6 +60,15 @@ class QADConfig(SFTConfig):
             A teacher cache made by :func:`hf_qad.trainer.teacher_cache.build_teacher_cache`: the
             teacher's top-k log-probabilities over the training set. No teacher is loaded; the loss
             is the top-k forward KL (needs ``divergence="forward_kl"``, ``temperature=1``, no packing).
+        router_aux_loss_coef (`float` or `None`, defaults to `None`):
+            Mixture-of-experts students: weight of the model's load-balancing loss, added to the QAD loss
+            as SFTTrainer adds it to the cross-entropy (the model's own loss, per micro-batch, averaged over
+            gradient accumulation). ``None``: off, unless the student was loaded with
+            ``output_router_logits=True`` (in its config or ``model_init_kwargs``), then on with the model's
+            own ``router_aux_loss_coef``; a number: that weight (``0`` off). Off by default: QAD trains the
+            student to route and predict as its teacher does, and the balancing term pulls the routers
+            elsewhere (SFTConfig's ``None`` turns it on for every MoE model). ``QADTrainer`` resolves it to a
+            number when it starts.
     """
 
     teacher_model_name_or_path: str | None = field(default=None, metadata={"help": "BF16 teacher path or hub id."})
@@ -82,6 +91,11 @@ class QADConfig(SFTConfig):
     max_new_tokens: int = field(default=128, metadata={"help": "Generated completion length."})
     generation_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (0: greedy)."})
     teacher_cache_path: str | None = field(default=None, metadata={"help": "Offline teacher top-k cache."})
+    router_aux_loss_coef: float | None = field(
+        default=None,
+        metadata={"help": "MoE load-balancing loss weight. None: the model's own coefficient if the student was "
+                  "loaded with output_router_logits=True, else off. 0 turns it off."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -36,14 +36,14 @@ import torch
 import torch.nn as nn
 from accelerate.utils import fsdp2_prepare_model
 from peft import LoraConfig, PeftModel
-from transformers import AutoModelForCausalLM, PreTrainedModel, TrainerCallback, TrainingArguments
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, TrainerCallback, TrainingArguments
 from trl import SFTTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp, unwrap_model_for_generation
 from trl.models.utils import _ForwardRedirection
 
 from hf_qad.export.model_card import write_model_card
 from hf_qad.nvfp4.calibration import calibrate
-from hf_qad.nvfp4.conversion import nvfp4_modules
+from hf_qad.nvfp4.conversion import nvfp4_experts, nvfp4_modules
 from hf_qad.quantizer.checkpoints import MasterWeightCheckpointCallback, is_packed_export
 from hf_qad.quantizer.peft import register_nvfp4_lora, teacher_mode
 from hf_qad.quantizer.quantizer import NVFP4HfQuantizer
@@ -57,6 +57,7 @@ from hf_qad.trainer.generation import (
 )
 from hf_qad.trainer.losses import DistillationSums, cached_distillation_loss, chunked_distillation_loss
 from hf_qad.trainer.qad_config import QADConfig
+from hf_qad.trainer.routing import is_moe, router_agreement_sums, router_aux_loss, top_k_experts
 from hf_qad.trainer.teacher_cache import CACHE_COLUMNS, TeacherCacheCollator, attach_teacher_cache, read_cache_info
 
 __all__ = ["QADTrainer"]
@@ -87,9 +88,10 @@ def _model_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS and k != "use_cache"}
 
 
-def _backbone_hidden(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
-    """Final hidden states of a causal LM's backbone, without applying its head."""
-    return _causal_lm(model).base_model(**inputs, use_cache=False).last_hidden_state
+def _backbone(model: nn.Module, inputs: dict[str, Any], router_logits: bool = False) -> Any:
+    """A causal LM's backbone outputs (final hidden states, and router logits if asked), without its head."""
+    extra = {"output_router_logits": True} if router_logits else {}
+    return _causal_lm(model).base_model(**inputs, use_cache=False, **extra)
 
 
 def _vocab_rows(model: nn.Module) -> int:
@@ -180,6 +182,7 @@ class QADTrainer(SFTTrainer):
         **sft_kwargs: Any,
     ) -> None:
         args = self._as_qad_config(model, args)
+        self._resolve_router_aux_loss(model, args)
         teacher_source = teacher if teacher is not None else args.teacher_model_name_or_path
         cached = args.teacher_cache_path is not None
         if cached and teacher_source is not None:
@@ -204,6 +207,7 @@ class QADTrainer(SFTTrainer):
             self._register_fused_peers_with_zero3()
         self.shared_teacher = teacher_source is None and not cached
         self.teacher_model = None if teacher_source is None else self._prepare_teacher(teacher_source)
+        self._moe = is_moe(_causal_lm(self.model))
         self._check_vocabulary()
         if cached:
             self._use_teacher_cache(args.teacher_cache_path)
@@ -227,6 +231,26 @@ class QADTrainer(SFTTrainer):
             known = QADConfig.__dataclass_fields__
             return QADConfig(**{k: v for k, v in values.items() if k in known and known[k].init})
         raise TypeError(f"args must be a QADConfig, SFTConfig or TrainingArguments, got {type(args).__name__}.")
+
+    @staticmethod
+    def _resolve_router_aux_loss(model: str | nn.Module, args: QADConfig) -> None:
+        """Turn ``router_aux_loss_coef=None`` into a number before SFTTrainer reads it (see QADConfig).
+
+        SFTTrainer takes ``None`` as "the model's coefficient" for every MoE model and then overwrites the
+        config's ``output_router_logits``, so whether the user asked for router logits is read here, first.
+        """
+        if args.router_aux_loss_coef is not None:
+            return
+        if isinstance(model, str):  # loaded by SFTTrainer with model_init_kwargs, which may ask for router logits
+            init_kwargs = args.model_init_kwargs or {}
+            config = AutoConfig.from_pretrained(
+                model, revision=init_kwargs.get("revision"), trust_remote_code=args.trust_remote_code
+            ).get_text_config()
+            asked = init_kwargs.get("output_router_logits", getattr(config, "output_router_logits", False))
+        else:
+            config = model.config.get_text_config()
+            asked = getattr(config, "output_router_logits", False)
+        args.router_aux_loss_coef = getattr(config, "router_aux_loss_coef", 0.0) if asked else 0.0
 
     def _check_student(self) -> None:
         if not nvfp4_modules(self.model):
@@ -392,7 +416,8 @@ class QADTrainer(SFTTrainer):
 
     # ------------------------------------------------------------------ calibration
     def _calibrate_if_needed(self) -> None:
-        layers = [m for m in nvfp4_modules(self.model).values() if m.quantize_activations]
+        modules = [*nvfp4_modules(self.model).values(), *nvfp4_experts(self.model).values()]
+        layers = [m for m in modules if m.quantize_activations]
         if not layers or all(m.input_calibrated for m in layers) or self.args.calibration_batches == 0:
             return
         model_keys = None
@@ -492,7 +517,10 @@ class QADTrainer(SFTTrainer):
         labels = inputs["shift_labels"] if "shift_labels" in inputs else inputs["labels"][:, 1:]
         mask = labels != -100
         cached = CACHE_COLUMNS[0] in inputs  # offline teacher: its cached top-k, one entry per loss token
-        teacher_hidden = None if cached else self._teacher_hidden(inputs, mask)
+        teacher_hidden, teacher_experts = (None, None) if cached else self._teacher_outputs(inputs, mask)
+        # MoE students return their router logits for the load-balancing loss and for router_agreement, which
+        # needs the teacher's routing: a teacher cache holds its log-probabilities only, so it is not logged there.
+        router_logits = self._moe and (self.aux_loss_enabled or teacher_experts is not None)
         unwrapped = self.accelerator.unwrap_model(model)
         # The student's whole loss, head included, runs inside the wrapped model's forward. Under DDP without
         # gradient checkpointing the Trainer sets find_unused_parameters=True, and DDP takes every parameter
@@ -503,26 +531,51 @@ class QADTrainer(SFTTrainer):
         # find_unused_parameters=False would also silence the error, but break on such models.)
         # The redirection also replaces the forward that accelerate wrapped in its mixed-precision autocast.
         with self.accelerator.autocast():
-            sums = self._forward_redirection(
-                model, unwrapped, self._student_sums, unwrapped, inputs, labels, mask, teacher_hidden
+            sums, student_router_logits = self._forward_redirection(
+                model, unwrapped, self._student_sums, unwrapped, inputs, labels, mask, teacher_hidden, router_logits
             )
         total = sums.loss
         tokens = torch.as_tensor(num_items_in_batch if num_items_in_batch is not None else sums.tokens)
         loss = total / tokens.to(total.device).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        aux_loss = None
+        if self.aux_loss_enabled and student_router_logits is not None:
+            # As SFTTrainer adds it: a per-micro-batch mean that DDP averages across ranks, averaged over the
+            # accumulation steps when the Trainer leaves gradient accumulation to the loss (num_items_in_batch).
+            aux_loss = router_aux_loss(_causal_lm(unwrapped), student_router_logits, inputs.get("attention_mask"))
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device) / steps
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"QAD loss is {loss.item()} at step {self.state.global_step}: the student produced "
                 "NaN/Inf. Lower the learning rate, check the data, or resume from the last checkpoint."
             )
         self._log_distillation_metrics(mode, sums)
+        if student_router_logits is not None:
+            agreement = None if teacher_experts is None else router_agreement_sums(
+                student_router_logits, teacher_experts, mask
+            )
+            self._log_routing_metrics(mode, agreement, aux_loss)
         return (loss, None) if return_outputs else loss
 
-    def _student_sums(self, student: nn.Module, inputs: dict[str, Any], labels: torch.Tensor, mask: torch.Tensor,
-                      teacher_hidden: torch.Tensor | None) -> DistillationSums:
-        """The loss sums of one batch from the student's forward (``teacher_hidden``: None with a teacher cache)."""
-        student_hidden = _backbone_hidden(student, _model_inputs(inputs))
+    def _student_sums(
+        self, student: nn.Module, inputs: dict[str, Any], labels: torch.Tensor, mask: torch.Tensor,
+        teacher_hidden: torch.Tensor | None, router_logits: bool = False,
+    ) -> tuple[DistillationSums, tuple[torch.Tensor, ...] | None]:
+        """The loss sums of one batch from the student's forward (``teacher_hidden``: None with a teacher cache).
+
+        With ``router_logits``, also the student's router logits per MoE layer (else None).
+        """
+        outputs = _backbone(student, _model_inputs(inputs), router_logits=router_logits)
+        return self._distillation_sums(student, inputs, labels, mask, teacher_hidden, outputs.last_hidden_state), (
+            outputs.router_logits if router_logits else None
+        )
+
+    def _distillation_sums(self, student: nn.Module, inputs: dict[str, Any], labels: torch.Tensor,
+                           mask: torch.Tensor, teacher_hidden: torch.Tensor | None,
+                           student_hidden: torch.Tensor) -> DistillationSums:
+        """The loss sums from the student's final hidden states (all positions) and the teacher's (loss positions)."""
         # Position i predicts labels[:, i]: without shift_labels the last position predicts nothing.
         student_hidden = student_hidden[:, : labels.shape[1]][mask]
         student_head = _causal_lm(student).get_output_embeddings()
@@ -551,17 +604,27 @@ class QADTrainer(SFTTrainer):
             ce_weight=self.args.ce_weight,
         )
 
-    def _teacher_hidden(self, inputs: dict[str, Any], mask: torch.Tensor) -> torch.Tensor:
-        """The teacher's final hidden states at the loss positions ``mask`` picks, run on the student's inputs."""
+    def _teacher_outputs(
+        self, inputs: dict[str, Any], mask: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """The teacher's final hidden states at the loss positions ``mask`` picks, run on the student's inputs.
+
+        And, for a MoE teacher of a MoE student, its top-k expert sets at those positions (else None).
+        """
         if self.teacher_model is None and not self.shared_teacher:
             raise ValueError("this batch has no cached teacher outputs and no teacher is loaded.")
         model_inputs = _model_inputs(inputs)
         with torch.no_grad(), self.accelerator.autocast(), self._teacher() as teacher:
             unwrapped_teacher = self.accelerator.unwrap_model(teacher)
-            teacher_hidden = self._forward_redirection(
-                teacher, unwrapped_teacher, _backbone_hidden, unwrapped_teacher, model_inputs
+            routing = self._moe and is_moe(_causal_lm(unwrapped_teacher))
+            outputs = self._forward_redirection(
+                teacher, unwrapped_teacher, _backbone, unwrapped_teacher, model_inputs, routing
             )
-        return teacher_hidden[:, : mask.shape[1]][mask]
+        experts = None
+        if routing:
+            top_k = _causal_lm(unwrapped_teacher).config.get_text_config().num_experts_per_tok
+            experts = top_k_experts(outputs.router_logits, top_k, mask)
+        return outputs.last_hidden_state[:, : mask.shape[1]][mask], experts
 
     def _log_distillation_metrics(self, mode: str, sums) -> None:
         # One row of token sums per process, added up: gather, not gather_for_metrics, which takes the rows
@@ -577,3 +640,17 @@ class QADTrainer(SFTTrainer):
             return
         for name, value in zip(("kl", "top1_agreement", "student_ce", "teacher_ce"), gathered[:4]):
             self._metrics[mode][name].append(value.item() / count)
+
+    def _log_routing_metrics(self, mode: str, agreement: tuple[torch.Tensor, int] | None,
+                             aux_loss: torch.Tensor | None) -> None:
+        # router_agreement: tokens x MoE layers whose top-k expert set is the teacher's, over all processes.
+        # aux_loss: the unweighted load-balancing loss, averaged over processes as SFTTrainer logs it.
+        if agreement is not None:
+            matches, count = agreement
+            gathered = self.accelerator.gather(
+                torch.stack([matches, torch.tensor(float(count), device=matches.device)])[None]
+            ).sum(0)
+            if gathered[1].item() > 0:
+                self._metrics[mode]["router_agreement"].append(gathered[0].item() / gathered[1].item())
+        if aux_loss is not None:
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather(aux_loss.detach()[None]).mean().item())

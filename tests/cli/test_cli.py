@@ -1,5 +1,6 @@
 """The hf-qad command on tiny models: quantize, export, eval, train, demo, and bad input."""
 
+import io
 import json
 
 import pytest
@@ -121,3 +122,11 @@ def test_demo_chat_rows_start_with_bos_once():
         tokenizer.chat_template = CHAT_TEMPLATE.replace("<s>", "")
     assert chat_ids(with_bos, conversation)[:2] == [1, with_bos.convert_tokens_to_ids("u")]  # added
     assert chat_ids(without, conversation, add_generation_prompt=True)[0] == without.convert_tokens_to_ids("u")
+
+
+def test_stdout_is_line_buffered_so_progress_lines_keep_their_place_among_progress_bars(monkeypatch):
+    piped = io.TextIOWrapper(io.BytesIO())  # what a pipe or a log file gives: block-buffered
+    monkeypatch.setattr("sys.stdout", piped)
+    with pytest.raises(SystemExit):
+        main([])  # prints the usage and exits
+    assert piped.line_buffering

@@ -258,11 +258,28 @@ def test_a_global_scale_per_expert_equals_the_2d_path_on_each_expert_slice(dtype
         expected = cpu.quantize(experts[e], global_scale[e])
         assert torch.equal(packed[e], expected.packed)
         assert torch.equal(block_scale[e].view(torch.uint8), expected.block_scale.view(torch.uint8))
+        assert torch.equal(cpu.dequantize(packed, block_scale, stored, dtype)[e],
+                           cpu.dequantize(expected.packed, expected.block_scale, expected.global_scale, dtype))
+
+
+def test_global_scales_per_expert_and_half_equal_the_2d_path_on_each_slice():
+    torch.manual_seed(1)
+    experts = torch.randn(3, 2, 8, 32) * torch.tensor([1.0, 1e-3]).view(1, 2, 1, 1)  # gate and up halves
+    global_scale = format.global_scales_from_amax(experts.abs().amax(dim=(-2, -1)))
+    fake, q = cpu.fake_quant(experts, global_scale), cpu.quantize(experts, global_scale)
+    for e in range(3):
+        for half in range(2):
+            assert torch.equal(fake[e, half], cpu.fake_quant(experts[e, half], global_scale[e, half]))
+            assert torch.equal(q.packed[e, half], cpu.quantize(experts[e, half], global_scale[e, half]).packed)
+    assert torch.equal(cpu.dequantize(*q, dtype=torch.float32), fake)
 
 
 def test_a_global_scale_per_expert_must_match_the_leading_dimensions():
     with pytest.raises(ValueError, match=r"experts: a global scale per leading index must have shape x\.shape\[:d\]"):
         cpu.fake_quant(torch.randn(4, 8, 32), torch.ones(3), name="experts")
+    with pytest.raises(ValueError, match=r"packed: a global scale per leading index"):
+        cpu.dequantize(torch.zeros(4, 8, 16, dtype=torch.uint8), torch.ones(4, 8, 2).to(torch.float8_e4m3fn),
+                       torch.ones(4, 8, 1))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)

@@ -5,6 +5,7 @@ from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen
 
 from hf_qad.nvfp4.experts import (
     checkpoint_module_names,
+    checkpoint_slices,
     experts_listed_by_name,
     fused_expert_modules,
     high_precision_moe_names,
@@ -57,3 +58,15 @@ def test_high_precision_names_list_routers_always_and_kept_experts_as_vllm_probe
             "model.layers.0.block_sparse_moe.gate", "model.layers.1.block_sparse_moe.gate"} <= set(names)
     # and the list reads back as exactly those experts kept
     assert experts_listed_by_name(mixtral, names) == ["model.layers.0.mlp.experts"]
+
+
+def test_checkpoint_slices_say_which_expert_and_rows_each_on_disk_tensor_holds():
+    qwen = tiny_qwen3_moe()
+    slices = checkpoint_slices(qwen, "model.layers.1.mlp.experts.gate_up_proj", 4, 64)
+    assert slices["model.layers.1.mlp.experts.2.gate_proj.weight"] == (2, slice(0, 32))
+    assert slices["model.layers.1.mlp.experts.3.up_proj.weight"] == (3, slice(32, 64))
+    assert len(slices) == 8
+    mixtral = tiny_mixtral()
+    assert checkpoint_slices(mixtral, "model.layers.0.mlp.experts.down_proj", 2, 64) == {
+        f"model.layers.0.block_sparse_moe.experts.{e}.w2.weight": (e, slice(0, 64)) for e in range(2)}
+    assert checkpoint_slices(qwen, "model.layers.0.mlp.experts.gate_up_proj_packed", 4, 64) == {}

@@ -5,6 +5,7 @@ import torch
 
 from hf_qad.nvfp4 import reference as ref
 from tests.ct_oracle import ct_compress
+from hf_qad.nvfp4.format import global_scales_from_amax
 from hf_qad.nvfp4.scale_search import SCALE_METHODS, search_block_scales
 from tests.ct_oracle import ct_decompress
 
@@ -56,3 +57,14 @@ def test_unknown_method():
     with pytest.raises(ValueError, match="unknown scale method"):
         search_block_scales(torch.randn(2, 16), torch.ones(1), "best")
     assert set(SCALE_METHODS) == {"amax", "four_over_six", "mse"}
+
+
+@pytest.mark.parametrize("method", ["four_over_six", "mse"])
+def test_a_global_scale_per_expert_searches_each_expert_as_its_own_tensor(method):
+    torch.manual_seed(0)
+    experts = torch.randn(3, 8, 64) * torch.tensor([1e-3, 1.0, 40.0]).view(3, 1, 1)
+    global_scale = global_scales_from_amax(experts.abs().amax(dim=(1, 2)))
+    searched = search_block_scales(experts, global_scale, method)
+    for e in range(3):
+        expected = search_block_scales(experts[e], global_scale[e], method)
+        assert torch.equal(searched[e].view(torch.uint8), expected.view(torch.uint8))

@@ -484,3 +484,33 @@ def test_activation_rounding_strided_and_odd_shapes(case):
     x = _strided_views()[case].to(torch.bfloat16)
     gs = ref.global_scale_from_amax(torch.tensor(2.0))
     _assert_bits_equal(tk.fake_quant_activation(x, gs), ref.fake_quant_activation(x, gs))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_global_scales_per_leading_index_equal_the_2d_path_on_each_slice(dtype):
+    """Fused experts [E, 2, N, K] with one global scale per expert and half, as NVFP4Experts quantizes them."""
+    torch.manual_seed(0)
+    experts = (torch.randn(3, 2, 8, 32) * torch.tensor([0.01, 1.0, 30.0]).view(3, 1, 1, 1)).to(dtype)
+    experts[1, 0, 0, :16] = 0  # a zero block
+    global_scale = torch.stack([torch.cat([ref.global_scale_from_amax(half.abs().amax()) for half in expert])
+                                for expert in experts])
+    fake = tk.fake_quant(experts, global_scale)
+    q = tk.quantize(experts, global_scale)
+    assert torch.equal(q.global_scale, global_scale)
+    searched = search_block_scales(experts[2, 1], global_scale[2, 1], "mse")
+    for e in range(3):
+        for half in range(2):
+            slice_, gs = experts[e, half], global_scale[e, half]
+            assert torch.equal(fake[e, half], ref.fake_quant(slice_, gs))
+            expected = ref.quantize(slice_, gs)
+            assert torch.equal(q.packed[e, half], expected.packed)
+            assert torch.equal(_scale_bits(q)[e, half], _scale_bits(expected))
+    assert torch.equal(tk.dequantize(*q, dtype=dtype), fake)
+    given = q.block_scale.clone()
+    given[2, 1] = searched
+    assert torch.equal(tk.fake_quant(experts, global_scale, given)[2, 1], ref.fake_quant(experts[2, 1], global_scale[2, 1], searched))
+
+
+def test_a_global_scale_per_leading_index_must_match_the_leading_dimensions():
+    with pytest.raises(ValueError, match=r"experts: a global scale per leading index must have shape x\.shape\[:d\]"):
+        tk.fake_quant(torch.randn(4, 8, 32), torch.ones(3), name="experts")

@@ -1,4 +1,5 @@
-"""The architectures users fine-tune, through the whole QAD path; MoE with separate expert Linears, fused experts refused."""
+"""The architectures users fine-tune, through the whole QAD path; MoE with separate expert Linears, fused experts kept
+in high precision (quantized fused experts: tests/quantizer/test_moe.py)."""
 
 import json
 import math
@@ -190,13 +191,6 @@ def test_float32_export_needs_bfloat16_in_plain_transformers(plain_transformers)
     """Upstream (compressed-tensors 0.20.1): see CT_FLOAT32_ERROR. hf_qad loads the same export in float32."""
     assert plain_transformers["float32"] == f"RuntimeError: {CT_FLOAT32_ERROR}"
     assert plain_transformers["float32_as_bf16"] == "OK"
-
-
-def test_fused_expert_tensors_raise_a_clear_error(tmp_path):
-    config = MixtralConfig(**SMALL, num_local_experts=2)
-    MixtralForCausalLM(config).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"fused expert tensors.*model\.layers\.0\.mlp\.experts\.gate_up_proj"):
-        AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=NVFP4Config())
 
 
 def test_fused_experts_can_be_kept_knowingly(tmp_path):

@@ -8,8 +8,8 @@ from transformers import AutoModelForCausalLM
 import hf_qad
 from hf_qad import NVFP4Config, NVFP4Linear
 from hf_qad.nvfp4 import functional
-from hf_qad.nvfp4.conversion import nvfp4_modules
-from tests.tiny_models import save_tiny_llama, token_batches
+from hf_qad.nvfp4.conversion import nvfp4_experts, nvfp4_modules
+from tests.tiny_models import save_tiny_llama, save_tiny_model, token_batches
 
 LAYER = "model.layers.0.mlp.up_proj"
 
@@ -236,3 +236,31 @@ def test_quantization_switch_of_nvfp4_linear():
     layer.pack().quantization_enabled = False
     with pytest.raises(RuntimeError, match="packed"):
         layer(x)
+
+
+@pytest.mark.parametrize("architecture", ["qwen3_moe", "mixtral"])
+def test_teacher_mode_turns_off_the_quantization_of_moe_experts(architecture, tmp_path):
+    path = save_tiny_model(tmp_path / "bf16", architecture)
+    # NVFP4Experts computes as transformers' eager experts loop; its grouped_mm default rounds bf16 differently
+    bf16 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, experts_implementation="eager")
+    base = _load(path, scheme="w4a4")
+    ids = token_batches(1, batch=4)[0]
+    hf_qad.calibrate(base, [ids])
+    model = _lora(base, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])  # the experts: quantized base only
+    _train_step(model, ids)
+    experts = list(nvfp4_experts(model).values())
+    assert len(experts) == 2 and not any(p.requires_grad for e in experts for p in e.parameters())
+    student, teacher = _logits(model, ids), _logits(bf16, ids)
+    with hf_qad.teacher_mode(model):
+        assert not any(e.quantization_enabled for e in experts)
+        assert torch.equal(_logits(model, ids), teacher)
+    assert all(e.quantization_enabled for e in experts)
+    assert torch.equal(_logits(model, ids), student)
+    with model.disable_adapter():  # the experts' switch matters: only the Linear layers off is not the teacher
+        for layer in nvfp4_modules(model).values():
+            layer.quantization_enabled = False
+        try:
+            assert not torch.equal(_logits(model, ids), teacher)
+        finally:
+            for layer in nvfp4_modules(model).values():
+                layer.quantization_enabled = True

@@ -98,6 +98,20 @@ def ddp(request, tiny_path, tmp_path_factory):
     return _two_processes(tiny_path, tmp_path_factory.mktemp("ddp"), *_checkpointing(request.param))
 
 
+# A MoE student (tiny Qwen3-MoE, NVFP4 experts), without gradient checkpointing: DDP then looks for unused
+# parameters, which is where a MoE model differs (experts a batch does not route to).
+@pytest.fixture(scope="module")
+def one_process_moe(tiny_moe_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one_process_moe")
+    train(str(tiny_moe_path), str(out), batch_size=GLOBAL_BATCH, gradient_checkpointing=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ddp_moe(tiny_moe_path, tmp_path_factory):
+    return _two_processes(tiny_moe_path, tmp_path_factory.mktemp("ddp_moe"), "--no-gradient-checkpointing")
+
+
 @pytest.fixture(scope="module", **CHECKPOINTING)
 def fsdp2(request, tiny_path, tmp_path_factory):
     return _two_processes(tiny_path, tmp_path_factory.mktemp("fsdp2"), "--fsdp2", *_checkpointing(request.param))
@@ -172,6 +186,14 @@ def test_ddp_ranks_end_with_the_same_calibration_and_weights(ddp):
 @needs_gloo
 def test_ddp_save_model_writes_one_packed_export(ddp, tiny_path, tmp_path):
     _assert_one_packed_export_of_the_master_weights(ddp, tiny_path, tmp_path)
+
+
+@needs_gloo
+def test_ddp_of_a_moe_student_matches_one_process(one_process_moe, ddp_moe):
+    for rank in (0, 1):
+        assert _record(ddp_moe, rank)["find_unused_parameters"] is True
+        _assert_same_run(ddp_moe, one_process_moe, rank, metrics=(*METRICS, "router_agreement"))
+    assert _record(ddp_moe, 0)["logs"] == _record(ddp_moe, 1)["logs"]
 
 
 @needs_gloo
