@@ -236,7 +236,7 @@ def profiled_ranges():
     from hf_qad.trainer import qad_trainer
 
     targets = [(functional, name, "fake-quant") for name in ("fake_quant", "fake_quant_activation", "global_scale")]
-    targets += [(qad_trainer.QADTrainer, "_teacher_hidden", "teacher forward")]
+    targets += [(qad_trainer.QADTrainer, "_teacher_outputs", "teacher forward")]
     targets += [(qad_trainer, name, "loss") for name in ("chunked_distillation_loss", "cached_distillation_loss")]
     with contextlib.ExitStack() as stack:
         for owner, name, label in targets:
