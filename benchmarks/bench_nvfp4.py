@@ -14,7 +14,11 @@ CUDA, when available: the Triton fake-quant as a share of the card's measured
 device-to-device copy bandwidth (bytes read + written), against hf_qad's PyTorch path
 run on the same GPU tensors (what ``HF_QAD_DISABLE_TRITON=1`` uses) and checked equal to
 it bit for bit, and the W4A16 matmul against a bf16 ``torch.nn.functional.linear`` at
-batch 1, 16 and 256.
+batch 1, 16 and 256. Weights are fake-quantized as ``NVFP4Linear`` does (global scale
+from their amax, the Triton reduction, then the fake-quant kernel), activations as W4A4
+inputs are (``fake_quant_activation``: the serving kernel's rounding, static scale). The
+same functions run on CPU tensors under Triton's interpreter (``benchmarks/gpu_suite.py
+--dry-run``), where the numbers mean nothing but every line runs.
 
 Every number is a median over ``--repeats`` runs after one warm-up run; compare the
 ratios, not the absolute numbers, across machines.
@@ -78,6 +82,13 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def device_median_seconds(fn: Callable[[], object], repeats: int, device: str, inner: int = 20) -> float:
+    """Median time of one ``fn`` call on ``device``: CUDA events over ``inner`` calls, or the CPU clock."""
+    if device != "cuda":
+        return median_seconds(fn, repeats)
+    return cuda_median_seconds(fn, repeats, inner)
 
 
 def cuda_median_seconds(fn: Callable[[], object], repeats: int, inner: int = 20) -> float:
@@ -144,21 +155,29 @@ def cpu_report(quick: bool, repeats: int) -> str:
     return title + "\n\n" + markdown_table(headers, rows)
 
 
-def copy_bandwidth(repeats: int) -> float:
-    """The card's device-to-device copy bandwidth in bytes/s (read + written)."""
-    src = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")  # 256 MiB, beyond any L2
+def copy_bandwidth(repeats: int, device: str = "cuda", nbytes: int = 1 << 28) -> float:
+    """The device's copy bandwidth in bytes/s (read + written), 256 MiB by default: beyond any L2."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    return 2 * src.numel() / cuda_median_seconds(lambda: dst.copy_(src), repeats)
+    return 2 * src.numel() / device_median_seconds(lambda: dst.copy_(src), repeats, device)
 
 
-def triton_fake_quant_rows(triton_kernels, quick: bool, repeats: int, bandwidth: float) -> list[list[str]]:
+def fake_quant_ops(backend, case: Case) -> Callable:
+    """What a layer runs on ``case``: weights ``fake_quant`` (global scale from their amax),
+    activations ``fake_quant_activation`` (the run-time rounding, static scale)."""
+    return backend.fake_quant_activation if case.static_scale else backend.fake_quant
+
+
+def triton_fake_quant_rows(triton_kernels, quick: bool, repeats: int, bandwidth: float, device: str = "cuda",
+                           case_list: list[Case] | None = None) -> list[list[str]]:
     """Triton fake-quant per case: time, bandwidth, its share of the copy's, and the PyTorch path's time."""
     rows = []
-    for case in cases(quick):
-        x, global_scale = tensor_for(case, "cuda")
-        seconds = cuda_median_seconds(lambda: triton_kernels.fake_quant(x, global_scale), repeats)
-        torch_seconds = cuda_median_seconds(lambda: cpu.fake_quant(x, global_scale), repeats, inner=2)
-        same = torch.equal(triton_kernels.fake_quant(x, global_scale), cpu.fake_quant(x, global_scale))
+    for case in case_list or cases(quick):
+        x, global_scale = tensor_for(case, device)
+        ours, theirs = fake_quant_ops(triton_kernels, case), fake_quant_ops(cpu, case)
+        seconds = device_median_seconds(lambda: ours(x, global_scale), repeats, device)
+        torch_seconds = device_median_seconds(lambda: theirs(x, global_scale), repeats, device, inner=2)
+        same = torch.equal(ours(x, global_scale), theirs(x, global_scale))
         moved = 2 * x.numel() * x.element_size()  # x read once, the result written once
         rows.append([
             case.label, "x".join(map(str, case.shape)), f"{seconds * 1e6:.0f}",
@@ -168,20 +187,29 @@ def triton_fake_quant_rows(triton_kernels, quick: bool, repeats: int, bandwidth:
     return rows
 
 
-def w4a16_rows(triton_kernels, quick: bool, repeats: int) -> list[list[str]]:
-    """W4A16 matmul against a bf16 linear, per weight shape and batch size."""
+def w4a16_rows(triton_kernels, quick: bool, repeats: int, device: str = "cuda", sizes: tuple[int, ...] = (),
+               batches: tuple[int, ...] = (1, 16, 256)) -> list[list[str]]:
+    """W4A16 matmul against a bf16 linear, per square weight size and batch size.
+
+    The first call of each shape autotunes the tiles (on CUDA), outside the timed calls.
+    """
     rows = []
-    for n in (1024, 2048) if quick else (4096, 8192):
-        weight = (torch.randn(n, n, device="cuda") * 0.02).bfloat16()
+    for n in sizes or ((1024, 2048) if quick else (4096, 8192)):
+        weight = (torch.randn(n, n, device=device) * 0.02).bfloat16()
         packed, block_scale, global_scale = triton_kernels.quantize(weight)
-        for batch in (1, 16, 256):
-            x = torch.randn(batch, n, device="cuda").bfloat16()
-            bf16 = cuda_median_seconds(lambda: F.linear(x, weight), repeats)
-            w4 = cuda_median_seconds(
-                lambda: triton_kernels.w4a16_linear(x, packed, block_scale, global_scale), repeats
+        for batch in batches:
+            x = torch.randn(batch, n, device=device).bfloat16()
+            bf16 = device_median_seconds(lambda: F.linear(x, weight), repeats, device)
+            w4 = device_median_seconds(
+                lambda: triton_kernels.w4a16_linear(x, packed, block_scale, global_scale), repeats, device
             )
             rows.append([f"{n}x{n}", str(batch), f"{bf16 * 1e6:.1f}", f"{w4 * 1e6:.1f}", f"{bf16 / w4:.2f}x"])
     return rows
+
+
+FAKE_QUANT_HEADERS = ["tensor (bf16)", "shape", "Triton fake-quant (us)", "GB/s", "of copy bandwidth",
+                      "PyTorch path (us)", "Triton speed-up", "same bits"]
+MATMUL_HEADERS = ["weight", "batch", "bf16 linear (us)", "W4A16 (us)", "W4A16 speed-up"]
 
 
 def cuda_report(quick: bool, repeats: int) -> str:
@@ -189,15 +217,8 @@ def cuda_report(quick: bool, repeats: int) -> str:
 
     bandwidth = copy_bandwidth(repeats)
     name = torch.cuda.get_device_name()
-    fake_quant = markdown_table(
-        ["tensor (bf16)", "shape", "Triton fake-quant (us)", "GB/s", "of copy bandwidth",
-         "PyTorch path (us)", "Triton speed-up", "same bits"],
-        triton_fake_quant_rows(triton_kernels, quick, repeats, bandwidth),
-    )
-    matmul = markdown_table(
-        ["weight", "batch", "bf16 linear (us)", "W4A16 (us)", "W4A16 speed-up"],
-        w4a16_rows(triton_kernels, quick, repeats),
-    )
+    fake_quant = markdown_table(FAKE_QUANT_HEADERS, triton_fake_quant_rows(triton_kernels, quick, repeats, bandwidth))
+    matmul = markdown_table(MATMUL_HEADERS, w4a16_rows(triton_kernels, quick, repeats))
     return (
         f"### {name}: Triton fake-quant (copy bandwidth {bandwidth / 1e9:.0f} GB/s, read + written)"
         f"\n\n{fake_quant}\n\n### {name}: W4A16 matmul vs bf16 linear\n\n{matmul}"

@@ -1,9 +1,10 @@
 """What QAD costs per training step, next to SFT: step time and peak memory, from one run.
 
 Training steps, on one model and one batch (SmolLM2-135M-Instruct by default, ``--tiny``
-for a quick check on a 2-layer model, ``--random-init`` for a randomly initialized model of
-SmolLM2-135M's shape that needs no checkpoint, ``--moe`` for a randomly initialized
-Qwen3-MoE of SmolLM2's width: 8 fused experts, top-2, NVFP4 experts in the quantized runs):
+for a quick check on a 2-layer model, ``--random-init [SHAPE]`` for a randomly initialized
+model that needs no checkpoint, of SmolLM2-135M's shape or Llama-3.2-1B's, ``llama-1b``, ``--moe``
+for a randomly initialized Qwen3-MoE of SmolLM2's width: 8 fused experts, top-2, NVFP4 experts in
+the quantized runs):
 
 * ``SFT``: ``SFTTrainer`` on the high-precision model, the baseline;
 * ``SFT on NVFP4 (QAT)``: ``SFTTrainer`` on the NVFP4 fake-quantized student, so the
@@ -11,7 +12,14 @@ Qwen3-MoE of SmolLM2's width: 8 fused experts, top-2, NVFP4 experts in the quant
 * ``QAD full``: ``QADTrainer`` with a separate BF16 teacher loaded from the same checkpoint;
 * ``LoRA SFT``: ``SFTTrainer`` with LoRA on the high-precision model;
 * ``LoRA QAD``: ``QADTrainer`` with LoRA and no teacher (the shared teacher: the same model
-  with adapters and quantizers off).
+  with adapters and quantizers off);
+* ``QAD cached teacher`` (``qad_cache``, not in the default table): ``QADTrainer`` from an
+  offline teacher cache (top 32) built in the worker before training, so no teacher in memory.
+
+With ``--profile`` each worker runs one more step under ``torch.profiler`` and reports where
+its time goes: hf_qad's fake-quant ops (on CUDA the Triton kernels' own time), the teacher's
+forward and the distillation loss (with the teacher's head, whose gradients the loss makes in
+its forward), each as the time of the kernels launched inside it (CPU time on a CPU).
 
 Loss alone, at vocabulary 49,152 and ``--loss-tokens`` (2,048) tokens: hf_qad's chunked
 distillation loss (at several chunk sizes) against a naive KL that materializes full
@@ -41,6 +49,7 @@ Usage:
     python benchmarks/bench_qad_step.py --tiny           # 2-layer model, seconds
     python benchmarks/bench_qad_step.py --threads 1      # CPU shared with other jobs
     python benchmarks/bench_qad_step.py --random-init    # SmolLM2's shape, random weights, no checkpoint
+    python benchmarks/bench_qad_step.py --random-init llama-1b --dtype bfloat16 --seq-len 2048 --profile
     python benchmarks/bench_qad_step.py --moe --only steps  # a Qwen3-MoE of SmolLM2's width, random weights
     python benchmarks/bench_qad_step.py --only loss      # the loss table only (no model needed)
 
@@ -51,8 +60,10 @@ the batch is WikiText-2 text from ``../shared/data`` when present, else random t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import datetime
+import functools
 import json
 import os
 import re
@@ -73,6 +84,8 @@ STEP_CONFIGS = {
     "sft_lora": "LoRA SFT",
     "qad_lora": "LoRA QAD (shared teacher)",
 }
+EXTRA_STEP_CONFIGS = {"qad_cache": "QAD cached teacher (top 32)"}
+CACHE_TOP_K = 32
 LOSS_CONFIGS = {
     "naive": "naive full-logits KL",
     "chunk1024": "hf_qad chunked, chunk 1024",
@@ -90,6 +103,18 @@ SMOLLM2_SHAPE = dict(
     num_key_value_heads=3, head_dim=64, tie_word_embeddings=True, max_position_embeddings=8192,
     rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 100_000.0},
 )
+# Llama-3.2-1B's architecture (1.24B parameters, head tied to the embedding), for --random-init llama-1b.
+LLAMA_1B_SHAPE = dict(
+    vocab_size=128_256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+    num_key_value_heads=8, head_dim=64, tie_word_embeddings=True, max_position_embeddings=8192,
+    rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 500_000.0},
+)
+RANDOM_SHAPES = {"smollm2-135m": SMOLLM2_SHAPE, "llama-1b": LLAMA_1B_SHAPE}
+PROFILED = ("fake-quant", "teacher forward", "loss")
+"""The parts of a step that --profile times."""
+FAKE_QUANT_KERNELS = ("_fake_quant_kernel", "_fake_quant_activation_kernel", "_amax_partials_kernel",
+                      "_global_scale_kernel")
+"""hf_qad's Triton fake-quant kernels (the weight's global scale included), by name."""
 # A Qwen3-MoE of SmolLM2-135M's width and attention, for --moe: 8 experts, top-2, each expert half SmolLM2's MLP
 # (two active experts compute what its dense MLP does), 4 layers.
 MOE_SHAPE = dict(
@@ -160,7 +185,7 @@ def _model_path(opts: argparse.Namespace, workdir: Path) -> str:
 
     # A character-level tokenizer: the batch is random ids over the model's vocabulary (see _token_rows).
     name, shape = ("tiny", dict(num_hidden_layers=2, hidden_size=128, intermediate_size=256)) if opts.tiny else (
-        "smollm2-random", SMOLLM2_SHAPE)
+        f"{opts.random_init}-random", RANDOM_SHAPES[opts.random_init])
     path = workdir / name
     if not path.exists():
         save_tiny_llama_with_tokenizer(path, seed=opts.seed, **shape)
@@ -186,6 +211,78 @@ def _token_rows(model_path: str, rows: int, seq_len: int, seed: int, text: bool)
     return torch.randint(0, vocab, (rows, seq_len), generator=generator).tolist()
 
 
+def _in_range(label: str, fn):
+    """``fn`` inside a profiler range named ``label``."""
+    import torch
+
+    @functools.wraps(fn)
+    def labelled(*args, **kwargs):
+        with torch.profiler.record_function(label):
+            return fn(*args, **kwargs)
+
+    return labelled
+
+
+@contextlib.contextmanager
+def profiled_ranges():
+    """hf_qad's fake-quant ops, the teacher forward and the loss wrapped in profiler ranges.
+
+    Instrumentation of this benchmark's own process only: the module attributes NVFP4Linear
+    and QADTrainer call through are replaced by labelled wrappers for the run and restored.
+    """
+    from unittest import mock
+
+    from hf_qad.nvfp4 import functional
+    from hf_qad.trainer import qad_trainer
+
+    targets = [(functional, name, "fake-quant") for name in ("fake_quant", "fake_quant_activation", "global_scale")]
+    targets += [(qad_trainer.QADTrainer, "_teacher_outputs", "teacher forward")]
+    targets += [(qad_trainer, name, "loss") for name in ("chunked_distillation_loss", "cached_distillation_loss")]
+    with contextlib.ExitStack() as stack:
+        for owner, name, label in targets:
+            stack.enter_context(mock.patch.object(owner, name, _in_range(label, getattr(owner, name))))
+        yield
+
+
+def profile_breakdown(profiler, cuda: bool) -> dict[str, float]:
+    """Seconds of each :data:`PROFILED` part in the profiled step.
+
+    On CUDA: the fake-quant Triton kernels by name, and the kernels launched inside the
+    teacher-forward and loss ranges; on CPU: the ranges' CPU time.
+    """
+    events = profiler.events()
+    seconds = {}
+    for label in PROFILED:
+        if cuda and label == "fake-quant":
+            # Kernel names as the trace records them (a launcher may decorate the Python name).
+            kernels = [e for e in events if e.device_type.name != "CPU" and any(k in e.name for k in FAKE_QUANT_KERNELS)]
+            total = sum(e.self_device_time_total for e in kernels)
+        else:
+            ranges = [e for e in events if e.name == label and e.device_type.name == "CPU"]
+            total = sum(e.device_time_total if cuda else e.cpu_time_total for e in ranges)
+        seconds[label] = total / 1e6  # microseconds
+    if cuda:
+        seconds["device busy"] = sum(e.self_device_time_total for e in events if e.device_type.name != "CPU") / 1e6
+    return seconds
+
+
+def _teacher_cache(model_path: str, dataset, qad_config, workdir: Path, dtype) -> str:
+    """Build the top-k teacher cache of ``dataset`` (the teacher loaded, used and freed here)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_qad.trainer.teacher_cache import build_teacher_cache
+
+    path = workdir / "teacher_cache"
+    teacher = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(qad_config.device)
+    build_teacher_cache(teacher, dataset, AutoTokenizer.from_pretrained(model_path), qad_config, path=path,
+                        top_k=CACHE_TOP_K, batch_size=qad_config.per_device_train_batch_size)
+    del teacher
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return str(path)
+
+
 def run_step_config(config: str, opts: argparse.Namespace) -> dict:
     """Train ``warmup + steps`` steps of one configuration; time each step and take the peak memory."""
     import torch
@@ -202,12 +299,13 @@ def run_step_config(config: str, opts: argparse.Namespace) -> dict:
     baseline = memory.current()
     workdir = Path(opts.workdir)
     model_path = _model_path(opts, workdir)
-    rows = _token_rows(model_path, opts.batch_size * (opts.warmup + opts.steps), opts.seq_len, opts.seed,
+    total_steps = opts.warmup + opts.steps + (1 if opts.profile else 0)  # the profiled step comes last
+    rows = _token_rows(model_path, opts.batch_size * total_steps, opts.seq_len, opts.seed,
                        text=not (opts.tiny or opts.random_init or opts.moe))
     dataset = Dataset.from_dict({"input_ids": rows})
     dtype = getattr(torch, opts.dtype)
     common = dict(
-        output_dir=str(workdir / config), max_steps=opts.warmup + opts.steps, per_device_train_batch_size=opts.batch_size,
+        output_dir=str(workdir / config), max_steps=total_steps, per_device_train_batch_size=opts.batch_size,
         max_length=opts.seq_len, learning_rate=1e-5, report_to=[], save_strategy="no", logging_strategy="no",
         disable_tqdm=True, gradient_checkpointing=False, seed=opts.seed, use_cpu=not cuda,
         bf16=opts.autocast_bf16, model_init_kwargs={"dtype": dtype},
@@ -226,15 +324,28 @@ def run_step_config(config: str, opts: argparse.Namespace) -> dict:
         qad = QADConfig(**common, nvfp4_scheme=opts.scheme, calibration_batches=1, **chunk)
         if config == "qad":
             trainer = QADTrainer(model_path, teacher=model_path, args=qad, train_dataset=dataset)
+        elif config == "qad_cache":
+            cache = _teacher_cache(model_path, dataset, qad, workdir / config, dtype)
+            qad = QADConfig(**common, nvfp4_scheme=opts.scheme, calibration_batches=1, teacher_cache_path=cache,
+                            **chunk)
+            trainer = QADTrainer(model_path, args=qad, train_dataset=dataset)
         else:
             trainer = QADTrainer(model_path, args=qad, train_dataset=dataset, peft_config=lora)
             assert trainer.shared_teacher and trainer.teacher_model is None
 
     class StepTimer(TrainerCallback):
+        """Times every step; with --profile, runs the last one under the profiler."""
+
         def __init__(self) -> None:
             self.times: list[float] = []
+            self.profiler = None
 
-        def on_step_begin(self, *args, **kwargs) -> None:
+        def on_step_begin(self, args, state, *rest, **kwargs) -> None:
+            if opts.profile and state.global_step == total_steps - 1:
+                activities = [torch.profiler.ProfilerActivity.CPU]
+                activities += [torch.profiler.ProfilerActivity.CUDA] if cuda else []
+                self.profiler = torch.profiler.profile(activities=activities)
+                self.profiler.start()
             if cuda:
                 torch.cuda.synchronize()
             self.start = time.perf_counter()
@@ -243,14 +354,18 @@ def run_step_config(config: str, opts: argparse.Namespace) -> dict:
             if cuda:
                 torch.cuda.synchronize()
             self.times.append(time.perf_counter() - self.start)
+            if self.profiler is not None and len(self.times) == total_steps:
+                self.profiler.stop()
 
     timer = StepTimer()
     trainer.add_callback(timer)
     memory.reset()
     loaded = memory.current()
-    trainer.train()
+    with profiled_ranges() if opts.profile else contextlib.nullcontext():
+        trainer.train()
     peak = memory.peak()
-    timed = timer.times[opts.warmup:]
+    timed = timer.times[opts.warmup: opts.warmup + opts.steps]
+    profile = profile_breakdown(timer.profiler, cuda) if opts.profile else None
     return {
         "config": config,
         "step_s": statistics.median(timed),
@@ -258,6 +373,7 @@ def run_step_config(config: str, opts: argparse.Namespace) -> dict:
         "peak_total_mib": peak - baseline,
         "step_peak_mib": peak - loaded,
         "loaded_mib": loaded - baseline,
+        "profile_s": profile,
     }
 
 
@@ -408,11 +524,20 @@ def goal_lines(steps: dict[str, dict], losses: dict[str, dict]) -> list[str]:
     return [f"- {goal}: **{value}** ({'met' if ok else 'missed'})" for goal, value, ok in checked]
 
 
+def model_label(opts: argparse.Namespace) -> str:
+    if opts.tiny:
+        return "tiny 2-layer Llama"
+    if opts.moe:
+        return "Qwen3-MoE of SmolLM2's width (MOE_SHAPE), random weights"
+    return f"{opts.random_init} shape, random weights" if opts.random_init else "SmolLM2-135M-Instruct"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model instead of SmolLM2-135M-Instruct")
-    parser.add_argument("--random-init", action="store_true",
-                        help="a randomly initialized LlamaForCausalLM of SmolLM2-135M's shape (no checkpoint needed)")
+    parser.add_argument("--random-init", nargs="?", const="smollm2-135m", choices=sorted(RANDOM_SHAPES),
+                        help="a randomly initialized LlamaForCausalLM (no checkpoint needed) of SmolLM2-135M's "
+                             "shape, or of Llama-3.2-1B's (llama-1b)")
     parser.add_argument("--moe", action="store_true",
                         help="a randomly initialized Qwen3-MoE of SmolLM2's width, 8 experts top-2 (MOE_SHAPE)")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
@@ -431,15 +556,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of the workers (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", choices=["steps", "loss"], help="run one of the two tables")
+    parser.add_argument("--profile", action="store_true",
+                        help="one more step per configuration under torch.profiler: fake-quant, teacher forward, loss")
     parser.add_argument("--worker", nargs=2, metavar=("KIND", "CONFIG"), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
-    if opts.tiny + opts.random_init + opts.moe > 1:
+    if sum(map(bool, (opts.tiny, opts.random_init, opts.moe))) > 1:
         parser.error("--tiny, --random-init and --moe are different models: choose one.")
     # What a worker needs to see of the driver's options.
     opts.passthrough = [
-        *(["--tiny"] if opts.tiny else []), *(["--random-init"] if opts.random_init else []),
-        *(["--moe"] if opts.moe else []),
+        *(["--tiny"] if opts.tiny else []), *(["--random-init", opts.random_init] if opts.random_init else []),
+        *(["--moe"] if opts.moe else []), *(["--profile"] if opts.profile else []),
         "--device", opts.device, "--batch-size", str(opts.batch_size), "--seq-len", str(opts.seq_len),
         "--warmup", str(opts.warmup), "--steps", str(opts.steps), "--scheme", opts.scheme, "--dtype", opts.dtype,
         *([] if opts.autocast_bf16 else ["--no-autocast-bf16"]), "--loss-tokens", str(opts.loss_tokens),
@@ -472,8 +599,7 @@ def main(argv: list[str] | None = None) -> None:
                 losses[config]["frozen"] = _spawn("loss_frozen", config, opts, workdir)
                 print(f"{LOSS_CONFIGS[config]}: {losses[config]}", file=sys.stderr, flush=True)
 
-    model = ("tiny 2-layer Llama" if opts.tiny else "SmolLM2-135M shape, random weights" if opts.random_init
-             else "Qwen3-MoE of SmolLM2's width (MOE_SHAPE), random weights" if opts.moe else "SmolLM2-135M-Instruct")
+    model = model_label(opts)
     print(f"# bench_qad_step: {datetime.date.today()}, {machine()}, threads {opts.threads or 'default'}")
     print(f"\n`python benchmarks/bench_qad_step.py {' '.join(sys.argv[1:] if argv is None else argv)}`")
     if steps:

@@ -38,3 +38,31 @@ def _cases(seed: int = 0) -> dict[str, torch.Tensor]:
         "tiny_amax": torch.randn(4, 32, generator=g) * 1e-6,
         "wide_range": torch.randn(32, 128, generator=g) * torch.logspace(-6, 3, 128),
     }
+
+
+def global_scale_cases() -> dict[str, tuple[torch.Tensor, ...]]:
+    """Tensor groups whose joint global scale ``2688 / amax`` every backend computes: the
+    shared cases, peers of different shapes, and the amaxes where the formula's edges are
+    (zero and float32-subnormal amax fall back to 1.0, Inf gives 0, NaN gives 1.0)."""
+    g = torch.Generator().manual_seed(7)
+    cases = {name: (x,) for name, x in _cases().items()}
+    peers = (torch.randn(48, 32, generator=g), torch.randn(16, 32, generator=g) * 3, torch.randn(16, 32, generator=g))
+    strided = torch.randn(6, 80, generator=g)[:, 16:64]
+    special = {
+        "peers": peers,
+        "negative_extreme": (torch.full((2, 16), -0.5).index_put_((torch.tensor([1]), torch.tensor([3])),
+                                                                  torch.tensor(-7.25)),),
+        "row_stride": (strided,),
+        "subnormal_amax": (torch.full((1, 16), 1e-40),),
+        "inf": (torch.tensor([[float("inf")] + [1.0] * 15]),),
+        "nan": (torch.tensor([[1.0] * 15 + [float("nan")]]), torch.ones(1, 16)),
+        "empty_and_peer": (torch.zeros(0, 32), torch.randn(2, 32, generator=g)),
+    }
+    return {**cases, **special}
+
+
+def expected_global_scale(tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The global scale of ``tensors`` as ``format.global_scale_from_amax`` defines it."""
+    from hf_qad.nvfp4.format import global_scale_from_amax
+
+    return global_scale_from_amax(torch.cat([t.float().abs().reshape(-1) for t in tensors]))

@@ -79,6 +79,7 @@ __all__ = [
     "dequantize",
     "fake_quant",
     "fake_quant_activation",
+    "global_scale",
     "quantize",
     "w4a16_linear",
     "w4a4_linear",
@@ -143,6 +144,22 @@ def _block_amax(blocks: torch.Tensor) -> torch.Tensor:
         torch.bitwise_and(bits[rows], sign_off, out=magnitude)
         torch.amax(magnitude, dim=-1, out=amax_bits[rows])
     return amax_bits.view(blocks.dtype).float()
+
+
+def global_scale(*tensors: torch.Tensor) -> torch.Tensor:
+    """``2688 / amax`` over ``tensors`` (a weight and its global-scale peers), one pass over each.
+
+    Equal to ``global_scale_from_amax(torch.stack([t.abs().amax() for t in tensors]))``, with
+    the amax taken on the integer view (:func:`_block_amax`) instead of an ``|x|`` temporary.
+    """
+    if not tensors:
+        raise ValueError("global_scale needs at least one tensor.")
+    maxima = []
+    for x in tensors:
+        _check_dtype_and_shape(x, None)
+        amax = _block_amax(_blocks(x))
+        maxima.append(amax.max() if amax.numel() else amax.new_zeros(()))
+    return global_scale_from_amax(torch.stack(maxima))
 
 
 def _global_scale(

@@ -44,9 +44,9 @@ from types import ModuleType
 import torch
 
 from hf_qad.nvfp4 import cpu
-from hf_qad.nvfp4.format import NVFP4Quantized
+from hf_qad.nvfp4.format import NVFP4Quantized, global_scale_from_amax
 
-__all__ = ["dequantize", "fake_quant", "fake_quant_activation", "linear", "quantize"]
+__all__ = ["dequantize", "fake_quant", "fake_quant_activation", "global_scale", "linear", "quantize"]
 
 
 def _use_triton(tensor: torch.Tensor) -> bool:
@@ -130,6 +130,29 @@ def fake_quant_activation(
         :func:`hf_qad.nvfp4.reference.fake_quant_activation`.
     """
     return _FakeQuantActivationSTE.apply(x, global_scale, name)
+
+
+def global_scale(*tensors: torch.Tensor) -> torch.Tensor:
+    """The global scale ``2688 / amax`` of ``tensors`` together (a weight and its peers that
+    share one scale, e.g. fused q/k/v), as :func:`hf_qad.nvfp4.format.global_scale_from_amax`
+    gives it, bit for bit.
+
+    On CUDA a Triton reduction reads each tensor once and leaves the scale on the device for
+    the fake-quant kernel (no host sync, no ``|x|`` temporary); no gradient flows into it.
+
+    Example:
+        >>> import torch
+        >>> q, k = torch.randn(64, 32), torch.randn(16, 32)
+        >>> torch.equal(global_scale(q, k), global_scale_from_amax(torch.cat([q, k]).abs().amax()))
+        True
+    """
+    detached = [t.detach() for t in tensors]
+    if any(type(t) is not torch.Tensor for t in detached):
+        # Tensor subclasses (a DTensor shard of FSDP2): their own amax reduces over every shard,
+        # which a kernel reading the local data would not.
+        return global_scale_from_amax(torch.stack([t.abs().amax().float() for t in detached]))
+    backend = _backend(detached[0]) if detached else cpu  # cpu: refuses no tensors, with a message
+    return backend.global_scale(*detached)
 
 
 def quantize(

@@ -42,7 +42,6 @@ from hf_qad.nvfp4.format import (
     E4M3_MAX,
     E4M3_SUBNORMAL_STEP,
     NVFP4Quantized,
-    global_scale_from_amax,
 )
 from hf_qad.nvfp4.scale_search import SCALE_METHODS, search_block_scales
 
@@ -294,9 +293,7 @@ class NVFP4Linear(nn.Linear):
         group = (self, *self.global_scale_peers)
         if all(layer._unpacked_weight_unchanged() for layer in group):
             return self._unpacked_global_scale[1]
-        weights = [layer.weight for layer in group]
-        amax = torch.stack([w.detach().abs().amax().float() for w in weights]).amax()
-        return global_scale_from_amax(amax)
+        return functional.global_scale(*(layer.weight for layer in group))
 
     def _weight_scales(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Global scale and, for a searched scale method or learned clips, the block scales."""
@@ -494,7 +491,7 @@ class NVFP4Linear(nn.Linear):
                 stacklevel=3,
             )
             self._warned_uncalibrated = True
-        return global_scale_from_amax(x.detach().abs().amax())
+        return functional.global_scale(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.quantization_enabled:

@@ -10,6 +10,10 @@ Kernels
   block scales (e.g. searched weight scales) are loaded instead of computed.
 * :func:`quantize` / :func:`dequantize` — the same math writing (reading) the packed
   ``nvfp4-pack-quantized`` layout.
+* :func:`global_scale` — ``2688 / amax`` of one or more tensors (a weight and its fused
+  peers) in one read of each: per-program maxima, then one program that reduces them and
+  writes the float32 scale the kernels above read, all on the device (no host sync, no
+  ``|x|`` temporary). Ops given no global scale use it.
 * :func:`w4a16_linear` — a tiled matmul that dequantizes packed weights in registers;
   :func:`w4a4_linear` fake-quantizes the activations first (vLLM's NVFP4 emulation).
 
@@ -37,10 +41,21 @@ The matmul
 :func:`w4a16_linear` never materializes W: each program loads packed bytes and scale
 bytes (3.5x fewer bytes than bf16 weights), decodes them to float32, rounds to the
 activation dtype (the weight :func:`reference.dequantize` would give) and feeds ``tl.dot``
-with float32 accumulation. Small M (decode) uses 16-row tiles and splits K until there
-are about :data:`_TARGET_PROGRAMS` programs, so that reading the weights, the bound at
-batch 1, uses the whole GPU; the split partial sums are added in a fixed order
-(deterministic, no atomics).
+with float32 accumulation (for M <= 4 it may instead multiply elementwise and sum, a
+GEMV that wastes no tensor-core rows). Small M (decode) splits K until there are about
+as many programs as the config asks for, so that reading the weights, the bound at batch
+1, uses the whole GPU; the split partial sums are added in a fixed order (no atomics).
+
+Autotuning (CUDA)
+-----------------
+The first call of a kernel for a problem key times its candidate configs and keeps the
+fastest for the process (:func:`tuned_configs` lists the choices). The elementwise kernels
+choose their program size (:data:`_ELEMENTWISE_CANDIDATES`), which never changes a bit; the
+matmul chooses its tiles (:func:`_matmul_candidates`, per rows bucket, N, K, dtype). Each
+matmul config is deterministic, but two processes may pick different ones and so add the
+float32 partial sums in a different order; ``HF_QAD_TRITON_AUTOTUNE=0`` keeps the first
+candidate of every kernel, the same on every run. Off CUDA (the interpreter) the first
+candidate is used.
 
 Example (on CPU tensors this needs ``TRITON_INTERPRET=1`` set before importing triton):
     >>> import torch
@@ -63,11 +78,16 @@ Example (on CPU tensors this needs ``TRITON_INTERPRET=1`` set before importing t
 
 from __future__ import annotations
 
+import os
+import warnings
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+from triton.compiler.errors import CompilationError
+from triton.runtime.errors import OutOfResources
+from triton.testing import do_bench
 
 from hf_qad.nvfp4.format import (
     BLOCK_SIZE,
@@ -82,14 +102,23 @@ from hf_qad.nvfp4.format import (
     E4M3_MIN_EXPONENT,
     E4M3_SMALLEST_NORMAL,
     E4M3_SUBNORMAL_STEP,
+    GLOBAL_SCALE_NUMERATOR,
     ZERO_BLOCK_SCALE,
     NVFP4Quantized,
     check_block_scale,
     check_global_scale,
-    global_scale_from_amax,
 )
 
-__all__ = ["dequantize", "fake_quant", "fake_quant_activation", "quantize", "w4a16_linear", "w4a4_linear"]
+__all__ = [
+    "dequantize",
+    "fake_quant",
+    "fake_quant_activation",
+    "global_scale",
+    "quantize",
+    "tuned_configs",
+    "w4a16_linear",
+    "w4a4_linear",
+]
 
 # The format's constants, made visible to compiled kernels (which only read constexpr globals).
 _BLOCK_SIZE = tl.constexpr(BLOCK_SIZE)
@@ -108,6 +137,7 @@ _E4M3_SMALLEST_NORMAL = tl.constexpr(E4M3_SMALLEST_NORMAL)
 _E4M3_SUBNORMAL_STEP = tl.constexpr(E4M3_SUBNORMAL_STEP)
 _E4M3_SUBNORMALS_PER_UNIT = tl.constexpr(1 / E4M3_SUBNORMAL_STEP)  # 512, exact
 _ZERO_BLOCK_SCALE = tl.constexpr(ZERO_BLOCK_SCALE)
+_GLOBAL_SCALE_NUMERATOR = tl.constexpr(GLOBAL_SCALE_NUMERATOR)
 # float32 layout: 23 mantissa bits, exponent bias 127.
 _F32_MANTISSA_BITS = tl.constexpr(23)
 _F32_EXPONENT_BIAS = tl.constexpr(127)
@@ -120,12 +150,34 @@ _E2M1_TO_F16_SHIFT = tl.constexpr(10 - E2M1_MANTISSA_BITS)
 _E2M1_SIGN_TO_F16_SHIFT = tl.constexpr(15 - 3)
 _E2M1_F16_RESCALE = tl.constexpr(2.0 ** (15 - 1))
 
-_BLOCKS_PER_PROGRAM = 64
-"""16-element blocks per program of the elementwise kernels (1024 elements)."""
+_F32_TINY_BITS = tl.constexpr(0x00800000)  # the smallest normal float32, 2**-126
+_F32_EXPONENT_FIELD = tl.constexpr(0x7F800000)  # all ones: Inf or NaN
+
+class _ElementwiseConfig(NamedTuple):
+    blocks: int  # 16-element blocks per program
+    num_warps: int
+
+
+_ELEMENTWISE_CANDIDATES = (
+    _ElementwiseConfig(64, 4), _ElementwiseConfig(128, 4), _ElementwiseConfig(256, 4), _ElementwiseConfig(256, 8),
+    _ElementwiseConfig(512, 8),
+)  # fmt: skip
+"""Program sizes of the elementwise kernels that autotuning times on CUDA; the first is the
+default (1024 elements, 4 warps). Every block is computed on its own, so the choice never
+changes a bit of the result."""
+
+_TUNED: dict[tuple, NamedTuple] = {}
+"""Autotuned configs: the fastest candidate per kernel and problem key, timed once per process."""
+
+_AMAX_BLOCKS_PER_PROGRAM = 512
+"""16-element blocks per program of the amax reduction (8192 elements): few partial maxima."""
+
+_AMAX_REDUCE_CHUNK = 1024
+"""Partial maxima the final amax program loads per iteration."""
 
 _TARGET_PROGRAMS = 256
-"""Programs the matmul aims for, splitting K when the output has fewer tiles: about two
-per SM of an H100 (132 SMs), so that small-M (decode) matmuls keep every SM streaming."""
+"""Programs the default matmul config aims for, splitting K when the output has fewer tiles:
+about two per SM of an H100 (132 SMs), so that small-M (decode) matmuls keep every SM streaming."""
 
 
 # --------------------------------------------------------------------------- bit helpers
@@ -135,6 +187,19 @@ per SM of an H100 (132 SMs), so that small-M (decode) matmuls keep every SM stre
 def _exp2i(k):
     """``2.0 ** k`` in float32 for an integer tensor ``k`` in the normal range."""
     return ((k + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _with_sign(magnitude, negative):
+    """``magnitude`` (float32, sign bit clear) with its sign bit set where ``negative``.
+
+    Not ``tl.where(negative, -magnitude, magnitude)``: Triton 3.6 and older (before
+    triton-lang/triton#10270) compiled unary minus on floats as ``0 - x``, which gives +0.0
+    for x = +0.0, so negative zeros (a zero block scale stored as byte 0x80) came out
+    positive on GPUs while the interpreter negated exactly.
+    """
+    bits = magnitude.to(tl.int32, bitcast=True) | (negative.to(tl.int32) << 31)
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -157,7 +222,7 @@ def _round_to_e4m3(v):
     rounded = (significand + half_minus_one + ((significand >> drop) & 1)) >> drop
     step = _exp2i(tl.maximum(exponent, _E4M3_MIN_EXPONENT) - _E4M3_MANTISSA_BITS)
     magnitude = rounded.to(tl.float32) * step
-    return tl.where(v < 0, -magnitude, magnitude)
+    return _with_sign(magnitude, v.to(tl.int32, bitcast=True) < 0)  # -0.0 stays -0.0, as PyTorch's cast
 
 
 @triton.jit
@@ -182,7 +247,7 @@ def _e4m3_value(byte):
     normal = ((exponent + _E4M3_REBIAS) << _F32_MANTISSA_BITS) | (mantissa << _E4M3_DROPPED_BITS)
     subnormal = mantissa.to(tl.float32) * _E4M3_SUBNORMAL_STEP
     magnitude = tl.where(exponent == 0, subnormal, normal.to(tl.float32, bitcast=True))
-    return tl.where((byte & 0x80) != 0, -magnitude, magnitude)
+    return _with_sign(magnitude, (byte & 0x80) != 0)
 
 
 @triton.jit
@@ -363,6 +428,34 @@ def _dequantize_kernel(packed_ptr, scale_ptr, gs_ptr, out_ptr, n_blocks, blocks_
     tl.store(out_ptr + offsets, x_hat, mask=mask[:, None])
 
 
+@triton.jit
+def _amax_partials_kernel(x_ptr, partials_ptr, n_blocks, blocks_per_row, row_stride, BLOCKS: tl.constexpr):
+    """This program's ``max |x|`` as the int32 bits of a float32 (see :func:`_global_scale_kernel`)."""
+    x, _, _ = _load_blocks(x_ptr, n_blocks, blocks_per_row, row_stride, BLOCKS)
+    # With the sign cleared, float32 bits order like the values, NaN above Inf: an integer max
+    # carries a NaN through to the scale (1.0, as global_scale_from_amax gives it).
+    bits = tl.abs(x).to(tl.int32, bitcast=True)
+    tl.store(partials_ptr + tl.program_id(0), tl.max(tl.max(bits, axis=1), axis=0))
+
+
+@triton.jit
+def _global_scale_kernel(partials_ptr, n_partials, gs_ptr, CHUNK: tl.constexpr):
+    """``global_scale_from_amax`` of the largest partial, in one program.
+
+    As PyTorch computes it: ``amax`` clamped below at the smallest normal float32,
+    ``2688 / amax`` as ``reciprocal(amax) * 2688`` (what ``2688 / tensor`` runs), and a
+    non-finite result replaced by 1.0. The clamp is an integer max, so NaN stays NaN.
+    """
+    running = tl.zeros((CHUNK,), dtype=tl.int32)
+    for start in range(0, n_partials, CHUNK):
+        offs = start + tl.arange(0, CHUNK)
+        running = tl.maximum(running, tl.load(partials_ptr + offs, mask=offs < n_partials, other=0))
+    amax_bits = tl.maximum(tl.max(running, axis=0), _F32_TINY_BITS)
+    scale = tl.div_rn(1.0, amax_bits.to(tl.float32, bitcast=True)) * _GLOBAL_SCALE_NUMERATOR
+    finite = (scale.to(tl.int32, bitcast=True) & _F32_EXPONENT_FIELD) != _F32_EXPONENT_FIELD
+    tl.store(gs_ptr, tl.where(finite, scale, 1.0))
+
+
 # ---------------------------------------------------------------------- matmul kernels
 
 
@@ -389,9 +482,16 @@ def _weight_tile(packed_ptr, scale_ptr, global_scale, offs_n, n_mask, k_block0, 
 
 
 @triton.jit
-def _dot_acc(x, w, acc, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+def _dot_acc(x, w, acc, INTERPRET: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr):
     """``acc + x @ w^T`` for a float32 tile ``w`` rounded to ``x``'s dtype, as the reference
-    dequantizes to the activation dtype before multiplying."""
+    dequantizes to the activation dtype before multiplying.
+
+    Without DOT (a few rows: a GEMV) the products are formed elementwise in float32, exact
+    for 16-bit inputs, and summed over K.
+    """
+    if not DOT:
+        w = _round_to(w, x.dtype)
+        return acc + tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
     if INTERPRET:
         # The interpreter multiplies bfloat16 tiles as raw integers and truncates casts:
         # round like a GPU cast and multiply in float32 (16-bit products are exact there).
@@ -415,11 +515,11 @@ def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: 
 def _w4a16_kernel(
     x_ptr, packed_ptr, scale_ptr, gs_ptr, bias_ptr, out_ptr,
     M, N, K, stride_xm, stride_pn, stride_sn, k_tiles_per_split,
-    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
-    """``out = x @ W^T (+ bias)``; with SPLIT_K > 1, float32 partial sums ``[SPLIT_K, M, N]``."""
+    """``out = x @ W^T (+ bias)``; with SPLIT, float32 partial sums ``[splits, M, N]``."""
     tile_m, tile_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     split = tl.program_id(1)
     offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -437,10 +537,10 @@ def _w4a16_kernel(
         offs_k = tile * BLOCK_K + tl.arange(0, BLOCK_K)
         x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :],
                     other=0.0)  # fmt: skip
-        acc = _dot_acc(x, w, acc, INTERPRET, PRECISION)
+        acc = _dot_acc(x, w, acc, INTERPRET, PRECISION, DOT)
     out_offsets = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K == 1:
+    if not SPLIT:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         out = _round_to(acc, out_ptr.dtype.element_ty)
@@ -450,13 +550,13 @@ def _w4a16_kernel(
 
 
 @triton.jit
-def _sum_splits_kernel(partial_ptr, bias_ptr, out_ptr, numel, N,
-                       HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+def _sum_splits_kernel(partial_ptr, bias_ptr, out_ptr, numel, N, split_k,
+                       HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     """``out = sum(partials, 0) (+ bias)`` in a fixed order, so results are deterministic."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for split in range(SPLIT_K):
+    for split in range(split_k):
         acc += tl.load(partial_ptr + split * numel + offs, mask=mask, other=0.0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
@@ -502,11 +602,11 @@ def _scale_on(global_scale: torch.Tensor, device: torch.device) -> torch.Tensor:
     return global_scale.detach().float().reshape(1).to(device)
 
 
-def _global_scale(x: torch.Tensor, global_scale: torch.Tensor | None) -> torch.Tensor:
-    """The given global scale(s) as given, or ``x``'s own (a device-side reduction, no sync)."""
-    if global_scale is None:
-        return global_scale_from_amax(x.detach().abs().amax())
-    return global_scale
+def _global_scale(x: torch.Tensor, given: torch.Tensor | None) -> torch.Tensor:
+    """The given global scale(s) as given, or ``x``'s own (:func:`global_scale`: on the device, no sync)."""
+    if given is None:
+        return global_scale(x)
+    return given
 
 
 def _global_scales(
@@ -522,8 +622,89 @@ def _global_scales(
     return scales, max(n_blocks // count, 1)
 
 
-def _grid(n_blocks: int) -> tuple[int]:
-    return (triton.cdiv(n_blocks, _BLOCKS_PER_PROGRAM),)
+def global_scale(*tensors: torch.Tensor) -> torch.Tensor:
+    """``global_scale_from_amax`` of the largest ``|x|`` over ``tensors``, computed on the device.
+
+    Equal bit for bit to ``format.global_scale_from_amax(torch.stack([t.abs().amax() for t in
+    tensors]))``: one read of each tensor (a program's maximum each), then one program for
+    the scale; nothing waits for the host, and no ``|x|`` temporary is written.
+
+    Args:
+        tensors: bf16, fp16 or fp32 tensors on one device, last dimensions multiples of 16
+            (e.g. a weight and the weights that share its global scale).
+
+    Returns:
+        The float32 ``[1]`` global scale ``2688 / amax`` (1.0 when that is not finite).
+    """
+    if not tensors:
+        raise ValueError("global_scale needs at least one tensor.")
+    device = tensors[0].device
+    views, programs = [], []
+    for x in tensors:
+        _check_blocks(x)
+        if x.device != device:
+            raise ValueError(f"global_scale takes tensors on one device, got {device} and {x.device}.")
+        views.append(_rows(x))
+        programs.append(triton.cdiv(x.numel() // BLOCK_SIZE, _AMAX_BLOCKS_PER_PROGRAM))
+    # Every program writes its partial; only empty tensors leave nothing, whose amax is 0.
+    total = sum(programs)
+    partials = torch.empty(total, dtype=torch.int32, device=device) if total else torch.zeros(1, dtype=torch.int32,
+                                                                                              device=device)
+    start = 0
+    for rows, count in zip(views, programs):
+        if count:
+            _amax_partials_kernel[(count,)](
+                rows, partials[start:], rows.numel() // BLOCK_SIZE, rows.shape[1] // BLOCK_SIZE, rows.stride(0),
+                BLOCKS=_AMAX_BLOCKS_PER_PROGRAM,
+            )  # fmt: skip
+        start += count
+    scale = torch.empty(1, dtype=torch.float32, device=device)
+    _global_scale_kernel[(1,)](partials, partials.numel(), scale, CHUNK=_AMAX_REDUCE_CHUNK)
+    return scale
+
+
+def _autotuning(device: torch.device) -> bool:
+    """Whether launches on ``device`` time their candidate configs (CUDA, unless turned off)."""
+    return device.type == "cuda" and os.environ.get("HF_QAD_TRITON_AUTOTUNE", "1") != "0"
+
+
+def _fastest(key: tuple, candidates: tuple | list, launch) -> NamedTuple:
+    """The candidate whose ``launch(candidate)`` runs fastest, timed once per ``key`` and process.
+
+    Candidates that do not compile on this GPU (too much shared memory, a layout this
+    Triton cannot lower) are skipped with a warning; if none compiles, the first is kept
+    and its error surfaces at the launch.
+    """
+    if key not in _TUNED:
+        timings = {}
+        for config in candidates:
+            try:
+                timings[config] = do_bench(lambda: launch(config), warmup=5, rep=20, return_mode="median")
+            except (OutOfResources, CompilationError) as error:
+                warnings.warn(f"hf_qad: {key[0]} config {config} skipped by autotuning: {type(error).__name__}",
+                              stacklevel=3)
+        _TUNED[key] = min(timings, key=timings.get) if timings else candidates[0]
+    return _TUNED[key]
+
+
+def _launch_elementwise(kernel, n_blocks: int, *args, **constexprs) -> None:
+    """Launch an elementwise kernel over ``n_blocks`` blocks of 16 (its first argument the
+    input), with the program size autotuned on CUDA per kernel, tensor dtypes, options and
+    power-of-two bucket of ``n_blocks``."""
+
+    def launch(config: _ElementwiseConfig) -> None:
+        kernel[(triton.cdiv(n_blocks, config.blocks),)](*args, BLOCKS=config.blocks, num_warps=config.num_warps,
+                                                        **constexprs)  # fmt: skip
+
+    if n_blocks == 0:
+        return
+    config = _ELEMENTWISE_CANDIDATES[0]
+    if _autotuning(args[0].device):
+        dtypes = tuple(arg.dtype for arg in args if torch.is_tensor(arg))
+        key = (kernel.fn.__name__, dtypes, tuple(sorted(constexprs.items())), triton.next_power_of_2(n_blocks),
+               args[0].device)  # fmt: skip
+        config = _fastest(key, _ELEMENTWISE_CANDIDATES, launch)
+    launch(config)
 
 
 def _given_scale_bits(
@@ -564,10 +745,10 @@ def fake_quant(
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     n_blocks = rows.numel() // BLOCK_SIZE
     gs, blocks_per_scale = _global_scales(x.shape, n_blocks, _global_scale(x, global_scale), x.device, name)
-    _fake_quant_kernel[_grid(n_blocks)](
+    _launch_elementwise(
+        _fake_quant_kernel, n_blocks,
         rows, gs, out if scale_bits is None else scale_bits, out,
-        n_blocks, rows.shape[1] // BLOCK_SIZE, rows.stride(0), blocks_per_scale,
-        BLOCKS=_BLOCKS_PER_PROGRAM, GIVEN_SCALE=scale_bits is not None,
+        n_blocks, rows.shape[1] // BLOCK_SIZE, rows.stride(0), blocks_per_scale, GIVEN_SCALE=scale_bits is not None,
     )  # fmt: skip
     return out
 
@@ -594,10 +775,10 @@ def fake_quant_activation(
     rows = _rows(x)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     n_blocks = rows.numel() // BLOCK_SIZE
-    _fake_quant_activation_kernel[_grid(n_blocks)](
+    _launch_elementwise(
+        _fake_quant_activation_kernel, n_blocks,
         rows, _scale_on(_global_scale(x, global_scale), x.device), out, n_blocks, rows.shape[1] // BLOCK_SIZE,
         rows.stride(0),
-        BLOCKS=_BLOCKS_PER_PROGRAM,
     )  # fmt: skip
     return out
 
@@ -634,9 +815,10 @@ def quantize(
     n_blocks = rows.numel() // BLOCK_SIZE
     given_gs = _global_scale(x, global_scale)
     gs, blocks_per_scale = _global_scales(x.shape, n_blocks, given_gs, x.device, name)
-    _quantize_kernel[_grid(n_blocks)](
+    _launch_elementwise(
+        _quantize_kernel, n_blocks,
         rows, gs, packed, scale_bits, n_blocks, k // BLOCK_SIZE, rows.stride(0), blocks_per_scale,
-        BLOCKS=_BLOCKS_PER_PROGRAM, GIVEN_SCALE=given_bits is not None,
+        GIVEN_SCALE=given_bits is not None,
     )  # fmt: skip
     gs = gs.view(given_gs.shape) if gs.numel() > 1 else gs  # one per leading index keeps its shape
     if block_scale is not None:
@@ -662,9 +844,9 @@ def dequantize(
     out = torch.empty((*packed.shape[:-1], packed.shape[-1] * 2), dtype=dtype, device=packed.device)
     n_blocks = block_scale.numel()
     gs, blocks_per_scale = _global_scales(packed.shape, n_blocks, global_scale, packed.device, "packed")
-    _dequantize_kernel[_grid(n_blocks)](
-        packed.contiguous(), block_scale.contiguous().view(torch.uint8),
-        gs, out, n_blocks, blocks_per_scale, BLOCKS=_BLOCKS_PER_PROGRAM,
+    _launch_elementwise(
+        _dequantize_kernel, n_blocks,
+        packed.contiguous(), block_scale.contiguous().view(torch.uint8), gs, out, n_blocks, blocks_per_scale,
     )  # fmt: skip
     return out
 
@@ -675,30 +857,42 @@ class _MatmulConfig(NamedTuple):
     block_k: int
     num_warps: int
     num_stages: int
+    target_programs: int = _TARGET_PROGRAMS  # K is split until there are about this many programs
+    dot: bool = True  # tl.dot; False: elementwise products summed (a GEMV, block_m <= 4)
 
 
-def _matmul_config(m: int, dtype: torch.dtype) -> _MatmulConfig:
-    """Tiles by the number of rows.
+def _matmul_candidates(m: int, dtype: torch.dtype) -> list[_MatmulConfig]:
+    """The tile configs autotuning times for ``m`` rows, the default (untuned) one first.
 
-    Decode (small M) is bound by reading the weights: it takes the smallest M tile tensor
-    cores allow, and split-K supplies the parallelism. Prefill (large M) takes big tiles to
-    reuse each dequantized weight tile. float32 inputs (no tensor cores unless TF32 is
-    allowed) take half the K tile and two stages, so shared memory fits ~100 KiB GPUs too.
+    Decode (small M) is bound by reading the weights: the smallest M tile tensor cores allow,
+    or for M <= 4 a GEMV without them, and split-K for the parallelism, at a few program
+    counts (one, two or four per SM of an H100). Prefill (large M) takes big tiles to reuse
+    each dequantized weight tile. float32 inputs (no tensor cores unless TF32 is allowed)
+    take half the K tile and two stages, so shared memory fits ~100 KiB GPUs too.
     """
     if m <= 16:
-        config = _MatmulConfig(16, 64, 128, num_warps=4, num_stages=4)
+        tiles = [_MatmulConfig(16, 64, 128, 4, 4), _MatmulConfig(16, 32, 256, 4, 3),
+                 _MatmulConfig(16, 64, 256, 4, 3), _MatmulConfig(16, 128, 128, 4, 3),
+                 _MatmulConfig(16, 128, 256, 8, 3)]  # fmt: skip
+        if m <= 4:
+            gemv_m = triton.next_power_of_2(m)
+            tiles += [_MatmulConfig(gemv_m, 64, 128, 4, 3, dot=False), _MatmulConfig(gemv_m, 128, 64, 4, 3, dot=False),
+                      _MatmulConfig(gemv_m, 32, 256, 4, 3, dot=False)]  # fmt: skip
+        candidates = [tile._replace(target_programs=programs) for tile in tiles for programs in (256, 132, 528)]
     elif m <= 64:
-        config = _MatmulConfig(64, 64, 128, num_warps=4, num_stages=3)
+        candidates = [_MatmulConfig(64, 64, 128, 4, 3), _MatmulConfig(32, 64, 128, 4, 4),
+                      _MatmulConfig(64, 128, 64, 4, 3), _MatmulConfig(64, 128, 128, 8, 3)]  # fmt: skip
     else:
-        config = _MatmulConfig(128, 128, 64, num_warps=8, num_stages=3)
+        candidates = [_MatmulConfig(128, 128, 64, 8, 3), _MatmulConfig(128, 256, 64, 8, 3),
+                      _MatmulConfig(64, 128, 64, 4, 4), _MatmulConfig(128, 64, 64, 4, 4)]  # fmt: skip
     if dtype == torch.float32:
-        return config._replace(block_k=config.block_k // 2, num_stages=2)
-    return config
+        return [c._replace(block_k=c.block_k // 2, num_stages=2) for c in candidates]
+    return candidates
 
 
-def _k_tiles_per_split(tiles: int, k_tiles: int) -> int:
+def _k_tiles_per_split(tiles: int, k_tiles: int, target_programs: int) -> int:
     """K tiles per program, splitting K only when the output has too few tiles."""
-    split_k = max(1, min(k_tiles, _TARGET_PROGRAMS // tiles))
+    split_k = max(1, min(k_tiles, target_programs // tiles))
     return triton.cdiv(k_tiles, split_k)
 
 
@@ -730,32 +924,56 @@ def _matmul(
     global_scale: torch.Tensor,
     bias: torch.Tensor | None,
     out: torch.Tensor,
+    config: _MatmulConfig,
 ) -> None:
-    """Launch the W4A16 kernel on ``x [M, K]`` into ``out [M, N]`` (M > 0).
+    """Launch the W4A16 kernel on ``x [M, K]`` into ``out [M, N]`` (M > 0) with ``config``.
 
     With split-K the programs write float32 partial sums that a second kernel adds up in
     a fixed order (deterministic, unlike atomics), adding the bias and rounding once.
     """
     (m, k), n = x.shape, packed.shape[0]
-    config = _matmul_config(m, x.dtype)
     tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
-    per_split = _k_tiles_per_split(tiles, triton.cdiv(k, config.block_k))
-    split_k = triton.cdiv(triton.cdiv(k, config.block_k), per_split)
+    k_tiles = triton.cdiv(k, config.block_k)
+    per_split = _k_tiles_per_split(tiles, k_tiles, config.target_programs)
+    split_k = triton.cdiv(k_tiles, per_split)
     target = out if split_k == 1 else torch.empty((split_k, m, n), device=x.device)
     bias_arg = out if bias is None else bias.contiguous()  # any pointer when there is none
     _w4a16_kernel[(tiles, split_k)](
         x, packed, scale_bits, global_scale, bias_arg, target,
         m, n, k, x.stride(0), packed.stride(0), scale_bits.stride(0), per_split,
-        HAS_BIAS=bias is not None, SPLIT_K=split_k,
+        HAS_BIAS=bias is not None, SPLIT=split_k > 1,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=8,
-        INTERPRET=x.device.type != "cuda", PRECISION=_dot_precision(x.dtype),
+        INTERPRET=x.device.type != "cuda", PRECISION=_dot_precision(x.dtype), DOT=config.dot,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     if split_k > 1:
         _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](
-            target, bias_arg, out, m * n, n,
-            HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK=1024,
+            target, bias_arg, out, m * n, n, split_k, HAS_BIAS=bias is not None, BLOCK=1024,
         )  # fmt: skip
+
+
+def tuned_configs() -> dict[tuple, NamedTuple]:
+    """The configs autotuning chose so far in this process, for benchmarks to report.
+
+    Keys start with the kernel's name: ``("_w4a16_kernel", rows bucket, N, K, dtype, device)``
+    for the matmul, ``(kernel, input dtype, options, blocks bucket, device)`` for the
+    elementwise kernels.
+    """
+    return dict(_TUNED)
+
+
+def _matmul_config(args: tuple, m: int) -> _MatmulConfig:
+    """The config for these operands: autotuned on CUDA unless ``HF_QAD_TRITON_AUTOTUNE=0``.
+
+    Rows are bucketed to powers of two so that a training run's varying token counts
+    retune a few times, not every step.
+    """
+    candidates = _matmul_candidates(m, args[0].dtype)
+    x, packed = args[0], args[1]
+    if not _autotuning(x.device):
+        return candidates[0]
+    key = ("_w4a16_kernel", triton.next_power_of_2(m), packed.shape[0], x.shape[1], x.dtype, x.device)
+    return _fastest(key, candidates, lambda config: _matmul(*args, config))
 
 
 def w4a16_linear(
@@ -784,9 +1002,9 @@ def w4a16_linear(
     rows = _rows(x)
     out = torch.empty((*x.shape[:-1], packed.shape[0]), dtype=x.dtype, device=x.device)
     if rows.shape[0] > 0:
-        scale_bits = _rows(block_scale).view(torch.uint8)
-        gs = _scale_on(global_scale, x.device)
-        _matmul(rows, _rows(packed), scale_bits, gs, bias, out.view(-1, packed.shape[0]))
+        args = (rows, _rows(packed), _rows(block_scale).view(torch.uint8), _scale_on(global_scale, x.device), bias,
+                out.view(-1, packed.shape[0]))  # fmt: skip
+        _matmul(*args, _matmul_config(args, rows.shape[0]))
     return out
 
 

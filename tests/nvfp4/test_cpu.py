@@ -5,7 +5,7 @@ import torch
 
 from hf_qad.nvfp4 import cpu, format, reference
 from hf_qad.nvfp4.scale_search import search_block_scales
-from tests.nvfp4_cases import _cases
+from tests.nvfp4_cases import _cases, expected_global_scale, global_scale_cases
 from tests.runtime_oracle import adversarial_activations, runtime_fake_quant
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -280,3 +280,20 @@ def test_a_global_scale_per_expert_must_match_the_leading_dimensions():
     with pytest.raises(ValueError, match=r"packed: a global scale per leading index"):
         cpu.dequantize(torch.zeros(4, 8, 16, dtype=torch.uint8), torch.ones(4, 8, 2).to(torch.float8_e4m3fn),
                        torch.ones(4, 8, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", sorted(global_scale_cases()))
+def test_global_scale_of_tensors_together(case, dtype):
+    tensors = tuple(t.to(dtype) for t in global_scale_cases()[case])
+    want = expected_global_scale(tensors)
+    got = cpu.global_scale(*tensors)
+    assert got.dtype == torch.float32 and got.shape == (1,)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))  # bits: NaN never comes out, 0 and 1 do
+
+
+def test_global_scale_refuses_nothing_and_odd_shapes():
+    with pytest.raises(ValueError, match="at least one tensor"):
+        cpu.global_scale()
+    with pytest.raises(ValueError, match="multiple of 16"):
+        cpu.global_scale(torch.ones(2, 16), torch.ones(2, 24))

@@ -12,6 +12,7 @@ their outputs come back to the CPU, where the reference computes what they must 
 
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ from hf_qad.nvfp4 import reference as ref
 from hf_qad.nvfp4 import triton_kernels
 from hf_qad.nvfp4.scale_search import search_block_scales
 from hf_qad.nvfp4.triton_kernels import _round_to_bf16
-from tests.nvfp4_cases import _cases
+from tests.nvfp4_cases import _cases, expected_global_scale, global_scale_cases
 from tests.runtime_oracle import adversarial_activations, runtime_fake_quant
 
 DEVICE = torch.device(os.environ.get("HF_QAD_TEST_DEVICE", "cpu"))
@@ -164,6 +165,27 @@ def test_dequantize_every_code_pair_and_scale_byte():
         _assert_bits_equal(tk.dequantize(packed, block_scale, gs, dtype=dtype), want)
 
 
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="patches Triton's CPU interpreter")
+def test_signed_zeros_do_not_depend_on_how_triton_negates(monkeypatch):
+    """Triton 3.6 and older (triton-lang/triton#10270) compiled ``-x`` on floats as ``0 - x``,
+    +0.0 for x = +0.0: the compiled dequantize then gave +0.0 where the reference has -0.0 (a
+    zero block scale of byte 0x80, H200 run in benchmarks/RESULTS.md), while the interpreter
+    negated exactly. Under an interpreter that negates as those compilers did, every signed
+    zero must still match."""
+    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+
+    def zero_minus(self, x):
+        return TensorHandle(np.subtract(np.zeros_like(x.data), x.data), x.dtype.scalar)
+
+    monkeypatch.setattr(InterpreterBuilder, "create_fneg", zero_minus)
+    test_dequantize_every_code_pair_and_scale_byte()
+    x = torch.tensor([[-0.0, 0.0, -1e-3, 1e-3] * 4, [-0.0] * 16, [-5.0] + [-0.01] * 15])
+    for gs in (torch.ones(1), torch.tensor([-1.0])):  # a negative global scale: negative block scales
+        _assert_bits_equal(tk.fake_quant(x, gs), ref.fake_quant(x, gs))
+        _assert_same_bytes(tk.quantize(x, gs), ref.quantize(x, gs))
+    _assert_bits_equal(tk.fake_quant_activation(x), ref.fake_quant_activation(x))
+
+
 @triton.jit
 def _round_to_bf16_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
@@ -181,6 +203,48 @@ def test_bf16_rounding_is_nearest_even_where_the_interpreter_truncates():
     out = out.cpu()
     _assert_bits_equal(out.to(torch.bfloat16), x.to(torch.bfloat16))
     assert torch.equal(out, out.to(torch.bfloat16).float())  # exactly representable
+
+
+# ------------------------------------------------------------------------ global scale
+
+
+def _assert_same_global_scale(got: torch.Tensor, tensors: tuple[torch.Tensor, ...]) -> None:
+    want = expected_global_scale(tensors)
+    assert got.dtype == torch.float32 and got.shape == (1,)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", sorted(global_scale_cases()))
+def test_global_scale_is_bit_exact(case, dtype):
+    tensors = tuple(t.to(dtype) for t in global_scale_cases()[case])
+    _assert_same_global_scale(tk.global_scale(*tensors), tensors)
+
+
+def test_global_scale_reduces_many_partials_in_several_rounds(monkeypatch):
+    """One block per program and two partials per round: the reduction's loop and masks."""
+    monkeypatch.setattr(triton_kernels, "_AMAX_BLOCKS_PER_PROGRAM", 1)
+    monkeypatch.setattr(triton_kernels, "_AMAX_REDUCE_CHUNK", 2)
+    g = torch.Generator().manual_seed(13)
+    for position in (0, 37, 69):  # the largest value in the first, a middle and the last (odd) partial
+        x = torch.randn(70, 16, generator=g)
+        x.view(-1)[position * 16 + 5] = -40.0
+        peer = torch.randn(3, 16, generator=g)
+        _assert_same_global_scale(tk.global_scale(x, peer), (x, peer))
+
+
+def test_fake_quant_and_quantize_without_a_global_scale_use_the_fused_one():
+    x = CASES["outlier"].to(torch.bfloat16)
+    gs = expected_global_scale((x,))
+    _assert_bits_equal(tk.fake_quant(x), ref.fake_quant(x, gs))
+    assert torch.equal(tk.quantize(x).global_scale, gs)
+
+
+def test_global_scale_refuses_nothing_and_odd_shapes():
+    with pytest.raises(ValueError, match="at least one tensor"):
+        triton_kernels.global_scale()
+    with pytest.raises(ValueError, match="multiple of 16"):
+        tk.global_scale(torch.ones(2, 16), torch.ones(2, 24))
 
 
 # ------------------------------------------------------------------ given block scales
@@ -291,6 +355,59 @@ def test_w4a16_linear_reads_a_strided_weight_view():
     y = tk.w4a16_linear(x, packed, block_scale, q.global_scale)
     w = ref.dequantize(packed, block_scale, q.global_scale)
     _assert_linear_close(y, x, w, None)
+
+
+@pytest.mark.parametrize(("m", "dtype"), [(1, torch.bfloat16), (3, torch.float32), (16, torch.float16),
+                                          (40, torch.bfloat16), (70, torch.bfloat16)], ids=str)
+def test_every_autotuning_candidate_computes_the_product(m, dtype):
+    """Each tile config autotuning may pick (GEMV, split-K, big tiles) is a correct matmul
+    (configs launching the same tiles and splits on this shape run once); the first
+    candidate is the one used untuned and off CUDA."""
+    n, k = 40, 512
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    q = _weight(n, k, seed=15)
+    bias = torch.randn(n, generator=g).to(dtype)
+    w = ref.dequantize(*q, dtype=dtype)
+    operands = _moved((x, q.packed, q.block_scale.view(torch.uint8), q.global_scale, bias), DEVICE)
+    candidates = triton_kernels._matmul_candidates(m, dtype)
+    assert any(not c.dot for c in candidates) == (m <= 4)
+    launches = set()
+    for config in candidates:
+        tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+        k_tiles = triton.cdiv(k, config.block_k)
+        splits = triton.cdiv(k_tiles, triton_kernels._k_tiles_per_split(tiles, k_tiles, config.target_programs))
+        if (config._replace(target_programs=0), splits) in launches:
+            continue
+        launches.add((config._replace(target_programs=0), splits))
+        out = torch.empty(m, n, dtype=dtype, device=DEVICE)
+        triton_kernels._matmul(*operands, out, config)
+        _assert_linear_close(out.cpu(), x, w, bias)
+    assert m > 16 or any(splits > 1 for _, splits in launches)  # decode splits K
+
+
+def test_autotuning_keeps_the_fastest_candidate_once_and_skips_what_does_not_compile(monkeypatch):
+    """The choice logic of CUDA autotuning, with a fake timer (``do_bench`` needs a GPU)."""
+    from triton.runtime.errors import OutOfResources
+
+    seconds = {"slow": 3.0, "fast": 1.0, "too_big": None}
+    timed = []
+
+    def launch(config):
+        timed.append(config)
+        if seconds[config] is None:
+            raise OutOfResources(300_000, 232_448, "shared memory")
+        return seconds[config]
+
+    monkeypatch.setattr(triton_kernels, "do_bench", lambda fn, **options: fn())
+    monkeypatch.setattr(triton_kernels, "_TUNED", {})
+    with pytest.warns(UserWarning, match="too_big skipped by autotuning: OutOfResources"):
+        assert triton_kernels._fastest(("kernel", 1), ["slow", "too_big", "fast"], launch) == "fast"
+    assert triton_kernels._fastest(("kernel", 1), ["slow", "too_big", "fast"], launch) == "fast"
+    assert timed == ["slow", "too_big", "fast"]  # timed once per key
+    assert triton_kernels.tuned_configs() == {("kernel", 1): "fast"}
+    with pytest.warns(UserWarning):  # nothing compiles: the first is kept, its launch will say why
+        assert triton_kernels._fastest(("kernel", 2), ["too_big"], launch) == "too_big"
 
 
 def test_w4a16_linear_zero_rows():
