@@ -172,3 +172,12 @@ def test_a_master_weight_checkpoint_resumes_the_same_model(trained, tmp_path):
     assert isinstance(experts, NVFP4Experts) and not experts.is_packed and experts.input_calibrated
     with torch.no_grad():
         assert torch.equal(resumed(ids).logits, logits)
+
+
+def test_learn_scales_on_a_moe_model_says_that_the_experts_keep_amax_scales(tmp_path, caplog):
+    path = save_tiny_model(tmp_path / "bf16", "qwen3_moe")
+    with caplog.at_level("WARNING", logger="hf_qad"):
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=NVFP4Config(learn_scales=True))
+    assert "the 2 fused MoE experts modules keep their amax scales" in caplog.text
+    assert any(name.endswith("weight_clip") for name, _ in model.named_parameters())  # the Linear layers learn
+    assert not any("weight_clip" in name for name, _ in model.model.layers[0].mlp.experts.named_parameters())
