@@ -16,8 +16,8 @@ an ``ExpertsInterface`` function (``use_experts_implementation``) reads ``self.g
 directly and is chosen per config, not per module, and a parametrization of ``gate_up_proj``
 renames the parameter (``parametrizations.gate_up_proj.original``) and still leaves the
 activations of each expert's two matmuls out of reach. The forward here follows transformers'
-eager experts loop (one matmul per routed expert, in expert order), so with quantization off it
-computes the original module's outputs bit for bit.
+default ``grouped_mm`` experts (one grouped matmul per projection over all experts), so with
+quantization off it computes the original module's outputs bit for bit.
 
 Two modes, as :class:`~hf_qad.nvfp4.linear.NVFP4Linear`:
 
@@ -75,7 +75,10 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+# _grouped_linear: transformers' grouped matmul of experts, torch's grouped_mm where the device, dtype and
+# torch version allow it, else its own loop with a one-op backward. Private, but that dispatch is what we want.
+from transformers.integrations.moe import _default_apply_gate, _grouped_linear
 
 from hf_qad.nvfp4 import functional
 from hf_qad.nvfp4.format import BLOCK_SIZE, NVFP4Quantized, global_scale_from_amax, global_scales_from_amax
@@ -177,8 +180,6 @@ class NVFP4Experts(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        from transformers.integrations.moe import _default_apply_gate
-
         if not is_concatenated and not share_gate_up_global_scale:
             # The [E, 2] global scales are gate and up halves of the rows; interleaved rows would
             # need a de-interleaving copy per step for a variant vLLM cannot serve anyway.
@@ -506,12 +507,14 @@ class NVFP4Experts(nn.Module):
         finally:
             self._observed = None
 
-    def _observe(self, name: str, expert: int, x: torch.Tensor) -> None:
-        amax = self._observed[name]
-        value = x.detach().abs().amax().float()
-        if not torch.isfinite(value):
+    def _observe(self, name: str, expert_ids: torch.Tensor, x: torch.Tensor) -> None:
+        """Fold the absolute max of each row of ``x`` (routed to ``expert_ids``) into its expert's recorded amax."""
+        row_amax = x.detach().abs().amax(dim=-1).float()
+        finite = torch.isfinite(row_amax)
+        if not bool(finite.all()):
+            expert = int(expert_ids[~finite][0])
             raise ValueError(f"calibration input of '{self._label(name)}' (expert {expert}) contains NaN or Inf.")
-        amax[expert] = torch.maximum(amax[expert], value)
+        self._observed[name].scatter_reduce_(0, expert_ids, row_amax, "amax")
 
     def _quantize_input(self, name: str, x: torch.Tensor) -> torch.Tensor:
         if not self.quantize_activations or self._observed is not None or not self._quantizing():
@@ -529,42 +532,34 @@ class NVFP4Experts(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        """transformers' experts call: ``hidden_states [T, H]``, the routed experts ``[T, k]`` and their weights."""
+        """transformers' experts call: ``hidden_states [T, H]``, the routed experts ``[T, k]`` and their weights.
+
+        The computation of transformers' ``grouped_mm`` experts (its default): the (token, expert)
+        pairs sorted by expert, one grouped matmul per projection over all experts, the weighted
+        outputs summed per token. A loop over experts would, in its backward, build a zero
+        gradient of the whole 3-D weight for every expert it indexes.
+        """
+        num_tokens, num_top_k = top_k_index.shape
         gate_up = self._weight("gate_up_proj", hidden_states.dtype)
         down = self._weight("down_proj", hidden_states.dtype)
-        x = self._quantize_input("gate_up_proj", hidden_states)  # one scale per layer: all tokens at once
-        final_hidden_states = torch.zeros_like(hidden_states)
-        with torch.no_grad():
-            # As transformers' eager experts: one row per expert (+1 for expert-parallel sentinels).
-            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
-            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
-        routes, intermediate = [], []
-        for expert_idx in expert_hit[:, 0].tolist():
-            if expert_idx == self.num_experts:
-                continue
-            top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
-            current_state = x[token_idx]
-            if self._observed is not None:
-                self._observe("gate_up_proj", expert_idx, current_state)
-            gate_up_out = F.linear(current_state, gate_up[expert_idx])
-            if self.has_bias:  # added apart from the matmul, as transformers' eager experts do
-                gate_up_out = gate_up_out + self.gate_up_proj_bias[expert_idx]
-            intermediate.append(self.gate_function(self, gate_up_out))
-            routes.append((expert_idx, top_k_pos, token_idx))
-        if not routes:
-            return final_hidden_states
-        sizes = [len(h) for h in intermediate]
-        # The down projections' inputs of all experts, quantized in one call (one scale per layer).
-        down_inputs = self._quantize_input("down_proj", torch.cat(intermediate)).split(sizes)
-        for (expert_idx, top_k_pos, token_idx), current in zip(routes, down_inputs):
-            if self._observed is not None:
-                self._observe("down_proj", expert_idx, current)
-            current = F.linear(current, down[expert_idx])
-            if self.has_bias:
-                current = current + self.down_proj_bias[expert_idx]
-            current = current * top_k_weights[token_idx, top_k_pos, None]
-            final_hidden_states.index_add_(0, token_idx, current.to(final_hidden_states.dtype))
-        return final_hidden_states
+        x = self._quantize_input("gate_up_proj", hidden_states)  # one scale per layer: each token once
+        expert_ids, order = torch.sort(top_k_index.reshape(-1))
+        # offsets[e]: how many pairs go to experts 0..e, the group ends grouped_mm takes
+        offsets = torch.searchsorted(expert_ids, torch.arange(self.num_experts, device=expert_ids.device),
+                                     right=True, out_int32=True)
+        routed = x[order // num_top_k]
+        if self._observed is not None:
+            self._observe("gate_up_proj", expert_ids, routed)
+        bias = self.gate_up_proj_bias[expert_ids] if self.has_bias else None
+        intermediate = self.gate_function(self, _grouped_linear(routed, gate_up, offsets, bias=bias))
+        intermediate = self._quantize_input("down_proj", intermediate)
+        if self._observed is not None:
+            self._observe("down_proj", expert_ids, intermediate)
+        bias = self.down_proj_bias[expert_ids] if self.has_bias else None
+        out = _grouped_linear(intermediate, down, offsets, bias=bias) * top_k_weights.reshape(-1)[order, None]
+        restore = torch.empty_like(order)
+        restore[order] = torch.arange(order.numel(), device=order.device)
+        return out[restore].view(num_tokens, num_top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
     # ------------------------------------------------------------------ state handling
     @torch.no_grad()

@@ -19,9 +19,9 @@ E, H, I = 4, 64, 32
 
 
 def original_experts(seed: int = 0, dtype: torch.dtype = torch.float32) -> Qwen3MoeExperts:
-    """transformers' Qwen3-MoE experts in eager mode, with expert 2's weights 100x larger (its own scale)."""
+    """transformers' Qwen3-MoE experts (its default grouped_mm implementation), with expert 2's weights 100x larger (its own scale)."""
     config = Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=2)
-    config._experts_implementation = "eager"
+    config._experts_implementation = "grouped_mm"
     experts = Qwen3MoeExperts(config)
     torch.manual_seed(seed)
     with torch.no_grad():
@@ -33,11 +33,11 @@ def original_experts(seed: int = 0, dtype: torch.dtype = torch.float32) -> Qwen3
 
 
 def gpt_oss_experts(dtype: torch.dtype = torch.float32) -> GptOssExperts:
-    """transformers' gpt-oss experts in eager mode: transposed weights (``gate_up_proj [E, H, 2I]``), gate and up
+    """transformers' gpt-oss experts (grouped_mm): transposed weights (``gate_up_proj [E, H, 2I]``), gate and up
     interleaved, biases, a SwiGLU clamped at ``limit``; weights large enough that the clamp acts, expert 2's
     100x larger (its own global scale)."""
     config = GptOssConfig(hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=2)
-    config._experts_implementation = "eager"
+    config._experts_implementation = "grouped_mm"
     experts = GptOssExperts(config)
     torch.manual_seed(0)
     with torch.no_grad():
@@ -264,7 +264,7 @@ def test_outlier_warning_names_the_expert_whose_blocks_quantize_to_zero(margin, 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_gpt_oss_experts_without_quantization_compute_transformers_eager_bit_for_bit(dtype):
+def test_gpt_oss_experts_without_quantization_compute_transformers_grouped_mm_bit_for_bit(dtype):
     original = gpt_oss_experts(dtype)
     layer = NVFP4Experts.from_experts(original)
     assert layer.gate_up_proj is original.gate_up_proj and layer.gate_up_proj_bias is original.gate_up_proj_bias

@@ -241,8 +241,7 @@ def test_quantization_switch_of_nvfp4_linear():
 @pytest.mark.parametrize("architecture", ["qwen3_moe", "mixtral"])
 def test_teacher_mode_turns_off_the_quantization_of_moe_experts(architecture, tmp_path):
     path = save_tiny_model(tmp_path / "bf16", architecture)
-    # NVFP4Experts computes as transformers' eager experts loop; its grouped_mm default rounds bf16 differently
-    bf16 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, experts_implementation="eager")
+    bf16 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)  # NVFP4Experts computes as its grouped_mm
     base = _load(path, scheme="w4a4")
     ids = token_batches(1, batch=4)[0]
     hf_qad.calibrate(base, [ids])
