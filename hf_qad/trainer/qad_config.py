@@ -84,6 +84,19 @@ class QADConfig(SFTConfig):
             (``eval_kl`` at step 0), log ``eval_kl_ratio`` (held-out KL over that start) at every later
             evaluation, and warn, naming the step and the learning rate, when training has made the
             held-out KL worse than the start (see :mod:`hf_qad.trainer.kl_guard`). Costs one evaluation.
+            With ``warm_start_steps``, the start is the warmed student: the guard checks the
+            end-to-end learning rate, which is what can undo the warm start.
+        warm_start_steps (`int`, defaults to `0`):
+            Block-wise warm start before the first step (after calibration): Adam steps per decoder
+            layer training it to reproduce the teacher's hidden states, one layer at a time
+            (:func:`hf_qad.trainer.warm_start.block_warm_start`). ``0``: off (plain QAD from the PTQ
+            student). Needs a separate teacher (not LoRA's shared one, not a teacher cache) and one process.
+        warm_start_learning_rate (`float`, defaults to `1e-5`):
+            Adam learning rate of the warm start's layer parameters (learned clipping factors use
+            ``scale_learning_rate``).
+        warm_start_batches (`int`, defaults to `8`):
+            Training batches whose hidden states the warm start caches and cycles through (the first
+            ones of the training dataloader, as calibration takes them).
     """
 
     teacher_model_name_or_path: str | None = field(default=None, metadata={"help": "BF16 teacher path or hub id."})
@@ -116,6 +129,9 @@ class QADConfig(SFTConfig):
     kl_guard: bool = field(
         default=True, metadata={"help": "Evaluate the PTQ student first; warn when the held-out KL rises above it."}
     )
+    warm_start_steps: int = field(default=0, metadata={"help": "Block-wise warm start: Adam steps per layer (0: off)."})
+    warm_start_learning_rate: float = field(default=1e-5, metadata={"help": "Learning rate of the warm start."})
+    warm_start_batches: int = field(default=8, metadata={"help": "Training batches the warm start trains on."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -130,6 +146,7 @@ class QADConfig(SFTConfig):
             self._check_teacher_cache_options()
         if not self.scale_learning_rate > 0:
             raise ValueError(f"scale_learning_rate must be positive, got {self.scale_learning_rate}.")
+        self._check_warm_start_options()
         if self.loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size must be positive, got {self.loss_chunk_size}.")
         self.nvfp4_config()  # validates the NVFP4 options early
@@ -140,6 +157,17 @@ class QADConfig(SFTConfig):
             raise ValueError("teacher_cache_path supports divergence='forward_kl' at temperature=1.0 only.")
         if self.packing:
             raise ValueError("teacher_cache_path does not support packing: set packing=False (padding_free works).")
+
+    def _check_warm_start_options(self) -> None:
+        if self.warm_start_steps < 0:
+            raise ValueError(f"warm_start_steps must be >= 0 (0: no warm start), got {self.warm_start_steps}.")
+        if not self.warm_start_learning_rate > 0:
+            raise ValueError(f"warm_start_learning_rate must be positive, got {self.warm_start_learning_rate}.")
+        if self.warm_start_batches < 1:
+            raise ValueError(f"warm_start_batches must be at least 1, got {self.warm_start_batches}.")
+        if self.warm_start_steps and self.teacher_cache_path is not None:
+            raise ValueError("warm_start_steps needs the teacher's layers, and teacher_cache_path loads no teacher: "
+                             "set warm_start_steps=0 or train with a teacher.")
 
     def nvfp4_config(self) -> NVFP4Config:
         """The NVFP4Config used when the student is given as a path."""

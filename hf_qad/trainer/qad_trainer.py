@@ -60,6 +60,7 @@ from hf_qad.trainer.losses import DistillationSums, cached_distillation_loss, ch
 from hf_qad.trainer.qad_config import QADConfig
 from hf_qad.trainer.routing import is_moe, router_agreement_sums, router_aux_loss, top_k_experts
 from hf_qad.trainer.teacher_cache import CACHE_COLUMNS, TeacherCacheCollator, attach_teacher_cache, read_cache_info
+from hf_qad.trainer.warm_start import block_warm_start
 
 __all__ = ["QADTrainer"]
 
@@ -136,11 +137,13 @@ def check_resumable(path: str) -> None:
         )
 
 
-class _CalibrationCallback(TrainerCallback):
-    """Calibrates W4A4 input scales when training begins, through the prepared model.
+class _StartCallback(TrainerCallback):
+    """Calibrates W4A4 input scales when training begins, through the prepared model, then warm-starts.
 
     Not before: under FSDP and ZeRO-3 the student's parameters are only usable once it is
-    sharded (ZeRO-3 partitions them at load time), and it is on its device only then.
+    sharded (ZeRO-3 partitions them at load time), and it is on its device only then. The
+    block-wise warm start (``warm_start_steps``) needs the calibrated scales, so it runs second,
+    and only at step 0: a resumed run's checkpoint already holds the trained weights.
     """
 
     def __init__(self, trainer: QADTrainer) -> None:
@@ -148,6 +151,8 @@ class _CalibrationCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.trainer._calibrate_if_needed()
+        if state.global_step == 0:
+            self.trainer._warm_start_if_needed()
 
 
 class QADTrainer(SFTTrainer):
@@ -203,14 +208,16 @@ class QADTrainer(SFTTrainer):
         self._prompt_data = False  # set by _prepare_dataset when a dataset is prompt-only
         super().__init__(model, args, *sft_args, callbacks=callbacks, peft_config=peft_config, **sft_kwargs)
         self._check_student()
-        self.add_callback(_CalibrationCallback(self))
-        # After calibration (callbacks run in order): the guard's starting point is the calibrated PTQ student.
+        self.add_callback(_StartCallback(self))
+        # After calibration and the warm start (callbacks run in order): the guard's starting point is the
+        # calibrated PTQ student, warmed when warm_start_steps > 0 (see QADConfig.kl_guard).
         self.kl_guard = KLGuardCallback(self) if args.kl_guard and self._single_eval_dataset() else None
         if self.kl_guard is not None:
             self.add_callback(self.kl_guard)
         if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
             self._register_fused_peers_with_zero3()
         self.shared_teacher = teacher_source is None and not cached
+        self._check_warm_start()
         self.teacher_model = None if teacher_source is None else self._prepare_teacher(teacher_source)
         self._moe = is_moe(_causal_lm(self.model))
         self._check_vocabulary()
@@ -307,6 +314,21 @@ class QADTrainer(SFTTrainer):
         for layer in nvfp4_modules(self.model).values():
             for peer in layer.global_scale_peers:
                 deepspeed.zero.register_external_parameter(layer, peer.weight)
+
+    def _check_warm_start(self) -> None:
+        if not self.args.warm_start_steps:
+            return
+        if self.shared_teacher:
+            raise ValueError(
+                "warm_start_steps needs a separate teacher, and LoRA QAD shares the student's base as its teacher: "
+                "pass teacher= (the BF16 model) or set warm_start_steps=0."
+            )
+        if self.accelerator.num_processes > 1 or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            # Each process would warm its copy on its own data shard and the replicas would differ.
+            raise ValueError(
+                "warm_start_steps runs in a single process: warm-start the student with "
+                "hf_qad.trainer.warm_start.block_warm_start before a distributed run, or set warm_start_steps=0."
+            )
 
     def _check_vocabulary(self) -> None:
         if self.teacher_model is None:
@@ -440,6 +462,22 @@ class QADTrainer(SFTTrainer):
         with self.accelerator.autocast():  # the precision of the training forward (see compute_loss)
             amax = calibrate(self.model_wrapped, batches, num_batches=None)
         logger.info("hf_qad: calibrated %d W4A4 layers on %d batches", len(amax), len(batches))
+
+    def _warm_start_if_needed(self) -> None:
+        """The block-wise warm start (``args.warm_start_steps``) on the first training batches."""
+        if not self.args.warm_start_steps:
+            return
+        batches = [{k: v for k, v in batch.items() if k not in _NON_MODEL_KEYS}
+                   for batch in islice(self.get_train_dataloader(), self.args.warm_start_batches)]
+        student = self.accelerator.unwrap_model(self.model)
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        with self.accelerator.autocast():  # the precision of the training forward (see compute_loss)
+            errors = block_warm_start(student, teacher, batches, steps=self.args.warm_start_steps,
+                                      lr=self.args.warm_start_learning_rate, scale_lr=self.args.scale_learning_rate)
+        logger.info(
+            "hf_qad: warm-started %d decoder layers on %d batches; last layer's error %.4g -> %.4g",
+            len(errors), len(batches), errors[-1].before, errors[-1].after,
+        )
 
     # ------------------------------------------------------------------ optimizer
     def _clip_parameters(self, model: nn.Module) -> set[int]:
