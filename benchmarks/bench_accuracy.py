@@ -16,6 +16,11 @@ Rows (``--methods``):
 * ``qad``: ``QADConfig()`` defaults: forward KL(teacher || student), full parameters;
 * ``qad_learned``: ``qad`` with learned NVFP4 scales (``NVFP4Config(learn_scales=True)``: a clipping
   factor per weight block and per W4A4 input scale, trained at ``--scale-lr``);
+* ``ptq_warm``: the PTQ (amax) student after the block-wise warm start alone
+  (:func:`hf_qad.trainer.warm_start.block_warm_start`: ``--warm-steps`` Adam steps per decoder layer at
+  ``--warm-lr`` towards the teacher's hidden states, on the first ``--warm-rows`` training rows);
+* ``qad_warm``: ``qad`` after that warm start, through ``QADConfig(warm_start_steps=...)`` (the warm start
+  reuses the first training batches, so the token budget is unchanged);
 * ``qad_lora``: QAD of LoRA adapters (``peft_config=LoraConfig``) on the frozen NVFP4 base,
   teacher shared with the student (the same model with adapters and quantizers off);
 * ``qad_cache``: QAD from an offline teacher cache (``hf_qad.trainer.teacher_cache``: the
@@ -33,7 +38,8 @@ but writing 100k+ tokens with the teacher costs as much as a training run on a 2
 split; the evaluation reads its validation split).
 W4A4 activation scales are calibrated on the first ``--calibration-rows`` training rows, the
 same for every student. ``--lr-search`` runs short QAD (and, with ``qad_lora``, LoRA) runs at
-several learning rates and scores them by KL on held-out rows of the training texts.
+several learning rates and scores them by KL on held-out rows of the training texts (with ``ptq_warm``
+in ``--methods``, the rates are the warm start's).
 
 Evaluation:
 
@@ -85,10 +91,11 @@ from hf_qad.nvfp4.calibration import calibrate
 from hf_qad.smollm2 import smollm2_path
 from hf_qad.trainer import QADConfig, QADTrainer
 from hf_qad.trainer.teacher_cache import build_teacher_cache
+from hf_qad.trainer.warm_start import block_warm_start
 from tests.shared_data import read_text, shared_data_dir
 
-METHODS = ("bf16", "ptq_amax", "ptq_best", "ptq_mse", "ptq_four_over_six", "qat", "qad", "qad_learned", "qad_lora",
-           "qad_cache")
+METHODS = ("bf16", "ptq_amax", "ptq_best", "ptq_mse", "ptq_four_over_six", "ptq_warm", "qat", "qad", "qad_learned",
+           "qad_warm", "qad_lora", "qad_cache")
 DEFAULT_METHODS = ("bf16", "ptq_amax", "ptq_best", "qat", "qad", "qad_lora", "qad_cache")
 LABELS = {
     "bf16": "BF16 (teacher)",
@@ -98,6 +105,8 @@ LABELS = {
     "qat": "QAT (CE only)",
     "qad": "QAD (KL)",
     "qad_learned": "QAD (KL), learned scales",
+    "ptq_warm": "PTQ (amax) + block-wise warm start",
+    "qad_warm": "QAD (KL) after the block-wise warm start",
     "qad_lora": "QAD-LoRA (KL, shared teacher)",
     "qad_cache": "QAD (KL, offline teacher cache)",
 }
@@ -110,7 +119,8 @@ _COMMON_KEYS = ("tiny", "seq_len", "batch_size", "eval_tokens", "arc_limit", "ca
 _TRAIN_KEYS = ("train_tokens", "train_scale_method", "train_texts")
 _METHOD_KEYS = {
     "qat": ("lr",), "qad": ("lr",), "qad_learned": ("lr", "scale_lr"), "qad_cache": ("lr", "cache_top_k"),
-    "qad_lora": ("lora_lr", "lora_r"),
+    "qad_lora": ("lora_lr", "lora_r"), "ptq_warm": ("warm_steps", "warm_lr", "warm_rows"),
+    "qad_warm": ("lr", "warm_steps", "warm_lr", "warm_rows"),
 }
 
 
@@ -130,6 +140,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lora-lr", type=float, default=3e-4, help="learning rate of QAD-LoRA")
     parser.add_argument("--scale-lr", type=float, default=1e-3,
                         help="learning rate of the clipping factors of qad_learned (QADConfig.scale_learning_rate)")
+    parser.add_argument("--warm-steps", type=int, default=32,
+                        help="ptq_warm / qad_warm: Adam steps per decoder layer of the warm start")
+    parser.add_argument("--warm-lr", type=float, default=1e-5, help="ptq_warm / qad_warm: warm-start learning rate")
+    parser.add_argument("--warm-rows", type=int, default=8,
+                        help="ptq_warm / qad_warm: training rows the warm start trains on (a multiple of --batch-size)")
     parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank (alpha = 2 r, all linear layers)")
     parser.add_argument("--train-scale-method", default="amax", choices=("amax", "four_over_six", "mse"),
                         help="weight scale method of the trained students (default amax, as in the QAD paper)")
@@ -176,6 +191,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown methods {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     if args.output is None:
         args.output = str(ROOT / "benchmarks" / ("accuracy_tiny.json" if tiny else "accuracy.json"))
+    if args.warm_rows < args.batch_size or args.warm_rows % args.batch_size:
+        parser.error("--warm-rows must be a positive multiple of --batch-size")
     if args.train_tokens < args.seq_len * args.batch_size:
         parser.error("--train-tokens must cover at least one batch (seq_len * batch_size)")
     return args
@@ -287,13 +304,28 @@ def train_student(method: str, args: argparse.Namespace, path: Path, tokenizer, 
     info["train_tokens"] = len(dataset) * args.seq_len
     learned = method == "qad_learned"
     student = load_student(path, args.train_scale_method, data.calibration, args.batch_size, args.device, learned)
+    warm = dict(warm_start_steps=args.warm_steps, warm_start_learning_rate=args.warm_lr,
+                warm_start_batches=args.warm_rows // args.batch_size)
+    if method == "ptq_warm":  # the warm start alone, on the first --warm-rows training rows; lr is its rate
+        info = {"warm_lr": lr, "warm_steps": args.warm_steps, "warm_rows": args.warm_rows,
+                "train_tokens": args.warm_rows * args.seq_len}
+        started = time.perf_counter()
+        errors = block_warm_start(student.requires_grad_(True), teacher,
+                                  [{"input_ids": b} for b in batches(data.rows[: args.warm_rows], args.batch_size)],
+                                  steps=args.warm_steps, lr=lr)
+        info["train_s"] = time.perf_counter() - started
+        info["layer_errors"] = [e._asdict() for e in errors]
+        return freeze(student), info
     kwargs: dict[str, Any] = dict(train_dataset=dataset, processing_class=tokenizer)
     out = work / method
     if method == "qat":
         config = train_config(args, out, lr, kl_weight=0.0, ce_weight=1.0)
         trainer = QADTrainer(student, teacher=teacher, args=config, **kwargs)
-    elif method in ("qad", "qad_learned"):
-        config = train_config(args, out, lr, scale_learning_rate=args.scale_lr)
+    elif method in ("qad", "qad_learned", "qad_warm"):
+        config = train_config(args, out, lr, scale_learning_rate=args.scale_lr,
+                              **(warm if method == "qad_warm" else {}))
+        if method == "qad_warm":
+            info.update(warm_steps=args.warm_steps, warm_lr=args.warm_lr, warm_rows=args.warm_rows)
         if learned:
             info["scale_lr"] = args.scale_lr
         trainer = QADTrainer(student, teacher=teacher, args=config, **kwargs)
@@ -385,7 +417,7 @@ def bar_check(results: dict[str, dict[str, Any]]) -> list[str]:
     ok = {m: r for m, r in results.items() if "error" not in r}
     lines = []
     ptq = ok.get("ptq_amax")
-    for name in ("qad", "qad_learned", "qad_lora", "qad_cache"):
+    for name in ("qad", "qad_learned", "qad_warm", "qad_lora", "qad_cache"):
         r = ok.get(name)
         if r is None:
             continue
@@ -411,15 +443,16 @@ def bar_check(results: dict[str, dict[str, Any]]) -> list[str]:
 def run_lr_search(args, path, tokenizer, teacher, data, work, report, output) -> None:
     lrs = [float(v) for v in args.lr_search.split(",")]
     search = report.setdefault("lr_search", [])
-    methods = [m for m in args.methods if m in ("qad", "qad_learned", "qad_lora", "qat")] or ["qad"]
+    methods = [m for m in args.methods if m in ("qad", "qad_learned", "qad_warm", "ptq_warm", "qad_lora", "qat")] or ["qad"]
     for method in methods:
         for lr in lrs:
             print(f"== lr search: {method} lr={lr:g} on {args.search_tokens} tokens", flush=True)
             started = time.perf_counter()
             model, info = train_student(method, args, path, tokenizer, teacher, data, work, lr, args.search_tokens)
-            entry = {"method": method, "lr": lr, "scale_lr": info.get("scale_lr"), "train_tokens": info["train_tokens"],
+            entry = {"method": method, "lr": lr, "scale_lr": info.get("scale_lr"), "warm_steps": info.get("warm_steps"),
+                     "train_tokens": info["train_tokens"],
                      "held_out": held_out_kl(model, teacher, data, args.batch_size),
-                     "final_train_log": info["log"][-1] if info["log"] else None,
+                     "final_train_log": info["log"][-1] if info.get("log") else None,
                      "wall_s": time.perf_counter() - started}
             search.append(entry)
             print(f"   held-out KL {entry['held_out']['kl']:.4f}, agreement {entry['held_out']['top1_agreement']:.4f}",
@@ -519,6 +552,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         try:
             if method == "bf16":
                 model, wall = teacher, None
+            elif method == "ptq_warm":
+                model, info = train_student(method, args, path, tokenizer, teacher, data, work, args.warm_lr)
+                entry.update(info)
+                wall = time.perf_counter() - started
             elif method.startswith("ptq_"):
                 scale = method[4:]
                 if scale == "best":
@@ -543,7 +580,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             entry["wall_s"] = wall
             entry.update(evaluate(model, teacher, tokenizer, eval_rows, arc_rows, args.batch_size,
                                   args.arc_batch_size))
-            if method in ("qad", "qad_learned", "qad_lora", "qad_cache", "qat"):
+            if method in ("qad", "qad_learned", "qad_warm", "ptq_warm", "qad_lora", "qad_cache", "qat"):
                 entry["held_out_train_text"] = held_out_kl(model, teacher, data, args.batch_size)
             if method == "qad_lora":
                 # What the NVFP4 export holds: B A added into the masters, then quantized as a whole.

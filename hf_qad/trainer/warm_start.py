@@ -48,6 +48,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -58,6 +59,8 @@ from hf_qad.nvfp4.conversion import nvfp4_experts, nvfp4_modules
 from hf_qad.nvfp4.linear import CLIP_PARAMETERS
 
 __all__ = ["LayerWarmStart", "block_warm_start", "decoder_layers"]
+
+logger = logging.getLogger("hf_qad")
 
 
 class LayerWarmStart(NamedTuple):
@@ -256,6 +259,8 @@ def block_warm_start(
                 hidden = [_run(layer, h, kw) for h, kw in zip(hidden, kwargs)]
                 after = sum(float(_squared_error(h, t, m)) for h, t, m in zip(hidden, targets, masks)) / len(batches)
             results.append(LayerWarmStart(index, before, after))
+            logger.info("hf_qad: warm start of decoder layer %d/%d: output error %.4g -> %.4g",
+                        index + 1, len(student_layers), before, after)
         return results
     finally:
         student.train(modes[0])
