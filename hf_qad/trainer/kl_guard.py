@@ -46,9 +46,10 @@ def logged_start_kl(log_history: list[dict[str, Any]]) -> float | None:
 class KLGuardCallback(TrainerCallback):
     """Evaluates the student before the first step and warns when an evaluation finds it worse than that.
 
-    Added by :class:`~hf_qad.trainer.QADTrainer` (after its calibration callback, so the starting
-    point is the calibrated PTQ student) when ``args.kl_guard`` is on and it has a single
-    ``eval_dataset``. The start is re-read from the log history when training resumes from a
+    Added by :class:`~hf_qad.trainer.QADTrainer` (after its calibration and warm-start callback, so the
+    starting point is the calibrated PTQ student, or the warmed one with ``warm_start_steps``: the guard
+    checks the end-to-end steps, which are what can undo a warm start) when ``args.kl_guard`` is on and it
+    has a single ``eval_dataset``. The start is re-read from the log history when training resumes from a
     checkpoint, so a resumed run is still compared with the PTQ student, not with its checkpoint.
 
     Args:
