@@ -45,8 +45,15 @@ def _assert_warm_start_helps(student, teacher, kl_batches=HELD_OUT):
     assert warm_kl < 0.9 * ptq_kl, (warm_kl, ptq_kl)
 
 
-def test_each_layer_and_the_model_end_closer_to_the_teacher(llama_path):
-    _assert_warm_start_helps(*_models(llama_path))
+@pytest.fixture(scope="module")
+def gemma3_path(tmp_path_factory):
+    # sliding-window layers next to global ones: each layer gets its own attention mask from the model's forward
+    return save_tiny_model(tmp_path_factory.mktemp("warm_gemma3"), "gemma3")
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gemma3"])
+def test_each_layer_and_the_model_end_closer_to_the_teacher(request, architecture):
+    _assert_warm_start_helps(*_models(request.getfixturevalue(f"{architecture}_path")))
 
 
 def test_a_moe_student_warm_starts_its_nvfp4_experts(moe_path):
