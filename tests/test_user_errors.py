@@ -783,3 +783,18 @@ def test_demo_computes_in_the_dtype_the_cpu_runs_natively(tiny_model, tmp_path, 
     assert loaded == [dtype, torch.float32]  # the teacher computes in it; the student keeps float32 masters
     result = json.loads((tmp_path / "demo" / "demo.json").read_text())
     assert result["rows"][0]["model"] == label and result["compute_dtype"] == name
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("eval_file_without_strategy", "--eval_dataset_name needs --eval_strategy steps"),
+    ("strategy_on_one_file", "is one file without a test split: pass --eval_dataset_name FILE"),
+    ("missing_eval_file", "--eval_dataset_name: data file or folder not found"),
+])
+def test_train_held_out_data(training_tiny, tmp_path, case, expected):
+    data = _text_file(tmp_path)
+    flags = {"eval_file_without_strategy": ["--eval_dataset_name", str(data)],
+             "strategy_on_one_file": ["--eval_strategy", "steps"],
+             "missing_eval_file": ["--eval_strategy", "steps", "--eval_dataset_name", str(tmp_path / "nope.txt")]}[case]
+    message = _train_cli_error("--model_name_or_path", str(training_tiny), "--dataset_name", str(data),
+                               "--output_dir", str(tmp_path / "out"), *flags)
+    assert expected in message

@@ -2,7 +2,9 @@
 
 Every ``QADConfig`` field (which includes SFTConfig's and the ``nvfp4_*`` options) and
 TRL's ``ScriptArguments``/``ModelConfig`` fields are flags; ``--config run.yaml`` reads
-them from a file. ``--help`` lists the run's main flags and the QAD/NVFP4 options,
+them from a file. With ``--eval_strategy steps`` the run measures held-out KL (and its
+ratio to the PTQ start, the KL guard): on ``--eval_dataset_name`` (a file of its own), or
+else, as TRL's ``sft`` script does, on ``--dataset_test_split`` of ``--dataset_name``. ``--help`` lists the run's main flags and the QAD/NVFP4 options,
 ``--help-all`` every flag. Runs under ``accelerate launch`` like any TRL script.
 """
 
@@ -24,12 +26,29 @@ from hf_qad.devices import compute_dtype_choice, default_device
 from hf_qad.trainer import QADConfig, QADTrainer
 from hf_qad.trainer.qad_trainer import check_resumable
 
+
+
+@dataclasses.dataclass
+class EvalDataArguments:
+    """hf-qad train's held-out data. Its own flag because TRL's ``ScriptArguments`` evaluates on a
+    split of the training dataset only, and a single text file has no splits."""
+
+    eval_dataset_name: str | None = dataclasses.field(
+        default=None,
+        metadata={"help": "Held-out text for --eval_strategy (held-out KL and the KL guard): a .txt/.jsonl file, "
+                          "a folder or a hub dataset id (its --dataset_test_split). Default: --dataset_test_split of "
+                          "--dataset_name."},
+    )
+
+
 # The flags of a typical run, listed by the short --help before the QAD/NVFP4 options.
 MAIN_FLAGS = {
     ModelConfig: ["model_name_or_path"],
     ScriptArguments: ["dataset_name"],
+    EvalDataArguments: ["eval_dataset_name"],
     QADConfig: ["output_dir", "max_steps", "learning_rate", "per_device_train_batch_size",
-                "gradient_accumulation_steps", "max_length", "save_steps", "resume_from_checkpoint"],
+                "gradient_accumulation_steps", "max_length", "save_steps", "resume_from_checkpoint",
+                "eval_strategy", "eval_steps"],
 }
 # Columns SFTTrainer (and QADTrainer's prompt-only path) can train on, besides dataset_text_field.
 DATA_COLUMNS = ("messages", "prompt", "input_ids")
@@ -82,25 +101,50 @@ def _check_model_path(path: str) -> None:
         raise CommandError(f"--model_name_or_path {path}: {str(error).splitlines()[0]}") from error
 
 
-def _check_dataset(dataset: Dataset, source: str, text_field: str) -> None:
-    """One-line errors for data SFTTrainer would fail on with a traceback, or silently train nothing on."""
+def _load_dataset(source: str, split: str, name: str | None, text_field: str, flag: str) -> Dataset:
+    """``source`` loaded, with one-line errors for data SFTTrainer would fail on with a traceback, or silently
+    train (or evaluate) nothing on."""
+    try:
+        dataset = load_text_dataset(source, split=split, name=name)
+    except (FileNotFoundError, ValueError) as error:
+        raise CommandError(str(error) if flag == "--dataset_name" else f"{flag}: {error}") from error
     if len(dataset) == 0:
-        raise CommandError(f"--dataset_name {source} has no rows.")
+        raise CommandError(f"{flag} {source} has no rows.")
     columns = dataset.column_names
     if text_field not in columns and not any(c in columns for c in DATA_COLUMNS):
         raise CommandError(
-            f"--dataset_name {source} has no {text_field!r}, 'messages' or 'prompt' column (columns: "
+            f"{flag} {source} has no {text_field!r}, 'messages' or 'prompt' column (columns: "
             f"{', '.join(columns)}); rename the text column or pass --dataset_text_field."
         )
     if text_field in columns and not any(isinstance(t, str) and t.strip() for t in dataset[text_field]):
-        raise CommandError(f"--dataset_name {source}: every {text_field!r} is empty, so there is nothing to train on.")
+        raise CommandError(f"{flag} {source}: every {text_field!r} is empty, so there is nothing to use.")
+    return dataset
+
+
+def _eval_dataset(script_args: ScriptArguments, eval_args: EvalDataArguments, args: QADConfig) -> Dataset | None:
+    """The held-out data of an evaluating run (``--eval_strategy`` not ``no``), else ``None``."""
+    evaluating = args.eval_strategy != "no"
+    if eval_args.eval_dataset_name and not evaluating:
+        raise CommandError("--eval_dataset_name needs --eval_strategy steps (and --eval_steps N): when to measure "
+                           "the held-out KL.")
+    if not evaluating:
+        return None
+    source, flag = eval_args.eval_dataset_name, "--eval_dataset_name"
+    if source is None:
+        source, flag = script_args.dataset_name, "--dataset_name"
+        if Path(source).expanduser().is_file():
+            raise CommandError(f"--eval_strategy {args.eval_strategy.value} needs held-out text, and --dataset_name "
+                               f"{source} is one file without a test split: pass --eval_dataset_name FILE.")
+    return _load_dataset(source, script_args.dataset_test_split,
+                         script_args.dataset_config if flag == "--dataset_name" else None,
+                         args.dataset_text_field, flag)
 
 
 def run(argv: list[str]) -> None:
     if "-h" in argv or "--help" in argv:
         _print_short_help()
         return
-    parser = TrlParser((ScriptArguments, QADConfig, ModelConfig), prog="hf-qad train")
+    parser = TrlParser((ScriptArguments, QADConfig, ModelConfig, EvalDataArguments), prog="hf-qad train")
     if "--help-all" in argv:
         parser.print_help()
         return
@@ -111,7 +155,7 @@ def run(argv: list[str]) -> None:
     dtype, why = compute_dtype_choice(device)
     parser.set_defaults(use_cpu=device.type == "cpu", **({} if dtype == torch.bfloat16 else {"bf16": False}))
     try:
-        script_args, qad_args, model_args = parser.parse_args_and_config(argv)
+        script_args, qad_args, model_args, eval_args = parser.parse_args_and_config(argv)
     except ValueError as error:  # unknown flags, a bad --config file, values TrainingArguments refuses
         message = str(error).splitlines()[0]
         if message.startswith("Some specified arguments are not used"):
@@ -123,12 +167,9 @@ def run(argv: list[str]) -> None:
     if not script_args.dataset_name:
         raise CommandError("--dataset_name is required: a local .txt/.jsonl file, a folder, or a hub dataset id.")
     _check_model_path(model_args.model_name_or_path)
-    try:
-        dataset = load_text_dataset(script_args.dataset_name, split=script_args.dataset_train_split,
-                                    name=script_args.dataset_config)
-    except (FileNotFoundError, ValueError) as error:
-        raise CommandError(str(error)) from error
-    _check_dataset(dataset, script_args.dataset_name, qad_args.dataset_text_field)
+    dataset = _load_dataset(script_args.dataset_name, script_args.dataset_train_split, script_args.dataset_config,
+                            qad_args.dataset_text_field, "--dataset_name")
+    eval_dataset = _eval_dataset(script_args, eval_args, qad_args)
     if qad_args.resume_from_checkpoint:
         try:
             check_resumable(qad_args.resume_from_checkpoint)
@@ -141,6 +182,7 @@ def run(argv: list[str]) -> None:
         model_args.model_name_or_path,
         args=qad_args,
         train_dataset=dataset,
+        eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )

@@ -130,3 +130,17 @@ def test_stdout_is_line_buffered_so_progress_lines_keep_their_place_among_progre
     with pytest.raises(SystemExit):
         main([])  # prints the usage and exits
     assert piped.line_buffering
+
+
+def test_train_evaluates_held_out_text_from_the_start(tiny, text_file, tmp_path):
+    """--eval_dataset_name with --eval_strategy: held-out KL at the PTQ start (step 0) and its ratio after."""
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("\n\n".join(reversed(TEXTS)))
+    main(["train", "--model_name_or_path", str(tiny), "--dataset_name", str(text_file), "--eval_dataset_name",
+          str(held_out), "--eval_strategy", "steps", "--eval_steps", "1", "--output_dir", str(tmp_path / "run"),
+          "--max_steps", "2", "--save_steps", "2", "--per_device_train_batch_size", "2", "--max_length", "48",
+          "--use_cpu", "true", "--report_to", "none", "--nvfp4_scheme", "w4a16"])
+    history = json.loads((tmp_path / "run" / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+    evals = [entry for entry in history if "eval_kl" in entry]
+    assert [entry["step"] for entry in evals] == [0, 1, 2]
+    assert "eval_kl_ratio" not in evals[0] and all(entry["eval_kl_ratio"] > 0 for entry in evals[1:])

@@ -187,3 +187,34 @@ def test_qad_trains_a_gpt_oss_student_experts_biases_and_router(tmp_path):
     assert len(logs) == 2 and all(0.0 < entry["router_agreement"] <= 1.0 for entry in logs)
     for name, param in trained.items():
         assert param.dtype == torch.float32 and not torch.equal(param.detach(), before[name]), name
+
+
+def test_lora_qad_adapts_gpt_oss_experts_named_by_target_parameters(tmp_path):
+    """peft maps ``all-linear`` on gpt-oss to its attention only; its transposed experts take adapters when
+    named, train through the STE (``quant(W + B A)``), and the merged weights export exactly."""
+    from tests.tiny_models import save_tiny_model
+
+    path = save_tiny_model(tmp_path / "gpt_oss", "gpt_oss")
+    lora = LoraConfig(r=4, target_modules="all-linear",
+                      target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    trainer = _trainer(_student(path), tmp_path, peft_config=lora, learning_rate=1e-2)
+    model = trainer.model
+    wrapped = {getattr(m, "parameter_name", None) for m in model.modules() if isinstance(m, ParamWrapper)}
+    assert wrapped == {"gate_up_proj", "down_proj"}
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer.train()
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])}
+    assert changed and all(".lora_" in name for name in changed)
+    assert any(".experts." in name for name in changed)
+
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    bf16 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad(), teacher_mode(model):
+        assert torch.equal(model(input_ids=ids).logits, bf16(input_ids=ids).logits)
+    merged = model.merge_and_unload()
+    with torch.no_grad():
+        expected = merged(input_ids=ids).logits
+        assert not torch.equal(expected, bf16(input_ids=ids).logits)
+    merged.save_pretrained(tmp_path / "export")
+    with torch.no_grad():
+        assert torch.equal(load_packed_model(tmp_path / "export")(input_ids=ids).logits, expected)
