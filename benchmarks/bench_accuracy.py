@@ -443,7 +443,8 @@ def bar_check(results: dict[str, dict[str, Any]]) -> list[str]:
 def run_lr_search(args, path, tokenizer, teacher, data, work, report, output) -> None:
     lrs = [float(v) for v in args.lr_search.split(",")]
     search = report.setdefault("lr_search", [])
-    methods = [m for m in args.methods if m in ("qad", "qad_learned", "qad_warm", "ptq_warm", "qad_lora", "qat")] or ["qad"]
+    trained = ("qad", "qad_learned", "qad_warm", "ptq_warm", "qad_lora", "qat")
+    methods = [m for m in args.methods if m in trained] or ["qad"]
     for method in methods:
         for lr in lrs:
             print(f"== lr search: {method} lr={lr:g} on {args.search_tokens} tokens", flush=True)

@@ -101,9 +101,10 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
         if (isinstance(module, nn.ModuleList) and len(module) == count
                 and all(type(layer).__name__ in block_classes for layer in module)):
             return module
+    named = ", ".join(sorted(block_classes)) or "none named"
     raise ValueError(
-        f"block_warm_start: found no list of {count} decoder layers ({', '.join(sorted(block_classes)) or 'none named'})"
-        f" in {type(pretrained).__name__}: it works on transformers causal LMs only; set warm_start_steps=0."
+        f"block_warm_start: found no list of {count} decoder layers ({named}) in {type(pretrained).__name__}: "
+        "it works on transformers causal LMs only; set warm_start_steps=0."
     )
 
 
