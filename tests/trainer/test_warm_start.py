@@ -157,3 +157,8 @@ def test_lora_with_its_shared_teacher_is_refused(llama_path, tmp_path):
     with pytest.raises(ValueError, match="warm_start_steps needs a separate teacher.*pass teacher="):
         QADTrainer(str(llama_path), args=args, train_dataset=Dataset.from_dict({"text": TEXTS}),
                    processing_class=tiny_tokenizer(), peft_config=LoraConfig(r=4, target_modules="all-linear"))
+
+
+def test_a_model_without_transformers_decoder_layers_is_refused():
+    with pytest.raises(ValueError, match="found no list of .* decoder layers .* set warm_start_steps=0"):
+        decoder_layers(torch.nn.Sequential(torch.nn.Linear(16, 16)))
