@@ -12,6 +12,7 @@ Rows (``--methods``):
 * ``ptq_best``: PTQ with the better of the ``mse`` and ``four_over_six`` weight scale searches,
   chosen by KL to BF16 on held-out *training-domain* text (never the eval text);
   ``ptq_mse`` / ``ptq_four_over_six`` force one of them;
+* ``ptq_gptq``: PTQ with GPTQ rounding (:func:`hf_qad.gptq`) on the calibration rows, amax scales;
 * ``qat``: ``QADConfig(kl_weight=0, ce_weight=1)``: the data's cross-entropy only;
 * ``qad``: ``QADConfig()`` defaults: forward KL(teacher || student), full parameters;
 * ``qad_learned``: ``qad`` with learned NVFP4 scales (``NVFP4Config(learn_scales=True)``: a clipping
@@ -21,6 +22,8 @@ Rows (``--methods``):
   ``--warm-lr`` towards the teacher's hidden states, on the first ``--warm-rows`` training rows);
 * ``qad_warm``: ``qad`` after that warm start, through ``QADConfig(warm_start_steps=...)`` (the warm start
   reuses the first training batches, so the token budget is unchanged);
+* ``qad_gptq``: ``qad`` starting from the ``ptq_gptq`` student (GPTQ rounding on the calibration rows,
+  as ``QADConfig(nvfp4_weight_rounding="gptq")`` does on its calibration batches);
 * ``qad_lora``: QAD of LoRA adapters (``peft_config=LoraConfig``) on the frozen NVFP4 base,
   teacher shared with the student (the same model with adapters and quantizers off);
 * ``qad_cache``: QAD from an offline teacher cache (``hf_qad.trainer.teacher_cache``: the
@@ -94,19 +97,21 @@ from hf_qad.trainer.teacher_cache import build_teacher_cache
 from hf_qad.trainer.warm_start import block_warm_start
 from tests.shared_data import read_text, shared_data_dir
 
-METHODS = ("bf16", "ptq_amax", "ptq_best", "ptq_mse", "ptq_four_over_six", "ptq_warm", "qat", "qad", "qad_learned",
-           "qad_warm", "qad_lora", "qad_cache")
+METHODS = ("bf16", "ptq_amax", "ptq_best", "ptq_mse", "ptq_four_over_six", "ptq_gptq", "ptq_warm", "qat", "qad",
+           "qad_learned", "qad_gptq", "qad_warm", "qad_lora", "qad_cache")
 DEFAULT_METHODS = ("bf16", "ptq_amax", "ptq_best", "qat", "qad", "qad_lora", "qad_cache")
 LABELS = {
     "bf16": "BF16 (teacher)",
     "ptq_amax": "PTQ (amax)",
     "ptq_mse": "PTQ (mse)",
     "ptq_four_over_six": "PTQ (four_over_six)",
+    "ptq_gptq": "PTQ (amax scales, GPTQ rounding)",
     "qat": "QAT (CE only)",
     "qad": "QAD (KL)",
     "qad_learned": "QAD (KL), learned scales",
     "ptq_warm": "PTQ (amax) + block-wise warm start",
     "qad_warm": "QAD (KL) after the block-wise warm start",
+    "qad_gptq": "QAD (KL) from the GPTQ rounding",
     "qad_lora": "QAD-LoRA (KL, shared teacher)",
     "qad_cache": "QAD (KL, offline teacher cache)",
 }
@@ -118,7 +123,7 @@ ARC_FILE = "arc_easy_test.jsonl"
 _COMMON_KEYS = ("tiny", "seq_len", "batch_size", "eval_tokens", "arc_limit", "calibration_rows", "seed")
 _TRAIN_KEYS = ("train_tokens", "train_scale_method", "train_texts")
 _METHOD_KEYS = {
-    "qat": ("lr",), "qad": ("lr",), "qad_learned": ("lr", "scale_lr"), "qad_cache": ("lr", "cache_top_k"),
+    "qat": ("lr",), "qad": ("lr",), "qad_gptq": ("lr",), "qad_learned": ("lr", "scale_lr"), "qad_cache": ("lr", "cache_top_k"),
     "qad_lora": ("lora_lr", "lora_r"), "ptq_warm": ("warm_steps", "warm_lr", "warm_rows"),
     "qad_warm": ("lr", "warm_steps", "warm_lr", "warm_rows"),
 }
@@ -260,12 +265,19 @@ def load_teacher(path: Path, device: str) -> torch.nn.Module:
 
 
 def load_student(path: Path, scale_method: str, calibration_rows: torch.Tensor, batch_size: int,
-                 device: str, learn_scales: bool = False) -> torch.nn.Module:
-    """NVFP4 W4A4 fake-quant student, float32 masters, calibrated on ``calibration_rows``."""
+                 device: str, learn_scales: bool = False, gptq: bool = False) -> torch.nn.Module:
+    """NVFP4 W4A4 fake-quant student, float32 masters, calibrated on ``calibration_rows`` (and GPTQ-rounded on them)."""
     config = hf_qad.NVFP4Config(scheme="w4a4", scale_method=scale_method, learn_scales=learn_scales)
     student = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=config).to(device)
-    calibrate(student, [{"input_ids": b} for b in batches(calibration_rows.to(device), batch_size)],
-              num_batches=None)
+    calibration = [{"input_ids": b} for b in batches(calibration_rows.to(device), batch_size)]
+    calibrate(student, calibration, num_batches=None)
+    if gptq:
+        started = time.perf_counter()
+        rounded = hf_qad.gptq(student, calibration, num_batches=None)
+        ratio = sum(r.gptq for r in rounded.values()) / sum(r.nearest for r in rounded.values())
+        rerounded = sum(r.rerounded for r in rounded.values()) / len(rounded)
+        print(f"   gptq: {len(rounded)} layers in {time.perf_counter() - started:.0f}s, summed output error "
+              f"{ratio:.3f}x nearest rounding's, {rerounded:.2%} of blocks re-rounded", flush=True)
     return student
 
 
@@ -303,7 +315,8 @@ def train_student(method: str, args: argparse.Namespace, path: Path, tokenizer, 
     dataset = data.dataset(tokens)
     info["train_tokens"] = len(dataset) * args.seq_len
     learned = method == "qad_learned"
-    student = load_student(path, args.train_scale_method, data.calibration, args.batch_size, args.device, learned)
+    student = load_student(path, args.train_scale_method, data.calibration, args.batch_size, args.device, learned,
+                           gptq=method == "qad_gptq")
     warm = dict(warm_start_steps=args.warm_steps, warm_start_learning_rate=args.warm_lr,
                 warm_start_batches=args.warm_rows // args.batch_size)
     if method == "ptq_warm":  # the warm start alone, on the first --warm-rows training rows; lr is its rate
@@ -321,7 +334,7 @@ def train_student(method: str, args: argparse.Namespace, path: Path, tokenizer, 
     if method == "qat":
         config = train_config(args, out, lr, kl_weight=0.0, ce_weight=1.0)
         trainer = QADTrainer(student, teacher=teacher, args=config, **kwargs)
-    elif method in ("qad", "qad_learned", "qad_warm"):
+    elif method in ("qad", "qad_learned", "qad_gptq", "qad_warm"):
         config = train_config(args, out, lr, scale_learning_rate=args.scale_lr,
                               **(warm if method == "qad_warm" else {}))
         if method == "qad_warm":
@@ -570,7 +583,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     scale = min(candidates, key=lambda c: candidates[c]["kl"])
                     entry["selection_held_out"] = candidates
                     entry["label"] = f"PTQ ({scale}, best of mse/four_over_six)"
-                model = freeze(load_student(path, scale, data.calibration, args.batch_size, args.device))
+                rounding = scale == "gptq"
+                scale = "amax" if rounding else scale
+                model = freeze(load_student(path, scale, data.calibration, args.batch_size, args.device,
+                                            gptq=rounding))
                 entry["scale_method"] = scale
                 wall = time.perf_counter() - started
             else:
@@ -581,7 +597,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             entry["wall_s"] = wall
             entry.update(evaluate(model, teacher, tokenizer, eval_rows, arc_rows, args.batch_size,
                                   args.arc_batch_size))
-            if method in ("qad", "qad_learned", "qad_warm", "ptq_warm", "qad_lora", "qad_cache", "qat"):
+            if method != "bf16":
                 entry["held_out_train_text"] = held_out_kl(model, teacher, data, args.batch_size)
             if method == "qad_lora":
                 # What the NVFP4 export holds: B A added into the masters, then quantized as a whole.

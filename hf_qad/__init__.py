@@ -8,6 +8,7 @@ Importing hf_qad registers :class:`NVFP4Config` with transformers:
 
 from hf_qad.export import attach_model_card, save_modelopt_checkpoint, write_model_card
 from hf_qad.nvfp4.calibration import calibrate
+from hf_qad.nvfp4.gptq import gptq
 from hf_qad.nvfp4.linear import NVFP4Linear
 from hf_qad.nvfp4.moe import NVFP4Experts
 from hf_qad.quantizer import NVFP4Config, NVFP4HfQuantizer, nvfp4_quantizer, register
@@ -46,6 +47,7 @@ __all__ = [
     "attach_model_card",
     "__version__",
     "calibrate",
+    "gptq",
     "load_packed_model",
     "master_weight_checkpoint",
     "nvfp4_quantizer",

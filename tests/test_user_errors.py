@@ -439,6 +439,20 @@ def _text_file(tmp_path):
 
 
 
+def test_gptq_on_a_packed_model_or_with_a_bad_setting_says_what_to_do(tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(save_tiny_llama(tmp_path / "bf16"), quantization_config=NVFP4Config(
+        scheme="w4a16"), dtype=torch.float32)
+    with pytest.raises(ValueError, match="dampening must be in") as error:
+        hf_qad.gptq(model, token_batches(1), dampening=-0.1)
+    assert "\n" not in str(error.value)
+    model.model.layers[0].self_attn.o_proj.pack()  # no fused peers: packs alone
+    with pytest.raises(ValueError, match=r"packed: model.layers.0.self_attn.o_proj; unpack them first \(hf_qad.unpack_model\)") as error:
+        hf_qad.gptq(model, token_batches(1))
+    assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match="unknown nvfp4_weight_rounding 'awq'; choose one of nearest, gptq"):
+        QADConfig(str(tmp_path / "run"), **_TRAIN_FLAGS, nvfp4_weight_rounding="awq")
+
+
 # ============================================================================ command line and data
 # (BOS, eval's teacher and tokenizer checks, long paragraphs in text files, CLI argument values)
 import importlib.util

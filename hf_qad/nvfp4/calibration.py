@@ -41,10 +41,11 @@ from hf_qad.nvfp4.format import global_scale_from_amax
 from hf_qad.nvfp4.linear import NVFP4Linear
 from hf_qad.nvfp4.moe import EXPERT_PROJECTIONS, NVFP4Experts
 
-__all__ = ["calibrate"]
+__all__ = ["calibrate", "run_batch"]
 
 
-def _run_batch(model: nn.Module, batch: Any, device: torch.device) -> None:
+def run_batch(model: nn.Module, batch: Any, device: torch.device) -> None:
+    """Run ``model`` on one batch: a dict of keyword arguments, a tuple of positional ones, or a tensor."""
     if isinstance(batch, Mapping):
         model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
     elif isinstance(batch, (tuple, list)):
@@ -103,7 +104,7 @@ def calibrate(model: nn.Module, dataloader: Iterable[Any], num_batches: int | No
             for name, module in experts.items():
                 observed[name] = stack.enter_context(module.observing_inputs())
             for batch in islice(dataloader, num_batches):
-                _run_batch(model, batch, device)
+                run_batch(model, batch, device)
                 seen += 1
     finally:
         for handle in handles:

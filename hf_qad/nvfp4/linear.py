@@ -203,7 +203,7 @@ class NVFP4Linear(nn.Linear):
         self.cache_frozen_weight = False
         self._warned_uncalibrated = False
         self._frozen_cache: tuple[tuple, torch.Tensor] | None = None
-        self._unpacked_global_scale: tuple[int, torch.Tensor] | None = None
+        self._pinned_global_scale: tuple[int, torch.Tensor] | None = None
         if quantize_activations:
             self.register_buffer("input_global_scale", torch.zeros(1, dtype=torch.float32, device=device))
         if packed:
@@ -286,23 +286,46 @@ class NVFP4Linear(nn.Linear):
     def weight_global_scale_from_master(self) -> torch.Tensor:
         """``2688 / amax`` over this layer's master weight and its global-scale peers.
 
-        Right after :meth:`unpack`, and until any weight of the group changes, the
-        checkpoint's stored global scale is returned instead: recomputing it from the
-        dequantized amax can land one float32 ulp away and shift block scales.
+        Right after :meth:`unpack` (or :meth:`pin_weight_global_scale`), and until any weight of
+        the group changes, the pinned scale (the checkpoint's stored one) is returned instead:
+        recomputing it from the dequantized amax can land one float32 ulp away and shift block scales.
         """
         group = (self, *self.global_scale_peers)
-        if all(layer._unpacked_weight_unchanged() for layer in group):
-            return self._unpacked_global_scale[1]
+        if all(layer._pinned_weight_unchanged() for layer in group):
+            return self._pinned_global_scale[1]
         return functional.global_scale(*(layer.weight for layer in group))
+
+    def pin_weight_global_scale(self, global_scale: torch.Tensor) -> None:
+        """Quantize the current master weight with ``global_scale`` (float32 ``[1]``) until it changes.
+
+        For a master weight written from quantized values (a packed checkpoint, GPTQ's result): their
+        own amax gives a global scale slightly off the one they were quantized with. Once this
+        layer's weight, or a global-scale peer's, changes in place (an optimizer step), or a peer has
+        no pin, the scale is computed from the master weights again.
+        """
+        self._pinned_global_scale = (self.weight._version, global_scale.detach().float().reshape(1).clone())
+        self._frozen_cache = None
+
+    def weight_block_scales(
+        self, weight: torch.Tensor, global_scale: torch.Tensor, weight_clip: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """The e4m3 block scales this layer gives ``weight`` under ``global_scale``; ``None`` for ``amax``
+        (computed inside the quantizer).
+
+        ``weight`` may be any slice of whole 16-blocks of the master weight (``weight_clip`` the
+        matching slice of the learned clips): a block's scale depends only on the block and the
+        global scale, so slices get the scales the whole weight gets.
+        """
+        if weight_clip is not None:
+            return learned_scales.clipped_block_scales(weight, global_scale, weight_clip)
+        if self.scale_method == "amax":
+            return None
+        return search_block_scales(weight, global_scale, self.scale_method)
 
     def _weight_scales(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Global scale and, for a searched scale method or learned clips, the block scales."""
         global_scale = self.weight_global_scale_from_master()
-        if "weight_clip" in self.clip_parameters:
-            return global_scale, learned_scales.clipped_block_scales(self.weight, global_scale, self.weight_clip)
-        if self.scale_method == "amax":
-            return global_scale, None
-        return global_scale, search_block_scales(self.weight, global_scale, self.scale_method)
+        return global_scale, self.weight_block_scales(self.weight, global_scale, self.clip_parameters.get("weight_clip"))
 
     def quantized_weight(self) -> NVFP4Quantized:
         """The weight as packed NVFP4 (what :meth:`pack` stores and exporters write)."""
@@ -365,7 +388,7 @@ class NVFP4Linear(nn.Linear):
             for name in ("weight_packed", "weight_scale", "weight_global_scale"):
                 del self._buffers[name]
             self.weight = nn.Parameter(weight)
-            self._unpacked_global_scale = (self.weight._version, global_scale)
+            self.pin_weight_global_scale(global_scale)
             if self.learn_scales:  # the stored scales are folded in: clipping starts again from 1
                 self._add_clip_parameters(weight.device, dtype)
         return self
@@ -380,7 +403,7 @@ class NVFP4Linear(nn.Linear):
         """
         for layer in (self, *self.global_scale_peers):
             layer._frozen_cache = None
-        self._unpacked_global_scale = None
+        self._pinned_global_scale = None
 
     @contextmanager
     def using_master_weight(self, weight: torch.Tensor, clips: dict[str, torch.Tensor] | None = None) -> Iterator[None]:
@@ -404,16 +427,16 @@ class NVFP4Linear(nn.Linear):
             raise ValueError(f"NVFP4Linear {self._name() or ''} is packed: it has no master weight to replace.")
         replaced = {"weight": weight, **(clips or {})}
         live = {name: self._parameters[name] for name in replaced}
-        unpacked = self._unpacked_global_scale
+        pinned = self._pinned_global_scale
         for name, value in replaced.items():
             self._parameters[name] = nn.Parameter(value, requires_grad=False)
-        self._unpacked_global_scale = None
+        self._pinned_global_scale = None
         self._frozen_cache = None
         try:
             yield
         finally:
             self._parameters.update(live)
-            self._unpacked_global_scale = unpacked
+            self._pinned_global_scale = pinned
             self._frozen_cache = None
 
     def checkpoint_tensors(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -464,8 +487,8 @@ class NVFP4Linear(nn.Linear):
         )
         return found[0].ratio
 
-    def _unpacked_weight_unchanged(self) -> bool:
-        record = self._unpacked_global_scale
+    def _pinned_weight_unchanged(self) -> bool:
+        record = self._pinned_global_scale
         return record is not None and self.weight is not None and self.weight._version == record[0]
 
     # ------------------------------------------------------------------ activations

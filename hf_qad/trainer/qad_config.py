@@ -10,7 +10,10 @@ from trl import SFTConfig
 from hf_qad.quantizer.config import NVFP4Config
 from hf_qad.trainer.losses import check_divergence
 
-__all__ = ["QADConfig"]
+__all__ = ["QADConfig", "WEIGHT_ROUNDINGS"]
+
+WEIGHT_ROUNDINGS = ("nearest", "gptq")
+"""Values of :attr:`QADConfig.nvfp4_weight_rounding`."""
 
 
 @dataclass
@@ -35,6 +38,13 @@ class QADConfig(SFTConfig):
             trainable clipping factors in front of every weight block scale and every W4A4 input
             global scale, exported as learned. A student loaded by the caller learns its scales when
             it was loaded with that option.
+        nvfp4_weight_rounding (`str`, defaults to `"nearest"`):
+            How the student's weights are rounded before the first step: ``"nearest"`` (each weight to
+            its nearest NVFP4 value) or ``"gptq"``: :func:`hf_qad.gptq` on the ``calibration_batches``
+            first training batches, after calibration, which rounds so as to keep each layer's output
+            on them (error compensation through the inputs' Hessian). Not when resuming a run. Needs
+            whole weights on every process (single process or DDP; under DDP the Hessians are summed
+            over ranks, so every rank rounds alike), and ``calibration_batches > 0``.
         scale_learning_rate (`float`, defaults to `1e-3`):
             Peak learning rate of the learned clipping factors (a parameter group of their own, no
             weight decay, the same schedule). A factor moves the block scale it multiplies by its own
@@ -109,6 +119,9 @@ class QADConfig(SFTConfig):
         default=None, metadata={"help": "Modules kept in high precision."}
     )
     nvfp4_learn_scales: bool = field(default=False, metadata={"help": "Learn NVFP4 block and input scales."})
+    nvfp4_weight_rounding: str = field(
+        default="nearest", metadata={"help": "nearest or gptq: the weight rounding QAD starts from."}
+    )
     scale_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of learned scales."})
     divergence: str = field(default="forward_kl", metadata={"help": "forward_kl, reverse_kl or jsd."})
     beta: float = field(default=0.5, metadata={"help": "Teacher share of the JSD mixture."})
@@ -147,6 +160,11 @@ class QADConfig(SFTConfig):
         if not self.scale_learning_rate > 0:
             raise ValueError(f"scale_learning_rate must be positive, got {self.scale_learning_rate}.")
         self._check_warm_start_options()
+        if self.nvfp4_weight_rounding not in WEIGHT_ROUNDINGS:
+            raise ValueError(f"unknown nvfp4_weight_rounding {self.nvfp4_weight_rounding!r}; choose one of "
+                             f"{', '.join(WEIGHT_ROUNDINGS)}.")
+        if self.nvfp4_weight_rounding == "gptq" and self.calibration_batches < 1:
+            raise ValueError("nvfp4_weight_rounding='gptq' rounds on the calibration batches: set calibration_batches > 0.")
         if self.loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size must be positive, got {self.loss_chunk_size}.")
         self.nvfp4_config()  # validates the NVFP4 options early

@@ -43,6 +43,7 @@ from trl.models.utils import _ForwardRedirection
 
 from hf_qad.export.model_card import write_model_card
 from hf_qad.nvfp4.calibration import calibrate
+from hf_qad.nvfp4.gptq import gptq
 from hf_qad.nvfp4.conversion import nvfp4_experts, nvfp4_modules
 from hf_qad.quantizer.checkpoints import MasterWeightCheckpointCallback, is_packed_export
 from hf_qad.quantizer.peft import register_nvfp4_lora, teacher_mode
@@ -150,7 +151,7 @@ class _StartCallback(TrainerCallback):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.trainer._calibrate_if_needed()
+        self.trainer._calibrate_if_needed(first_step=state.global_step == 0)
         if state.global_step == 0:
             self.trainer._warm_start_if_needed()
 
@@ -449,10 +450,13 @@ class QADTrainer(SFTTrainer):
         return self.data_collator.fallback(completion_rows(batch["input_ids"], batch["attention_mask"], completions))
 
     # ------------------------------------------------------------------ calibration
-    def _calibrate_if_needed(self) -> None:
+    def _calibrate_if_needed(self, first_step: bool = True) -> None:
+        """Calibrate W4A4 input scales if not done yet; then, before a run's first step, round with GPTQ if asked."""
         modules = [*nvfp4_modules(self.model).values(), *nvfp4_experts(self.model).values()]
         layers = [m for m in modules if m.quantize_activations]
-        if not layers or all(m.input_calibrated for m in layers) or self.args.calibration_batches == 0:
+        calibrating = bool(layers) and not all(m.input_calibrated for m in layers) and self.args.calibration_batches > 0
+        rounding = first_step and self.args.nvfp4_weight_rounding == "gptq"
+        if not calibrating and not rounding:
             return
         model_keys = None
         batches = []
@@ -460,8 +464,14 @@ class QADTrainer(SFTTrainer):
             model_keys = model_keys or [k for k in batch if k not in _NON_MODEL_KEYS]
             batches.append({k: batch[k] for k in model_keys})
         with self.accelerator.autocast():  # the precision of the training forward (see compute_loss)
-            amax = calibrate(self.model_wrapped, batches, num_batches=None)
-        logger.info("hf_qad: calibrated %d W4A4 layers on %d batches", len(amax), len(batches))
+            if calibrating:
+                amax = calibrate(self.model_wrapped, batches, num_batches=None)
+                logger.info("hf_qad: calibrated %d W4A4 layers on %d batches", len(amax), len(batches))
+            if rounding:
+                rounded = gptq(self.model_wrapped, batches, num_batches=None)
+                gain = sum(r.gptq for r in rounded.values()) / max(sum(r.nearest for r in rounded.values()), 1e-30)
+                logger.info("hf_qad: GPTQ rounded %d layers on %d batches (output error %.2fx nearest rounding's)",
+                            len(rounded), len(batches), gain)
 
     def _warm_start_if_needed(self) -> None:
         """The block-wise warm start (``args.warm_start_steps``) on the first training batches."""
