@@ -2,30 +2,18 @@
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import hf_qad
 from hf_qad import NVFP4Config, save_modelopt_checkpoint
 from hf_qad.nvfp4.conversion import nvfp4_modules
+from tests.export.checkpoint_files import as_bytes, read_tensors
 from tests.tiny_models import save_tiny_llama, token_batches
 
 
 @pytest.fixture(scope="module")
 def bf16_path(tmp_path_factory):
     return save_tiny_llama(tmp_path_factory.mktemp("bf16"))
-
-
-def _tensors(directory):
-    tensors = {}
-    for path in directory.glob("*.safetensors"):
-        with safe_open(path, "pt") as f:
-            tensors.update({name: f.get_tensor(name) for name in f.keys()})
-    return tensors
-
-
-def _bytes(tensor):
-    return tensor.reshape(-1).view(torch.uint8)
 
 
 @pytest.mark.parametrize("learn_scales", [False, True], ids=["amax", "learned_clips"])
@@ -50,15 +38,15 @@ def test_exports_hold_exactly_the_gptq_student(bf16_path, tmp_path, scheme, lear
     with torch.no_grad():
         assert torch.equal(packed(ids).logits, expected)
     save_modelopt_checkpoint(model, tmp_path / "modelopt")
-    modelopt = _tensors(tmp_path / "modelopt")
+    modelopt = read_tensors(tmp_path / "modelopt")
     for name, layer in nvfp4_modules(packed).items():
         codes, block_scale, global_scale = stored[name]
-        assert torch.equal(layer.weight_packed, codes) and torch.equal(_bytes(layer.weight_scale), _bytes(block_scale))
+        assert torch.equal(layer.weight_packed, codes) and torch.equal(as_bytes(layer.weight_scale), as_bytes(block_scale))
         assert torch.equal(layer.weight_global_scale, global_scale), name
         # GPTQ keeps the original global scale (pinned), and with learned clips every original block scale
         assert torch.equal(global_scale, nearest[name].global_scale), name
         if learn_scales:
-            assert torch.equal(_bytes(block_scale), _bytes(nearest[name].block_scale)), name
+            assert torch.equal(as_bytes(block_scale), as_bytes(nearest[name].block_scale)), name
         assert torch.equal(modelopt[f"{name}.weight"], codes), name
-        assert torch.equal(_bytes(modelopt[f"{name}.weight_scale"]), _bytes(block_scale)), name
+        assert torch.equal(as_bytes(modelopt[f"{name}.weight_scale"]), as_bytes(block_scale)), name
         assert torch.equal(modelopt[f"{name}.weight_scale_2"], (1 / global_scale).reshape(())), name

@@ -12,6 +12,7 @@ import hf_qad
 from hf_qad import NVFP4Config, save_modelopt_checkpoint
 from hf_qad.nvfp4 import dequantize
 from hf_qad.nvfp4.conversion import nvfp4_modules
+from tests.export.checkpoint_files import as_bytes, read_tensors
 from tests.tiny_models import save_tiny_llama, token_batches
 
 # E2M1 values by 4-bit code (bit 3 is the sign), as ModelOpt's NVFP4QTensor dequantizes.
@@ -34,18 +35,6 @@ def _calibrated(path, scheme="w4a4", **config):
     return model
 
 
-def _tensors(directory):
-    tensors = {}
-    for path in directory.glob("*.safetensors"):
-        with safe_open(path, "pt") as f:
-            tensors.update({name: f.get_tensor(name) for name in f.keys()})
-    return tensors
-
-
-def _bytes(tensor):
-    return tensor.reshape(-1).view(torch.uint8)
-
-
 def _modelopt_dequantize(weight, weight_scale, weight_scale_2):
     """ModelOpt's definition, written out: value(code) * weight_scale * weight_scale_2."""
     codes = torch.stack((weight & 0x0F, weight >> 4), dim=-1).flatten(-2)
@@ -57,7 +46,7 @@ def _modelopt_dequantize(weight, weight_scale, weight_scale_2):
 def test_layout_names_dtypes_and_shapes(bf16_path, tmp_path, scheme):
     model = _calibrated(bf16_path, scheme)
     save_modelopt_checkpoint(model, tmp_path)
-    tensors = _tensors(tmp_path)
+    tensors = read_tensors(tmp_path)
     layers = nvfp4_modules(model)
     assert len(layers) == 14
     for name, layer in layers.items():
@@ -83,17 +72,17 @@ def test_scales_are_reciprocals_and_weights_match_the_packed_model(bf16_path, tm
     packed = hf_qad.load_packed_model(tmp_path / "ct")  # packed-mode NVFP4Linear layers
     save_modelopt_checkpoint(model, tmp_path / "from_fake")
     save_modelopt_checkpoint(packed, tmp_path / "from_packed")
-    from_fake, from_packed = _tensors(tmp_path / "from_fake"), _tensors(tmp_path / "from_packed")
+    from_fake, from_packed = read_tensors(tmp_path / "from_fake"), read_tensors(tmp_path / "from_packed")
     assert from_fake.keys() == from_packed.keys()
     for name in from_fake:
-        assert torch.equal(_bytes(from_fake[name]), _bytes(from_packed[name])), name
+        assert torch.equal(as_bytes(from_fake[name]), as_bytes(from_packed[name])), name
 
     for name, layer in nvfp4_modules(packed).items():
         assert layer.is_packed
         weight, scale, scale_2 = (from_fake[f"{name}.{t}"] for t in ("weight", "weight_scale", "weight_scale_2"))
         # codes and block scales are the compressed-tensors bytes; global scales are reciprocals
         assert torch.equal(weight, layer.weight_packed)
-        assert torch.equal(_bytes(scale), _bytes(layer.weight_scale))
+        assert torch.equal(as_bytes(scale), as_bytes(layer.weight_scale))
         assert torch.equal(scale_2, (1 / layer.weight_global_scale).reshape(()))
         assert torch.equal(from_fake[f"{name}.input_scale"], (1 / layer.input_global_scale).reshape(()))
         # code * scale * scale_2 versus code * scale / global_scale: the same up to float32 rounding
@@ -103,7 +92,7 @@ def test_scales_are_reciprocals_and_weights_match_the_packed_model(bf16_path, tm
 
 def test_fused_projections_share_their_scales(bf16_path, tmp_path):
     save_modelopt_checkpoint(_calibrated(bf16_path), tmp_path)
-    tensors = _tensors(tmp_path)
+    tensors = read_tensors(tmp_path)
     for group in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")):
         for scale in ("weight_scale_2", "input_scale"):
             values = {tensors[f"model.layers.0.{proj}.{scale}"].item() for proj in group}
@@ -133,7 +122,7 @@ def test_quant_configs_and_excluded_linears(tmp_path):
     assert "input_activations" not in inline["config_groups"]["group_0"]
 
     # every Linear is either excluded (full-precision weight) or quantized, as engines match them
-    tensors = _tensors(tmp_path / "out")
+    tensors = read_tensors(tmp_path / "out")
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
             is_excluded = any(fnmatch(name, pattern) for pattern in quant["quantization"]["exclude_modules"])

@@ -138,6 +138,23 @@ def test_qad_steps_reduce_the_kl_of_a_moe_student(moe_path, tmp_path, experts):
     assert logs[-1]["kl"] < 0.8 * logs[0]["kl"], [entry["kl"] for entry in logs]
 
 
+
+def _check_teacher_and_merged_export(model, bf16_path, tmp_path):
+    """The LoRA model's base (adapters and quantization off) is the BF16 model bit for bit; the merged,
+    trained model differs from it and reloads from its packed export with identical logits."""
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    bf16 = AutoModelForCausalLM.from_pretrained(bf16_path, dtype=torch.float32)
+    with torch.no_grad(), teacher_mode(model):
+        assert torch.equal(model(input_ids=ids).logits, bf16(input_ids=ids).logits)
+    merged = model.merge_and_unload()
+    with torch.no_grad():
+        expected = merged(input_ids=ids).logits
+        assert not torch.equal(expected, bf16(input_ids=ids).logits)
+    merged.save_pretrained(tmp_path / "export")
+    with torch.no_grad():
+        assert torch.equal(load_packed_model(tmp_path / "export")(input_ids=ids).logits, expected)
+
+
 @pytest.mark.parametrize("experts", list(EXPERTS))
 def test_lora_qad_adapts_attention_experts_and_routers_and_merges_into_the_export(moe_path, tmp_path, experts):
     """peft's ``all-linear`` on a transformers-5 MoE adds the fused experts and the router through
@@ -157,17 +174,7 @@ def test_lora_qad_adapts_attention_experts_and_routers_and_merges_into_the_expor
     assert changed and all(".lora_" in name for name in changed)
     assert any(".experts." in name for name in changed) and any(".gate." in name for name in changed)
     assert all("router_agreement" in entry for entry in trainer.state.log_history if "kl" in entry)
-
-    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
-    bf16 = AutoModelForCausalLM.from_pretrained(moe_path, dtype=torch.float32)
-    with torch.no_grad(), teacher_mode(model):
-        assert torch.equal(model(input_ids=ids).logits, bf16(input_ids=ids).logits)
-    merged = model.merge_and_unload()
-    with torch.no_grad():
-        expected = merged(input_ids=ids).logits
-    merged.save_pretrained(tmp_path / "export")
-    with torch.no_grad():
-        assert torch.equal(load_packed_model(tmp_path / "export")(input_ids=ids).logits, expected)
+    _check_teacher_and_merged_export(model, moe_path, tmp_path)
 
 
 def test_qad_trains_a_gpt_oss_student_experts_biases_and_router(tmp_path):
@@ -206,15 +213,4 @@ def test_lora_qad_adapts_gpt_oss_experts_named_by_target_parameters(tmp_path):
     changed = {name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])}
     assert changed and all(".lora_" in name for name in changed)
     assert any(".experts." in name for name in changed)
-
-    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
-    bf16 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    with torch.no_grad(), teacher_mode(model):
-        assert torch.equal(model(input_ids=ids).logits, bf16(input_ids=ids).logits)
-    merged = model.merge_and_unload()
-    with torch.no_grad():
-        expected = merged(input_ids=ids).logits
-        assert not torch.equal(expected, bf16(input_ids=ids).logits)
-    merged.save_pretrained(tmp_path / "export")
-    with torch.no_grad():
-        assert torch.equal(load_packed_model(tmp_path / "export")(input_ids=ids).logits, expected)
+    _check_teacher_and_merged_export(model, path, tmp_path)
