@@ -51,14 +51,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch.nn as nn
 from peft import LoraConfig, PeftModel
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
+from transformers import PreTrainedModel
 
 from hf_qad.nvfp4.conversion import nvfp4_experts, nvfp4_modules
 from hf_qad.nvfp4.linear import NVFP4Linear
 
-__all__ = ["NVFP4LoraLinear", "register_nvfp4_lora", "teacher_mode"]
+__all__ = ["NVFP4LoraLinear", "causal_lm", "register_nvfp4_lora", "teacher_mode"]
+
+
+def causal_lm(model: nn.Module) -> PreTrainedModel:
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    return model.base_model.model if isinstance(model, PeftModel) else model
 
 
 def _list(names: list[str], limit: int = 3) -> str:

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 from accelerate.utils import fsdp2_prepare_model
 from peft import LoraConfig, PeftModel
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, TrainerCallback, TrainingArguments
+from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback, TrainingArguments
 from trl import SFTTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp, unwrap_model_for_generation
 from trl.models.utils import _ForwardRedirection
@@ -46,7 +46,7 @@ from hf_qad.nvfp4.calibration import calibrate
 from hf_qad.nvfp4.gptq import gptq
 from hf_qad.nvfp4.conversion import nvfp4_experts, nvfp4_modules
 from hf_qad.quantizer.checkpoints import MasterWeightCheckpointCallback, is_packed_export
-from hf_qad.quantizer.peft import register_nvfp4_lora, teacher_mode
+from hf_qad.quantizer.peft import causal_lm, register_nvfp4_lora, teacher_mode
 from hf_qad.quantizer.quantizer import NVFP4HfQuantizer
 from hf_qad.trainer.generation import (
     PromptCollator,
@@ -81,11 +81,6 @@ def _is_peft(model: nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
-def _causal_lm(model: nn.Module) -> PreTrainedModel:
-    """The transformers model inside a peft wrapper (or the model itself)."""
-    return model.base_model.model if _is_peft(model) else model
-
-
 def _model_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
     """The batch's model arguments: what the student and the teacher are called with."""
     return {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS and k != "use_cache"}
@@ -94,11 +89,11 @@ def _model_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
 def _backbone(model: nn.Module, inputs: dict[str, Any], router_logits: bool = False) -> Any:
     """A causal LM's backbone outputs (final hidden states, and router logits if asked), without its head."""
     extra = {"output_router_logits": True} if router_logits else {}
-    return _causal_lm(model).base_model(**inputs, use_cache=False, **extra)
+    return causal_lm(model).base_model(**inputs, use_cache=False, **extra)
 
 
 def _vocab_rows(model: nn.Module) -> int:
-    weight = _causal_lm(model).get_output_embeddings().weight
+    weight = causal_lm(model).get_output_embeddings().weight
     # ZeRO-3 leaves an empty placeholder in a partitioned parameter; ds_shape is its real shape.
     return getattr(weight, "ds_shape", weight.shape)[0]
 
@@ -220,7 +215,7 @@ class QADTrainer(SFTTrainer):
         self.shared_teacher = teacher_source is None and not cached
         self._check_warm_start()
         self.teacher_model = None if teacher_source is None else self._prepare_teacher(teacher_source)
-        self._moe = is_moe(_causal_lm(self.model))
+        self._moe = is_moe(causal_lm(self.model))
         self._check_vocabulary()
         if cached:
             self._use_teacher_cache(args.teacher_cache_path)
@@ -282,7 +277,7 @@ class QADTrainer(SFTTrainer):
     def _prepare_teacher(self, teacher: str | nn.Module) -> nn.Module:
         if isinstance(teacher, str):
             kwargs = dict(self.args.teacher_model_init_kwargs or {})
-            kwargs.setdefault("dtype", _causal_lm(self.model).dtype)
+            kwargs.setdefault("dtype", causal_lm(self.model).dtype)
             teacher = AutoModelForCausalLM.from_pretrained(teacher, **kwargs)
         if isinstance(getattr(teacher, "hf_quantizer", None), NVFP4HfQuantizer) or nvfp4_modules(teacher):
             raise ValueError(
@@ -431,7 +426,7 @@ class QADTrainer(SFTTrainer):
 
     def _eos_token_ids(self) -> list[int]:
         """The tokenizer's EOS and the model's generation EOS tokens (chat models often have several)."""
-        configured = _causal_lm(self.accelerator.unwrap_model(self.model)).generation_config.eos_token_id
+        configured = causal_lm(self.accelerator.unwrap_model(self.model)).generation_config.eos_token_id
         configured = [] if configured is None else [configured] if isinstance(configured, int) else configured
         return sorted({self._tokenizer.eos_token_id, *configured} - {None})
 
@@ -591,7 +586,7 @@ class QADTrainer(SFTTrainer):
             yield self.model
 
     def _teacher_head(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        head = _causal_lm(self.accelerator.unwrap_model(self.teacher_model or self.model)).get_output_embeddings()
+        head = causal_lm(self.accelerator.unwrap_model(self.teacher_model or self.model)).get_output_embeddings()
 
         def apply(hidden: torch.Tensor) -> torch.Tensor:
             with self._teacher():
@@ -630,7 +625,7 @@ class QADTrainer(SFTTrainer):
         if self.aux_loss_enabled and student_router_logits is not None:
             # As SFTTrainer adds it: a per-micro-batch mean that DDP averages across ranks, averaged over the
             # accumulation steps when the Trainer leaves gradient accumulation to the loss (num_items_in_batch).
-            aux_loss = router_aux_loss(_causal_lm(unwrapped), student_router_logits, inputs.get("attention_mask"))
+            aux_loss = router_aux_loss(causal_lm(unwrapped), student_router_logits, inputs.get("attention_mask"))
             steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
             loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device) / steps
         if not torch.isfinite(loss):
@@ -665,7 +660,7 @@ class QADTrainer(SFTTrainer):
         """The loss sums from the student's final hidden states (all positions) and the teacher's (loss positions)."""
         # Position i predicts labels[:, i]: without shift_labels the last position predicts nothing.
         student_hidden = student_hidden[:, : labels.shape[1]][mask]
-        student_head = _causal_lm(student).get_output_embeddings()
+        student_head = causal_lm(student).get_output_embeddings()
         if teacher_hidden is None:  # against the batch's cached teacher top-k, one entry per loss token
             return cached_distillation_loss(
                 student_hidden,
@@ -703,13 +698,13 @@ class QADTrainer(SFTTrainer):
         model_inputs = _model_inputs(inputs)
         with torch.no_grad(), self.accelerator.autocast(), self._teacher() as teacher:
             unwrapped_teacher = self.accelerator.unwrap_model(teacher)
-            routing = self._moe and is_moe(_causal_lm(unwrapped_teacher))
+            routing = self._moe and is_moe(causal_lm(unwrapped_teacher))
             outputs = self._forward_redirection(
                 teacher, unwrapped_teacher, _backbone, unwrapped_teacher, model_inputs, routing
             )
         experts = None
         if routing:
-            top_k = _causal_lm(unwrapped_teacher).config.get_text_config().num_experts_per_tok
+            top_k = causal_lm(unwrapped_teacher).config.get_text_config().num_experts_per_tok
             experts = top_k_experts(outputs.router_logits, top_k, mask)
         return outputs.last_hidden_state[:, : mask.shape[1]][mask], experts
 

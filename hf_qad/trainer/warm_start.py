@@ -57,6 +57,7 @@ import torch.nn as nn
 
 from hf_qad.nvfp4.conversion import nvfp4_experts, nvfp4_modules
 from hf_qad.nvfp4.linear import CLIP_PARAMETERS
+from hf_qad.quantizer.peft import causal_lm
 
 __all__ = ["LayerWarmStart", "block_warm_start", "decoder_layers"]
 
@@ -78,12 +79,6 @@ class _Captured(Exception):
     """Raised by the first layer's hook to stop a forward once the layer inputs are recorded."""
 
 
-def _text_model(model: nn.Module) -> nn.Module:
-    """The transformers model inside a peft wrapper (or the model itself)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers of a transformers causal LM, in order (through a peft wrapper too).
 
@@ -93,7 +88,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     Raises:
         ValueError: if the model has no such list.
     """
-    pretrained = _text_model(model)
+    pretrained = causal_lm(model)
     block_classes = set(getattr(pretrained, "_no_split_modules", None) or ())
     config = getattr(pretrained, "config", None)
     count = getattr(config.get_text_config(), "num_hidden_layers", None) if config is not None else None
