@@ -24,6 +24,10 @@ Rows (``--methods``):
   reuses the first training batches, so the token budget is unchanged);
 * ``qad_gptq``: ``qad`` starting from the ``ptq_gptq`` student (GPTQ rounding on the calibration rows,
   as ``QADConfig(nvfp4_weight_rounding="gptq")`` does on its calibration batches);
+* ``qad_generated``: ``qad`` on text the teacher writes during training (QADTrainer's prompt-only mode):
+  each training row's first ``--prompt-tokens`` tokens are the prompt, the teacher samples the rest of
+  the row (temperature 1, up to ``seq_len - prompt_tokens`` tokens, cut at EOS) and the loss covers the
+  sampled tokens only; the same rows and steps as ``qad``, so about the same token budget;
 * ``qad_lora``: QAD of LoRA adapters (``peft_config=LoraConfig``) on the frozen NVFP4 base,
   teacher shared with the student (the same model with adapters and quantizers off);
 * ``qad_cache``: QAD from an offline teacher cache (``hf_qad.trainer.teacher_cache``: the
@@ -34,9 +38,9 @@ Data and budget. Every trained method sees the same rows in the same order (same
 interleaved row by row, TinyStories (simple narrative English) and TinyShakespeare (archaic
 verse and dialogue). Neither is the evaluation text, and both are far from it (encyclopedic
 WikiText, science questions), so the comparison measures how well each method keeps the
-*teacher's* behaviour on text it was not trained on, which is the point of QAD. Teacher-written
-answers (as ``hf-qad demo`` makes) would be closer to an instruct model's own distribution,
-but writing 100k+ tokens with the teacher costs as much as a training run on a 2-core CPU.
+*teacher's* behaviour on text it was not trained on, which is the point of QAD. ``qad_generated``
+trains on text the teacher writes from the same rows' openings instead (closer to the teacher's own
+distribution; the generation costs CPU time of its own).
 ``--train-texts wikitext2_test.txt`` trains in the evaluation's domain instead (WikiText-2's test
 split; the evaluation reads its validation split).
 W4A4 activation scales are calibrated on the first ``--calibration-rows`` training rows, the
@@ -98,7 +102,7 @@ from hf_qad.trainer.warm_start import block_warm_start
 from tests.shared_data import read_text, shared_data_dir
 
 METHODS = ("bf16", "ptq_amax", "ptq_best", "ptq_mse", "ptq_four_over_six", "ptq_gptq", "ptq_warm", "qat", "qad",
-           "qad_learned", "qad_gptq", "qad_warm", "qad_lora", "qad_cache")
+           "qad_learned", "qad_gptq", "qad_warm", "qad_generated", "qad_lora", "qad_cache")
 DEFAULT_METHODS = ("bf16", "ptq_amax", "ptq_best", "qat", "qad", "qad_lora", "qad_cache")
 LABELS = {
     "bf16": "BF16 (teacher)",
@@ -112,6 +116,7 @@ LABELS = {
     "ptq_warm": "PTQ (amax) + block-wise warm start",
     "qad_warm": "QAD (KL) after the block-wise warm start",
     "qad_gptq": "QAD (KL) from the GPTQ rounding",
+    "qad_generated": "QAD (KL) on teacher-written text",
     "qad_lora": "QAD-LoRA (KL, shared teacher)",
     "qad_cache": "QAD (KL, offline teacher cache)",
 }
@@ -126,6 +131,7 @@ _METHOD_KEYS = {
     "qat": ("lr",), "qad": ("lr",), "qad_gptq": ("lr",), "qad_learned": ("lr", "scale_lr"), "qad_cache": ("lr", "cache_top_k"),
     "qad_lora": ("lora_lr", "lora_r"), "ptq_warm": ("warm_steps", "warm_lr", "warm_rows"),
     "qad_warm": ("lr", "warm_steps", "warm_lr", "warm_rows"),
+    "qad_generated": ("lr", "prompt_tokens"),
 }
 
 
@@ -150,6 +156,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warm-lr", type=float, default=1e-5, help="ptq_warm / qad_warm: warm-start learning rate")
     parser.add_argument("--warm-rows", type=int, default=8,
                         help="ptq_warm / qad_warm: training rows the warm start trains on (a multiple of --batch-size)")
+    parser.add_argument("--prompt-tokens", type=int, default=32,
+                        help="qad_generated: tokens of each training row kept as the teacher's prompt")
     parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank (alpha = 2 r, all linear layers)")
     parser.add_argument("--train-scale-method", default="amax", choices=("amax", "four_over_six", "mse"),
                         help="weight scale method of the trained students (default amax, as in the QAD paper)")
@@ -198,6 +206,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.output = str(ROOT / "benchmarks" / ("accuracy_tiny.json" if tiny else "accuracy.json"))
     if args.warm_rows < args.batch_size or args.warm_rows % args.batch_size:
         parser.error("--warm-rows must be a positive multiple of --batch-size")
+    if not 0 < args.prompt_tokens < args.seq_len:
+        parser.error("--prompt-tokens must be at least 1 and less than --seq-len")
     if args.train_tokens < args.seq_len * args.batch_size:
         parser.error("--train-tokens must cover at least one batch (seq_len * batch_size)")
     return args
@@ -296,7 +306,7 @@ def train_config(args: argparse.Namespace, out_dir: Path, lr: float, **overrides
         save_strategy="no", report_to=[], seed=args.seed, data_seed=args.seed,
         use_cpu=args.device == "cpu", bf16=False, max_length=args.seq_len, packing=False,
         calibration_batches=0, dataloader_num_workers=0, disable_tqdm=True,
-        nvfp4_scale_method=args.train_scale_method,
+        nvfp4_scale_method=args.train_scale_method, include_num_input_tokens_seen="non_padding",
     )
     values.update(overrides)
     return QADConfig(**values)
@@ -305,7 +315,8 @@ def train_config(args: argparse.Namespace, out_dir: Path, lr: float, **overrides
 def train_history(trainer) -> dict[str, Any]:
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     keep = ("step", "loss", "kl", "top1_agreement", "student_ce", "teacher_ce", "learning_rate")
-    return {"steps": trainer.state.global_step, "log": [{k: e[k] for k in keep if k in e} for e in logs]}
+    return {"steps": trainer.state.global_step, "tokens_seen": trainer.state.num_input_tokens_seen,
+            "log": [{k: e[k] for k in keep if k in e} for e in logs]}
 
 
 def train_student(method: str, args: argparse.Namespace, path: Path, tokenizer, teacher, data: TrainData,
@@ -342,6 +353,11 @@ def train_student(method: str, args: argparse.Namespace, path: Path, tokenizer, 
         if learned:
             info["scale_lr"] = args.scale_lr
         trainer = QADTrainer(student, teacher=teacher, args=config, **kwargs)
+    elif method == "qad_generated":
+        prompts = Dataset.from_dict({"prompt_ids": data.rows[: len(dataset), : args.prompt_tokens].tolist()})
+        config = train_config(args, out, lr, max_new_tokens=args.seq_len - args.prompt_tokens)
+        info["prompt_tokens"] = args.prompt_tokens
+        trainer = QADTrainer(student, teacher=teacher, args=config, train_dataset=prompts, processing_class=tokenizer)
     elif method == "qad_lora":
         lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
                           target_modules="all-linear", task_type="CAUSAL_LM")
@@ -363,6 +379,8 @@ def train_student(method: str, args: argparse.Namespace, path: Path, tokenizer, 
     trainer.train()
     info["train_s"] = time.perf_counter() - started
     info.update(train_history(trainer))
+    if method == "qad_generated":  # what the loss covered: the teacher's tokens, not the prompts
+        info["completion_tokens"] = info["tokens_seen"] - len(dataset) * args.prompt_tokens
     model = trainer.model
     del trainer
     gc.collect()
