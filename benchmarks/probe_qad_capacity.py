@@ -10,11 +10,13 @@ not reach on text it has not seen, so the curve bounds what longer runs could gi
 Everything else is ``bench_accuracy.py``'s QAD: SmolLM2-135M-Instruct teacher in BF16, W4A4
 student with float32 masters calibrated on the training rows, forward KL, AdamW, cosine
 schedule with 10% warm-up, batch 4 x 512 tokens, learning rate ``--lr`` (1e-4, the one
-chosen there on held-out training text).
+chosen there on held-out training text); weight block scales from each block's amax, or searched
+at every forward with ``--train-scale-method mse``.
 
 Usage:
     python benchmarks/probe_qad_capacity.py --threads 2            # 8 epochs of 8,192 tokens
     python benchmarks/probe_qad_capacity.py --epochs 2 --eval-tokens 2048
+    python benchmarks/probe_qad_capacity.py --train-scale-method mse --output probe_mse.json
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--train-scale-method", default="amax", choices=("amax", "four_over_six", "mse"),
+                        help="NVFP4 weight block scales of the student, searched at every forward when not amax")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -77,7 +81,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = chunk_token_ids(token_stream(tokenizer, EVAL_TEXT, opts.eval_tokens + 1), opts.seq_len,
                            bos_token_id=leading_bos_id(tokenizer))
     teacher = load_teacher(path, opts.device)
-    student = load_student(path, "amax", rows, opts.batch_size, opts.device)
+    student = load_student(path, opts.train_scale_method, rows, opts.batch_size, opts.device)
 
     def measure(model) -> dict:
         result = compare_to_teacher(model, teacher, [b.to(opts.device) for b in batches(rows, opts.batch_size)])
@@ -94,7 +98,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with TemporaryDirectory() as work:
         args = argparse.Namespace(batch_size=opts.batch_size, train_tokens=len(ids) * opts.seq_len * opts.epochs,
                                   seq_len=opts.seq_len, seed=opts.seed, device=opts.device,
-                                  train_scale_method="amax")
+                                  train_scale_method=opts.train_scale_method)
         config = train_config(args, Path(work), opts.lr, num_train_epochs=opts.epochs, logging_steps=1)
         trainer = QADTrainer(student, teacher=teacher, args=config, train_dataset=dataset,
                              processing_class=tokenizer, callbacks=[probe])
@@ -104,7 +108,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ptq = curve[0]["kl"]
     print(f"# probe_qad_capacity: {datetime.date.today()}, {machine()}, threads {opts.threads}")
     print(f"\n`python benchmarks/probe_qad_capacity.py {' '.join(sys.argv[1:] if argv is None else argv)}`\n")
-    print(f"QAD (lr {opts.lr}) trained and measured on the same {rows.numel():,} WikiText-2 validation tokens "
+    print(f"QAD (lr {opts.lr}, {opts.train_scale_method} weight scales) trained and measured on the same {rows.numel():,} WikiText-2 validation tokens "
           f"({rows.shape[0]} rows of {opts.seq_len}); {train_s:.0f} s of training and probing.\n")
     print("| epoch | KL to BF16 | vs PTQ | top-1 agreement | perplexity (BF16 "
           f"{curve[0]['teacher_perplexity']:.2f}) |")
