@@ -229,3 +229,10 @@ def test_bad_config(tmp_path, field, value, match):
         kwargs["ce_weight"] = 0.0
     with pytest.raises(ValueError, match=match):
         QADConfig(str(tmp_path), use_cpu=True, **kwargs)
+
+
+def test_learning_rate_default_is_qads_not_sfts(tmp_path):
+    # SFT's default (2e-5) is not what the README's learning-rate advice and the KL guard's message assume.
+    assert QADConfig(str(tmp_path), use_cpu=True).learning_rate == 1e-5
+    assert SFTConfig(str(tmp_path), use_cpu=True).learning_rate != 1e-5
+    assert QADConfig(str(tmp_path), use_cpu=True, learning_rate=1e-4).learning_rate == 1e-4
