@@ -235,6 +235,12 @@ def token_stream(tokenizer, name: str, limit: int | None = None) -> list[int]:
     return ids[:limit] if limit is not None else ids
 
 
+def eval_token_rows(tokenizer, eval_tokens: int, seq_len: int) -> torch.Tensor:
+    """The first ``eval_tokens`` tokens of WikiText-2 validation in rows of ``seq_len``, each led by BOS."""
+    return chunk_token_ids(token_stream(tokenizer, EVAL_TEXT, eval_tokens + 1), seq_len, eval_tokens,
+                           bos_token_id=leading_bos_id(tokenizer))
+
+
 class TrainData:
     """Training rows (TinyStories and TinyShakespeare interleaved), calibration and held-out rows."""
 
@@ -540,8 +546,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     held_out_rows = 2 if args.tiny else 8
     data = TrainData(tokenizer, args.train_tokens, args.seq_len, args.calibration_rows, held_out_rows,
                      args.train_texts)
-    eval_rows = chunk_token_ids(token_stream(tokenizer, EVAL_TEXT, args.eval_tokens + 1), args.seq_len,
-                                args.eval_tokens, bos_token_id=leading_bos_id(tokenizer))
+    eval_rows = eval_token_rows(tokenizer, args.eval_tokens, args.seq_len)
     arc_all = [json.loads(line) for line in read_text(ARC_FILE).splitlines() if line.strip()]
     arc_rows = arc_all[: args.arc_limit] if args.arc_limit else arc_all
 

@@ -56,7 +56,7 @@ import time
 from collections.abc import Callable
 from typing import NamedTuple
 
-from common import ROOT, machine, markdown_table  # the checkout on sys.path
+from common import ROOT, git_commit, machine, markdown_table  # the checkout on sys.path
 
 SECTIONS = ("kernels", "bandwidth", "matmul", "steps")
 BUDGET_S = 8 * 60
@@ -231,11 +231,6 @@ def steps(plan: Plan) -> str:
 
 
 # --------------------------------------------------------------------------- driver
-def _commit() -> str:
-    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    return result.stdout.strip() or "unknown"
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dry-run", action="store_true",
@@ -264,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
         plan = plan._replace(batch_size=opts.batch_size)
     device_name = "CPU (dry run, Triton interpreter)" if opts.dry_run else torch.cuda.get_device_name()
     memory = "" if opts.dry_run else f", {torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB"
-    print(f"# gpu_suite: {datetime.date.today()}, commit {_commit()}, {machine()}{memory}")
+    print(f"# gpu_suite: {datetime.date.today()}, commit {git_commit()}, {machine()}{memory}")
     print(f"\n`python benchmarks/gpu_suite.py {' '.join(sys.argv[1:] if argv is None else argv)}`")
     sections = {
         "kernels": lambda: "### Compiled kernels against the reference\n\n" + kernel_tests(plan),
