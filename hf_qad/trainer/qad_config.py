@@ -34,8 +34,13 @@ class QADConfig(SFTConfig):
             Keyword arguments for ``from_pretrained`` when the teacher is loaded from a path.
         nvfp4_scheme (`str`, defaults to `"w4a4"`):
             ``"w4a4"`` or ``"w4a16"``; used when the student is given as a path.
-        nvfp4_scale_method (`str`, defaults to `"amax"`):
-            Weight block-scale method (``"amax"``, ``"four_over_six"``, ``"mse"``); student given as a path.
+        nvfp4_scale_method (`str` or `None`, defaults to `None`):
+            Weight block-scale method of a student given as a path: ``"amax"`` (each block's amax onto
+            6, the QAD paper's recipe), ``"four_over_six"`` or ``"mse"`` (the best of 9 candidate scales
+            per block, searched at every training forward and again at export). ``None``: ``"mse"``,
+            which recovered more KL per training token and per CPU-second than ``"amax"`` at every
+            budget measured (``benchmarks/RESULTS.md``; a QAD step costs about 1.8x on CPU), or ``"amax"``
+            with ``nvfp4_learn_scales`` (learned clips start from the amax scales).
         nvfp4_modules_to_not_convert (`list[str]` or `None`, defaults to `None`):
             Modules kept in high precision; student given as a path. ``None``: NVFP4Config's defaults.
         nvfp4_learn_scales (`bool`, defaults to `False`):
@@ -122,7 +127,10 @@ class QADConfig(SFTConfig):
         default=None, metadata={"help": "from_pretrained kwargs for the teacher."}
     )
     nvfp4_scheme: str = field(default="w4a4", metadata={"help": "w4a4 or w4a16."})
-    nvfp4_scale_method: str = field(default="amax", metadata={"help": "amax, four_over_six or mse."})
+    nvfp4_scale_method: str | None = field(
+        default=None, metadata={"help": "amax (the paper's recipe), four_over_six or mse. Default: mse (amax with "
+                                        "learned scales)."}
+    )
     nvfp4_modules_to_not_convert: list[str] | None = field(
         default=None, metadata={"help": "Modules kept in high precision."}
     )
@@ -199,7 +207,7 @@ class QADConfig(SFTConfig):
         """The NVFP4Config used when the student is given as a path."""
         return NVFP4Config(
             scheme=self.nvfp4_scheme,
-            scale_method=self.nvfp4_scale_method,
+            scale_method=self.nvfp4_scale_method or ("amax" if self.nvfp4_learn_scales else "mse"),
             modules_to_not_convert=self.nvfp4_modules_to_not_convert,
             learn_scales=self.nvfp4_learn_scales,
         )
