@@ -14,7 +14,9 @@ Rows (``--methods``):
   ``ptq_mse`` / ``ptq_four_over_six`` force one of them;
 * ``ptq_gptq``: PTQ with GPTQ rounding (:func:`hf_qad.gptq`) on the calibration rows, amax scales;
 * ``qat``: ``QADConfig(kl_weight=0, ce_weight=1)``: the data's cross-entropy only;
-* ``qad``: ``QADConfig()`` defaults: forward KL(teacher || student), full parameters;
+* ``qad``: QAD with ``QADConfig()``'s loss, forward KL(teacher || student), full parameters; weight
+  block scales by ``--train-scale-method`` (``amax``, the default here: the QAD paper's recipe; ``mse``:
+  what ``QADConfig`` does by default for a student given as a path);
 * ``qad_learned``: ``qad`` with learned NVFP4 scales (``NVFP4Config(learn_scales=True)``: a clipping
   factor per weight block and per W4A4 input scale, trained at ``--scale-lr``);
 * ``ptq_warm``: the PTQ (amax) student after the block-wise warm start alone

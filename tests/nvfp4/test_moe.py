@@ -158,7 +158,9 @@ def test_ste_gradients_reach_the_routed_experts_master_weights():
             gate, up = F.linear(x[t:t + 1], gate_up[e]).chunk(2, dim=-1)
             out[t] += (F.linear(F.silu(gate) * up, w_hat[e]) * weights[t, k])[0]
     (out * probe).sum().backward()
-    torch.testing.assert_close(layer.down_proj.grad, w_hat.grad, rtol=1e-3, atol=1e-5)  # matmul blocking differs
+    # Grouped and per-token matmuls sum in different orders; how far that moves a gradient element depends on
+    # the CPU's kernels (1e-4 of the largest element seen on an AMD EPYC), a wrong routing moves it by all of it.
+    torch.testing.assert_close(layer.down_proj.grad, w_hat.grad, rtol=1e-3, atol=1e-3 * float(w_hat.grad.abs().max()))
 
 
 @pytest.mark.parametrize("scheme", ["w4a16", "w4a4"])
@@ -313,7 +315,8 @@ def test_each_gpt_oss_expert_is_quantized_as_nvfp4_linears_of_its_transposed_wei
             for k in range(2):
                 gate_up, down = linears[int(index[t, k])]
                 expected[t] += down(original._apply_gate(gate_up(x[t:t + 1])))[0] * weights[t, k]
-        torch.testing.assert_close(layer(x, index, weights), expected, rtol=1e-4, atol=1e-3)  # fused bias add, sum order
+        # fused bias add and sum order: 1.3e-4 relative seen on an AMD EPYC, on outputs near 40
+        torch.testing.assert_close(layer(x, index, weights), expected, rtol=1e-3, atol=1e-3)
 
 
 def test_gpt_oss_ste_gradients_reach_the_transposed_masters_and_biases():
