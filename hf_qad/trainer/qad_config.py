@@ -39,7 +39,7 @@ class QADConfig(SFTConfig):
             6, the QAD paper's recipe), ``"four_over_six"`` or ``"mse"`` (the best of 9 candidate scales
             per block, searched at every training forward and again at export). ``None``: ``"mse"``,
             which recovered more KL per training token and per CPU-second than ``"amax"`` at every
-            budget measured (``benchmarks/RESULTS.md``; a QAD step costs about 1.8x on CPU), or ``"amax"``
+            budget measured (``benchmarks/RESULTS.md``; a QAD step costs 1.6-1.8x on CPU), or ``"amax"``
             with ``nvfp4_learn_scales`` (learned clips start from the amax scales).
         nvfp4_modules_to_not_convert (`list[str]` or `None`, defaults to `None`):
             Modules kept in high precision; student given as a path. ``None``: NVFP4Config's defaults.
