@@ -249,13 +249,20 @@ class TrainData:
     def __init__(self, tokenizer, train_tokens: int, seq_len: int, calibration_rows: int, held_out_rows: int,
                  texts: Sequence[str] = TRAIN_TEXTS):
         rows_needed = math.ceil(train_tokens / seq_len)
-        per_text = math.ceil(rows_needed / len(texts)) + math.ceil(held_out_rows / len(texts))
+        held_each = math.ceil(held_out_rows / len(texts))
+        per_text = math.ceil(rows_needed / len(texts)) + held_each
         streams = [chunk_token_ids(token_stream(tokenizer, name, per_text * seq_len + 1), seq_len,
                                    bos_token_id=leading_bos_id(tokenizer)) for name in texts]
-        for name, rows in zip(texts, streams):
-            if rows.shape[0] < per_text:
-                raise ValueError(f"{name} has {rows.shape[0]} rows of {seq_len} tokens, {per_text} are needed.")
-        held_each = math.ceil(held_out_rows / len(texts))
+        shortest = min(rows.shape[0] for rows in streams)
+        if shortest < per_text:
+            # A budget past what the texts hold trains on all of it for more than one epoch (train_student
+            # sets max_steps from budget_rows), rather than adding text from another domain.
+            if shortest <= held_each:
+                name = texts[min(range(len(texts)), key=lambda i: streams[i].shape[0])]
+                raise ValueError(f"{name} has {shortest} rows of {seq_len} tokens, more than {held_each} are needed.")
+            per_text = shortest
+            rows_needed = (per_text - held_each) * len(texts)
+        self.budget_rows = math.ceil(train_tokens / seq_len)
         # Held-out rows: the last rows of each text, never trained on.
         self.held_out = torch.cat([rows[per_text - held_each: per_text] for rows in streams])
         train = torch.stack([streams[i % len(streams)][i // len(streams)] for i in range(rows_needed)])
@@ -265,6 +272,7 @@ class TrainData:
 
     @property
     def tokens(self) -> int:
+        """Tokens of the distinct training rows (one epoch)."""
         return self.rows.numel()
 
     def dataset(self, tokens: int | None = None) -> Dataset:
@@ -332,7 +340,9 @@ def train_student(method: str, args: argparse.Namespace, path: Path, tokenizer, 
     """Quantize, calibrate and train one student; returns it (frozen) and training facts."""
     info: dict[str, Any] = {"lr": lr}
     dataset = data.dataset(tokens)
-    info["train_tokens"] = len(dataset) * args.seq_len
+    budget_rows = data.budget_rows if tokens is None else len(dataset)
+    steps = math.ceil(budget_rows / args.batch_size)  # more than one epoch when the budget outgrows the texts
+    info["train_tokens"] = budget_rows * args.seq_len
     learned = method == "qad_learned"
     student = load_student(path, args.train_scale_method, data.calibration, args.batch_size, args.device, learned,
                            gptq=method == "qad_gptq")
@@ -351,10 +361,10 @@ def train_student(method: str, args: argparse.Namespace, path: Path, tokenizer, 
     kwargs: dict[str, Any] = dict(train_dataset=dataset, processing_class=tokenizer)
     out = work / method
     if method == "qat":
-        config = train_config(args, out, lr, kl_weight=0.0, ce_weight=1.0)
+        config = train_config(args, out, lr, max_steps=steps, kl_weight=0.0, ce_weight=1.0)
         trainer = QADTrainer(student, teacher=teacher, args=config, **kwargs)
     elif method in ("qad", "qad_learned", "qad_gptq", "qad_warm"):
-        config = train_config(args, out, lr, scale_learning_rate=args.scale_lr,
+        config = train_config(args, out, lr, max_steps=steps, scale_learning_rate=args.scale_lr,
                               **(warm if method == "qad_warm" else {}))
         if method == "qad_warm":
             info.update(warm_steps=args.warm_steps, warm_lr=args.warm_lr, warm_rows=args.warm_rows)
@@ -363,23 +373,23 @@ def train_student(method: str, args: argparse.Namespace, path: Path, tokenizer, 
         trainer = QADTrainer(student, teacher=teacher, args=config, **kwargs)
     elif method == "qad_generated":
         prompts = Dataset.from_dict({"prompt_ids": data.rows[: len(dataset), : args.prompt_tokens].tolist()})
-        config = train_config(args, out, lr, max_new_tokens=args.seq_len - args.prompt_tokens)
+        config = train_config(args, out, lr, max_steps=steps, max_new_tokens=args.seq_len - args.prompt_tokens)
         info["prompt_tokens"] = args.prompt_tokens
         trainer = QADTrainer(student, teacher=teacher, args=config, train_dataset=prompts, processing_class=tokenizer)
     elif method == "qad_lora":
         lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
                           target_modules="all-linear", task_type="CAUSAL_LM")
         info["lora"] = {"r": args.lora_r, "alpha": 2 * args.lora_r, "target_modules": "all-linear"}
-        trainer = QADTrainer(student, args=train_config(args, out, lr), peft_config=lora, **kwargs)
+        trainer = QADTrainer(student, args=train_config(args, out, lr, max_steps=steps), peft_config=lora, **kwargs)
     elif method == "qad_cache":
         cache_dir = work / "teacher_cache"
         started = time.perf_counter()
-        build_teacher_cache(teacher, dataset, tokenizer, train_config(args, out, lr), path=cache_dir,
+        build_teacher_cache(teacher, dataset, tokenizer, train_config(args, out, lr, max_steps=steps), path=cache_dir,
                             top_k=args.cache_top_k, batch_size=args.batch_size)
         info["cache_build_s"] = time.perf_counter() - started
         info["cache_top_k"] = args.cache_top_k
         info["cache_mb"] = sum(f.stat().st_size for f in cache_dir.rglob("*") if f.is_file()) / 2**20
-        config = train_config(args, out, lr, teacher_cache_path=str(cache_dir))
+        config = train_config(args, out, lr, max_steps=steps, teacher_cache_path=str(cache_dir))
         trainer = QADTrainer(student, args=config, **kwargs)
     else:
         raise ValueError(method)
@@ -563,7 +573,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "data": {
             "train": f"{' + '.join(args.train_texts)}, interleaved rows of {args.seq_len} tokens",
             "train_tokens": data.tokens, "train_rows": data.rows.shape[0],
-            "steps_per_method": math.ceil(data.rows.shape[0] / args.batch_size),
+            "steps_per_method": math.ceil(data.budget_rows / args.batch_size),
+            "epochs": data.budget_rows / data.rows.shape[0],
             "calibration_tokens": data.calibration.numel(), "held_out_tokens": data.held_out.numel(),
             "eval": f"{EVAL_TEXT}, first {eval_rows.numel()} tokens in rows of {args.seq_len}",
             "arc": f"{ARC_FILE}, first {len(arc_rows)} of {len(arc_all)} questions",
