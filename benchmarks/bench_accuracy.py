@@ -1,6 +1,7 @@
 """Accuracy of NVFP4 W4A4 students: BF16 vs PTQ vs QAT vs QAD, the QAD paper's comparison in small.
 
-Model: SmolLM2-135M-Instruct (BF16 checkpoint from ``hf_qad.smollm2.smollm2_path()``), the
+Model: SmolLM2-135M-Instruct (BF16 checkpoint from ``hf_qad.smollm2.smollm2_path()``), or any causal LM
+checkpoint given as ``--model`` (a folder with its tokenizer, e.g. ``build_gemma3_model.py``'s), the
 teacher of every trained method and the reference of every metric. Students: NVFP4 W4A4
 fake-quant models with float32 master weights (bf16 masters round away most small
 optimizer updates on CPU).
@@ -37,7 +38,8 @@ Rows (``--methods``):
 
 Data and budget. Every trained method sees the same rows in the same order (same seed):
 ``--train-tokens`` tokens (default 102,400 = 200 rows of 512, 50 steps of 4 rows) cut from two public texts
-interleaved row by row, TinyStories (simple narrative English) and TinyShakespeare (archaic
+interleaved row by row (a budget past what they hold, about 383k tokens of rows of 512, runs
+more than one epoch over them, reshuffled), TinyStories (simple narrative English) and TinyShakespeare (archaic
 verse and dialogue). Neither is the evaluation text, and both are far from it (encyclopedic
 WikiText, science questions), so the comparison measures how well each method keeps the
 *teacher's* behaviour on text it was not trained on, which is the point of QAD. ``qad_generated``
@@ -141,6 +143,8 @@ _METHOD_KEYS = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=None,
+                        help="checkpoint folder of the teacher (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--tiny", action="store_true",
                         help="tiny random Llama (SmolLM2 tokenizer), a few steps: checks the script end to end")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
@@ -192,6 +196,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "merge their rows into --output, print the table, run nothing")
     args = parser.parse_args(argv)
     tiny = args.tiny
+    if tiny and args.model:
+        parser.error("--tiny builds its own model: give either --tiny or --model")
     defaults = {"train_tokens": (102400, 2048), "seq_len": (512, 128), "eval_tokens": (8192, 512),
                 "arc_limit": (None, 4), "calibration_rows": (16, 2), "search_tokens": (16384, 1024)}
     for name, (full, small) in defaults.items():
@@ -551,7 +557,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     output = Path(args.output)
     tmp = tempfile.TemporaryDirectory(prefix="bench_accuracy_")
     work = Path(tmp.name)
-    path = tiny_model(work / "tiny") if args.tiny else smollm2_path()
+    path = tiny_model(work / "tiny") if args.tiny else args.model or smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     teacher = load_teacher(path, args.device)
 
@@ -569,7 +575,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report.update({
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": f"{machine()}, {torch.get_num_threads()} torch threads",
-        "model": "tiny random Llama (SmolLM2 tokenizer)" if args.tiny else "SmolLM2-135M-Instruct (BF16)",
+        "model": ("tiny random Llama (SmolLM2 tokenizer)" if args.tiny else
+                  str(args.model) if args.model else "SmolLM2-135M-Instruct (BF16)"),
         "data": {
             "train": f"{' + '.join(args.train_texts)}, interleaved rows of {args.seq_len} tokens",
             "train_tokens": data.tokens, "train_rows": data.rows.shape[0],
