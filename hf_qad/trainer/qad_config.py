@@ -22,9 +22,9 @@ class QADConfig(SFTConfig):
 
     Parameters:
         learning_rate (`float`, defaults to `1e-5`):
-            SFTConfig's field with the QAD paper's rate as default (SFT's is 2e-5): the rate measured safe on
-            two model families, where 1e-4 made one of them worse than its PTQ start (README, "How to pick a
-            learning rate"). Larger rates can recover more per token on a given model: try them on a short
+            SFTConfig's field with the QAD paper's rate as default (SFT's is 2e-5): never worse than the PTQ
+            start on the three models measured (Llama and Gemma 3 layouts), where larger rates made two of
+            them worse (1e-4 and 3e-4; README, "How to pick a learning rate"). Larger rates can recover more per token on a given model: try them on a short
             run with an ``eval_dataset`` (the KL guard warns when the held-out KL rises above the start).
         teacher_model_name_or_path (`str` or `None`, defaults to `None`):
             The BF16 teacher, when ``QADTrainer`` gets no ``teacher=``. ``None``: the
@@ -39,7 +39,8 @@ class QADConfig(SFTConfig):
             6, the QAD paper's recipe), ``"four_over_six"`` or ``"mse"`` (the best of 9 candidate scales
             per block, searched at every training forward and again at export). ``None``: ``"mse"``,
             which recovered more KL per training token and per CPU-second than ``"amax"`` at every
-            budget measured (``benchmarks/RESULTS.md``; a QAD step costs 1.6-1.8x on CPU), or ``"amax"``
+            budget measured on SmolLM2 and at every usable rate on a Gemma 3-layout model
+            (``benchmarks/RESULTS.md``; a QAD step costs 1.1-1.8x on CPU), or ``"amax"``
             with ``nvfp4_learn_scales`` (learned clips start from the amax scales).
         nvfp4_modules_to_not_convert (`list[str]` or `None`, defaults to `None`):
             Modules kept in high precision; student given as a path. ``None``: NVFP4Config's defaults.
