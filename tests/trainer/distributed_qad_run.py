@@ -164,6 +164,11 @@ def train(model_path: str, output_dir: str, batch_size: int, accumulation: int =
         },
     }
     (Path(output_dir) / f"rank{rank}.json").write_text(json.dumps(record))
+    # An orderly end: every rank done, then the process groups (DeepSpeed's included) torn down before the
+    # interpreter exits. Left to exit-time destructors, a rank once aborted ("terminate called without an
+    # active exception") after its work was done, under load.
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
 
 
 def main() -> None:
