@@ -366,37 +366,41 @@ def train_student(method: str, args: argparse.Namespace, path: Path, tokenizer, 
         return freeze(student), info
     kwargs: dict[str, Any] = dict(train_dataset=dataset, processing_class=tokenizer)
     out = work / method
+
+    def config(**overrides: Any) -> QADConfig:
+        return train_config(args, out, lr, max_steps=steps, **overrides)
+
     if method == "qat":
-        config = train_config(args, out, lr, max_steps=steps, kl_weight=0.0, ce_weight=1.0)
-        trainer = QADTrainer(student, teacher=teacher, args=config, **kwargs)
+        run_config = config(kl_weight=0.0, ce_weight=1.0)
+        trainer = QADTrainer(student, teacher=teacher, args=run_config, **kwargs)
     elif method in ("qad", "qad_learned", "qad_gptq", "qad_warm"):
-        config = train_config(args, out, lr, max_steps=steps, scale_learning_rate=args.scale_lr,
+        run_config = config(scale_learning_rate=args.scale_lr,
                               **(warm if method == "qad_warm" else {}))
         if method == "qad_warm":
             info.update(warm_steps=args.warm_steps, warm_lr=args.warm_lr, warm_rows=args.warm_rows)
         if learned:
             info["scale_lr"] = args.scale_lr
-        trainer = QADTrainer(student, teacher=teacher, args=config, **kwargs)
+        trainer = QADTrainer(student, teacher=teacher, args=run_config, **kwargs)
     elif method == "qad_generated":
         prompts = Dataset.from_dict({"prompt_ids": data.rows[: len(dataset), : args.prompt_tokens].tolist()})
-        config = train_config(args, out, lr, max_steps=steps, max_new_tokens=args.seq_len - args.prompt_tokens)
+        run_config = config(max_new_tokens=args.seq_len - args.prompt_tokens)
         info["prompt_tokens"] = args.prompt_tokens
-        trainer = QADTrainer(student, teacher=teacher, args=config, train_dataset=prompts, processing_class=tokenizer)
+        trainer = QADTrainer(student, teacher=teacher, args=run_config, train_dataset=prompts, processing_class=tokenizer)
     elif method == "qad_lora":
         lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
                           target_modules="all-linear", task_type="CAUSAL_LM")
         info["lora"] = {"r": args.lora_r, "alpha": 2 * args.lora_r, "target_modules": "all-linear"}
-        trainer = QADTrainer(student, args=train_config(args, out, lr, max_steps=steps), peft_config=lora, **kwargs)
+        trainer = QADTrainer(student, args=config(), peft_config=lora, **kwargs)
     elif method == "qad_cache":
         cache_dir = work / "teacher_cache"
         started = time.perf_counter()
-        build_teacher_cache(teacher, dataset, tokenizer, train_config(args, out, lr, max_steps=steps), path=cache_dir,
+        build_teacher_cache(teacher, dataset, tokenizer, config(), path=cache_dir,
                             top_k=args.cache_top_k, batch_size=args.batch_size)
         info["cache_build_s"] = time.perf_counter() - started
         info["cache_top_k"] = args.cache_top_k
         info["cache_mb"] = sum(f.stat().st_size for f in cache_dir.rglob("*") if f.is_file()) / 2**20
-        config = train_config(args, out, lr, max_steps=steps, teacher_cache_path=str(cache_dir))
-        trainer = QADTrainer(student, args=config, **kwargs)
+        run_config = config(teacher_cache_path=str(cache_dir))
+        trainer = QADTrainer(student, args=run_config, **kwargs)
     else:
         raise ValueError(method)
     started = time.perf_counter()
