@@ -50,7 +50,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +81,7 @@ __all__ = [
     "fake_quant_activation",
     "global_scale",
     "quantize",
+    "search_block_scales",
     "w4a16_linear",
     "w4a4_linear",
 ]
@@ -360,6 +361,69 @@ def fake_quant_activation(
     reciprocal.masked_fill_(block_scale == 0, 0.0)
     dequantize_scale = block_scale.div_(global_scale)  # effective_scales' sb / gs
     return _fake_quant_blocks(blocks, reciprocal.unsqueeze(-1), dequantize_scale.unsqueeze(-1), True).view(x.shape)
+
+
+def search_block_scales(x: torch.Tensor, global_scale: torch.Tensor, targets: Sequence[float]) -> torch.Tensor:
+    """Per block, the e4m3 scale mapping its amax onto one of ``targets`` with the least squared
+    error; bit for bit :func:`hf_qad.nvfp4.reference.search_block_scales` (same errors, same ties).
+
+    The training forward runs this on every weight at every step (``scale_method="mse"``), so it
+    takes the fast path's shape: the candidates' scales are computed for all blocks at once (1/16
+    of the data), then each chunk of ``|x|`` is rounded under every candidate in cache-sized
+    in-place buffers, and only the index of the best candidate is kept per block. The error is
+    taken on magnitudes: ``(|v| * s - |x|)**2`` equals the reference's ``(v * s - x)**2`` bit for
+    bit, since ``v`` has ``x``'s sign and float rounding is symmetric.
+
+    Args:
+        x: the weight, last dimension a multiple of 16.
+        global_scale: float32 ``[1]``, or one per leading index (shape ``x.shape[:d]``).
+        targets: the values the amax may be mapped onto, in order of preference on ties.
+
+    Returns:
+        ``float8_e4m3fn [..., K / 16]``.
+
+    Example:
+        >>> import torch
+        >>> from hf_qad.nvfp4 import reference
+        >>> w = torch.randn(64, 256)
+        >>> gs = global_scale(w)
+        >>> targets = (6.0, 4.0, 5.0)
+        >>> torch.equal(search_block_scales(w, gs, targets).view(torch.uint8),
+        ...             reference.search_block_scales(w, gs, targets).view(torch.uint8))
+        True
+    """
+    _check_dtype_and_shape(x, None)
+    blocks = _blocks(x)
+    amax = _block_amax(blocks)
+    if global_scale.numel() > 1:
+        gs = _per_block_global_scale(global_scale, x.shape, blocks.shape[0], None).to(x.device)
+    else:
+        gs = global_scale.detach().float().reshape(1).to(x.device)
+    candidates = torch.stack([_amax_block_scales(amax * (E2M1_MAX / target), gs, x.dtype) for target in targets])
+    if len(targets) > 1:
+        steps = (candidates / gs).unsqueeze(-1)  # effective_scales' sb / gs, [targets, blocks, 1]
+        best = torch.zeros(blocks.shape[0], dtype=torch.long, device=x.device)
+        best_error = torch.empty(blocks.shape[0], dtype=torch.float32, device=x.device)
+        error = torch.empty_like(best_error)
+        chunk_rows = _chunk_rows(blocks.shape[0], CHUNK)
+        buffers = blocks.new_empty(3, chunk_rows, BLOCK_SIZE, dtype=torch.float32).unbind(0)
+        for rows in _slices(blocks.shape[0], chunk_rows):
+            magnitude, rounded, magic = (buffer[: rows.stop - rows.start] for buffer in buffers)
+            magnitude.copy_(blocks[rows]).abs_()  # in float32 like the reference, whatever x's dtype
+            for index in range(len(targets)):
+                step = steps[index, rows]
+                torch.div(magnitude, step, out=rounded).clamp_(max=E2M1_MAX)
+                _add_rounding_constant(rounded, magic, E2M1_SMALLEST_NORMAL, E2M1_MANTISSA_BITS)
+                rounded.sub_(magic).mul_(step).sub_(magnitude).square_()
+                if index == 0:
+                    torch.sum(rounded, dim=-1, out=best_error[rows])
+                    continue
+                torch.sum(rounded, dim=-1, out=error[rows])
+                better = error[rows] < best_error[rows]
+                best[rows].masked_fill_(better, index)
+                best_error[rows] = torch.where(better, error[rows], best_error[rows])
+        candidates = candidates.gather(0, best.unsqueeze(0))
+    return _to_e4m3(candidates[0], x)
 
 
 def _codes(signed: torch.Tensor, magnitude: torch.Tensor, magic: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,7 @@ from hf_qad.nvfp4.format import (
     ZERO_BLOCK_SCALE,
     NVFP4Quantized,
     check_block_scale,
+    check_global_scale,
     check_quantizable,
     global_scale_from_amax,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "quantize",
     "round_to_e2m1_codes",
     "runtime_block_scales",
+    "search_block_scales",
     "unpack_codes",
 ]
 
@@ -192,6 +194,44 @@ def fake_quant(
     values = codes_to_values(codes).unflatten(-1, (-1, BLOCK_SIZE))
     scale = effective_scales(block_scale, global_scale)
     return (values * scale.unsqueeze(-1)).flatten(-2).to(x.dtype)
+
+
+@torch.no_grad()
+def search_block_scales(x: torch.Tensor, global_scale: torch.Tensor, targets: tuple[float, ...]) -> torch.Tensor:
+    """Per block of ``x``, the e4m3 scale mapping its amax onto one of ``targets`` with the least squared error.
+
+    The candidate for target ``t`` is :func:`block_scales` of ``amax * (6 / t)``; each costs one
+    fake-quantization of the block, and a later candidate replaces the best so far only if its
+    error is strictly smaller, so ties keep the earlier one. The method names and their targets
+    are in :mod:`hf_qad.nvfp4.scale_search`.
+
+    Args:
+        x: the weight, last dimension a multiple of 16.
+        global_scale: float32 ``[1]``, or one per leading index (shape ``x.shape[:d]``).
+        targets: the values the amax may be mapped onto, in order of preference on ties.
+
+    Returns:
+        ``float8_e4m3fn [..., K / 16]``.
+    """
+    count = check_global_scale(tuple(x.shape), global_scale)
+    gs = global_scale.detach().float().to(x.device)
+    # [1], or the leading shape followed by ones so that it broadcasts over each slice's blocks
+    gs = gs.reshape(1) if count == 1 else gs.reshape(*gs.shape, *([1] * (x.dim() - gs.dim())))
+    amax = block_amax(x)
+    blocks = x.detach().float().unflatten(-1, (-1, BLOCK_SIZE))
+    best_scale = best_error = None
+    for target in targets:
+        scale = block_scales(amax * (E2M1_MAX / target), gs, x.dtype)
+        step = effective_scales(scale, gs).unsqueeze(-1)
+        values = codes_to_values(round_to_e2m1_codes(blocks / step)) * step
+        error = (values - blocks).pow(2).sum(-1)
+        if best_scale is None:
+            best_scale, best_error = scale, error
+            continue
+        better = error < best_error
+        best_scale = torch.where(better, scale, best_scale)
+        best_error = torch.where(better, error, best_error)
+    return best_scale
 
 
 # ------------------------------------------------------- activations, rounded at run time

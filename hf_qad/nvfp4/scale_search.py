@@ -16,7 +16,9 @@ Methods:
 * ``"mse"``: per block, the best of mapping the amax onto each of
   ``4, 4.5, ..., 8`` (above 6 the largest values clip).
 
-Each candidate costs one fake-quantization pass over the weight.
+Each candidate costs about one fake-quantization of the weight. The search runs on the eager
+fast path (:func:`hf_qad.nvfp4.cpu.search_block_scales`, on any device), which makes the same
+choices as the readable :func:`hf_qad.nvfp4.reference.search_block_scales`.
 
 Example:
     >>> import torch
@@ -34,26 +36,18 @@ from __future__ import annotations
 
 import torch
 
-from hf_qad.nvfp4.format import BLOCK_SIZE, E2M1_MAX, check_global_scale
-from hf_qad.nvfp4.reference import (
-    block_amax,
-    block_scales,
-    codes_to_values,
-    effective_scales,
-    round_to_e2m1_codes,
-)
+from hf_qad.nvfp4 import cpu
 
-__all__ = ["SCALE_METHODS", "search_block_scales"]
+__all__ = ["SCALE_METHODS", "SCALE_TARGETS", "search_block_scales"]
 
-# The value each block's amax is mapped onto; 6.0 (the amax scale) comes first so
-# that ties keep the default.
-_TARGETS: dict[str, tuple[float, ...]] = {
+SCALE_TARGETS: dict[str, tuple[float, ...]] = {
     "amax": (6.0,),
     "four_over_six": (6.0, 4.0),
     "mse": (6.0, 4.0, 4.5, 5.0, 5.5, 6.5, 7.0, 7.5, 8.0),
 }
+"""The values each method may map a block's amax onto; 6.0 (the amax scale) comes first so that ties keep the default."""
 
-SCALE_METHODS = tuple(_TARGETS)
+SCALE_METHODS = tuple(SCALE_TARGETS)
 """Names accepted by :func:`search_block_scales`."""
 
 
@@ -70,26 +64,6 @@ def search_block_scales(x: torch.Tensor, global_scale: torch.Tensor, method: str
     Returns:
         ``float8_e4m3fn [..., K / 16]``, to pass as ``block_scale`` to quantize/fake_quant.
     """
-    if method not in _TARGETS:
+    if method not in SCALE_TARGETS:
         raise ValueError(f"unknown scale method {method!r}; choose one of {', '.join(SCALE_METHODS)}.")
-    count = check_global_scale(tuple(x.shape), global_scale)
-    gs = global_scale.detach().float().to(x.device)
-    # [1], or the leading shape followed by ones so that it broadcasts over each slice's blocks
-    gs = gs.reshape(1) if count == 1 else gs.reshape(*gs.shape, *([1] * (x.dim() - gs.dim())))
-    amax = block_amax(x)
-    blocks = x.detach().float().unflatten(-1, (-1, BLOCK_SIZE))
-    best_scale = best_error = None
-    for target in _TARGETS[method]:
-        scale = block_scales(amax * (E2M1_MAX / target), gs, x.dtype)
-        if best_scale is None and len(_TARGETS[method]) == 1:
-            return scale
-        step = effective_scales(scale, gs).unsqueeze(-1)
-        values = codes_to_values(round_to_e2m1_codes(blocks / step)) * step
-        error = (values - blocks).pow(2).sum(-1)
-        if best_scale is None:
-            best_scale, best_error = scale, error
-            continue
-        better = error < best_error
-        best_scale = torch.where(better, scale, best_scale)
-        best_error = torch.where(better, error, best_error)
-    return best_scale
+    return cpu.search_block_scales(x, global_scale, SCALE_TARGETS[method])

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hf_qad.nvfp4 import cpu, format, reference
-from hf_qad.nvfp4.scale_search import search_block_scales
+from hf_qad.nvfp4.scale_search import SCALE_TARGETS, search_block_scales
 from tests.nvfp4_cases import _cases, expected_global_scale, global_scale_cases
 from tests.runtime_oracle import adversarial_activations, runtime_fake_quant
 
@@ -71,6 +71,30 @@ def test_given_block_scales_match_reference(case, dtype):
     block_scale = search_block_scales(x, global_scale, "mse")
     assert_same_as_reference(x, global_scale, block_scale)
     assert cpu.quantize(x, global_scale, block_scale=block_scale).block_scale is block_scale
+
+
+@pytest.mark.parametrize("saturated", [False, True], ids=["own_scale", "saturated"])
+@pytest.mark.parametrize("method", sorted(SCALE_TARGETS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_scale_search_matches_reference(case, dtype, method, saturated):
+    """Same choice in every block, ties and zero blocks included; a static global scale for a quarter
+    of the amax makes the largest blocks' candidates saturate at 448."""
+    x = CASES[case].to(dtype)
+    amax = x.float().abs().amax()
+    global_scale = format.global_scale_from_amax(amax / 4 if saturated else amax)
+    targets = SCALE_TARGETS[method]
+    assert_bit_equal(cpu.search_block_scales(x, global_scale, targets),
+                     reference.search_block_scales(x, global_scale, targets))
+
+
+def test_scale_search_across_chunks_and_per_expert_global_scales(small_chunks):
+    torch.manual_seed(0)
+    experts = torch.randn(3, 8, 64) * torch.tensor([1e-3, 1.0, 40.0]).view(3, 1, 1)
+    global_scale = format.global_scales_from_amax(experts.abs().amax(dim=(1, 2)))
+    targets = SCALE_TARGETS["mse"]
+    assert_bit_equal(cpu.search_block_scales(experts, global_scale, targets),
+                     reference.search_block_scales(experts, global_scale, targets))
 
 
 def _midpoints_and_neighbours(grid: torch.Tensor) -> torch.Tensor:
