@@ -8,7 +8,10 @@ their amax, and of bf16 activations with a static global scale, by
   ``calculate_qparams``, ``fake_quantize``, as in ``tests/ct_oracle.py``),
 * a plain tensor copy (``clone``), the memory-bound limit of any such function,
 
-with the ratios ours/CT and ours/copy and whether our result equals CT's bit for bit.
+with the ratios ours/CT and ours/copy and whether our result equals CT's bit for bit; and the
+weight block-scale search of ``scale_method="four_over_six"`` / ``"mse"`` (which QAD runs on every
+weight at every training forward), hf_qad's fast path against the readable reference, as a
+multiple of one amax fake-quant of the same weight, with whether the two choose the same scales.
 
 CUDA, when available: the Triton fake-quant as a share of the card's measured
 device-to-device copy bandwidth (bytes read + written), against hf_qad's PyTorch path
@@ -43,8 +46,9 @@ import torch.nn.functional as F
 
 from common import markdown_table  # the checkout on sys.path: tests.ct_oracle for CT's pipeline
 
-from hf_qad.nvfp4 import cpu
+from hf_qad.nvfp4 import cpu, reference
 from hf_qad.nvfp4.format import global_scale_from_amax
+from hf_qad.nvfp4.scale_search import SCALE_TARGETS
 
 ACTIVATION_AMAX = 8.0
 """Calibrated amax of the activations' static global scale (some of randn * 3 saturates)."""
@@ -155,6 +159,33 @@ def cpu_report(quick: bool, repeats: int) -> str:
     return title + "\n\n" + markdown_table(headers, rows)
 
 
+def scale_search_rows(quick: bool, repeats: int) -> list[list[str]]:
+    """One row per weight shape and searched method: milliseconds, ratios, and equality of the choices."""
+    rows = []
+    for case in cases(quick):
+        if case.static_scale:
+            continue
+        x, _ = tensor_for(case)
+        global_scale = cpu.global_scale(x)
+        amax = median_seconds(lambda: cpu.fake_quant(x, global_scale), repeats)
+        for method in ("four_over_six", "mse"):
+            targets = SCALE_TARGETS[method]
+            ours = median_seconds(lambda: cpu.search_block_scales(x, global_scale, targets), repeats)
+            ref = median_seconds(lambda: reference.search_block_scales(x, global_scale, targets), repeats)
+            same = torch.equal(cpu.search_block_scales(x, global_scale, targets).view(torch.uint8),
+                               reference.search_block_scales(x, global_scale, targets).view(torch.uint8))
+            rows.append([method, "x".join(map(str, case.shape)), f"{ours * 1e3:.1f}", f"{ref * 1e3:.1f}",
+                         f"{ref / ours:.1f}x", f"{ours / amax:.1f}x", "yes" if same else "NO"])
+    return rows
+
+
+def scale_search_report(quick: bool, repeats: int) -> str:
+    headers = ["method", "weight (bf16)", "hf_qad (ms)", "reference (ms)", "speed-up", "vs amax fake-quant",
+               "= reference"]
+    title = f"### CPU weight scale search, ms ({platform.machine()}, {torch.get_num_threads()} threads)"
+    return title + "\n\n" + markdown_table(headers, scale_search_rows(quick, repeats))
+
+
 def copy_bandwidth(repeats: int, device: str = "cuda", nbytes: int = 1 << 28) -> float:
     """The device's copy bandwidth in bytes/s (read + written), 256 MiB by default: beyond any L2."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
@@ -236,6 +267,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if not args.skip_cpu:
         print(cpu_report(args.quick, args.repeats))
+        print()
+        print(scale_search_report(args.quick, args.repeats))
     if torch.cuda.is_available():
         print()
         print(cuda_report(args.quick, args.repeats))

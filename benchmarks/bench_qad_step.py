@@ -9,7 +9,10 @@ the quantized runs):
 * ``SFT``: ``SFTTrainer`` on the high-precision model, the baseline;
 * ``SFT on NVFP4 (QAT)``: ``SFTTrainer`` on the NVFP4 fake-quantized student, so the
   fake-quantization cost and the distillation cost can be told apart;
-* ``QAD full``: ``QADTrainer`` with a separate BF16 teacher loaded from the same checkpoint;
+* ``QAD full``: ``QADTrainer`` with a separate BF16 teacher loaded from the same checkpoint,
+  its student searching ``mse`` weight block scales at every forward (``QADConfig``'s default);
+* ``QAD full, amax scales``: the same with ``nvfp4_scale_method="amax"`` (the QAD paper's
+  recipe), so the search's cost can be read off;
 * ``LoRA SFT``: ``SFTTrainer`` with LoRA on the high-precision model;
 * ``LoRA QAD``: ``QADTrainer`` with LoRA and no teacher (the shared teacher: the same model
   with adapters and quantizers off);
@@ -81,6 +84,7 @@ STEP_CONFIGS = {
     "sft": "SFT",
     "qat": "SFT on NVFP4 (QAT)",
     "qad": "QAD full",
+    "qad_amax": "QAD full, amax scales",
     "sft_lora": "LoRA SFT",
     "qad_lora": "LoRA QAD (shared teacher)",
 }
@@ -321,8 +325,9 @@ def run_step_config(config: str, opts: argparse.Namespace) -> dict:
         trainer = SFTTrainer(student, args=SFTConfig(**{**common, "model_init_kwargs": None}), train_dataset=dataset)
     else:
         chunk = {"loss_chunk_size": opts.loss_chunk_size} if opts.loss_chunk_size else {}
-        qad = QADConfig(**common, nvfp4_scheme=opts.scheme, calibration_batches=1, **chunk)
-        if config == "qad":
+        scales = {"nvfp4_scale_method": "amax"} if config == "qad_amax" else {}
+        qad = QADConfig(**common, nvfp4_scheme=opts.scheme, calibration_batches=1, **chunk, **scales)
+        if config in ("qad", "qad_amax"):
             trainer = QADTrainer(model_path, teacher=model_path, args=qad, train_dataset=dataset)
         elif config == "qad_cache":
             cache = _teacher_cache(model_path, dataset, qad, workdir / config, dtype)
