@@ -372,15 +372,8 @@ def search_block_scales(x: torch.Tensor, global_scale: torch.Tensor, targets: Se
     of the data), then each chunk of ``|x|`` is rounded under every candidate in cache-sized
     in-place buffers, and only the index of the best candidate is kept per block. The error is
     taken on magnitudes: ``(|v| * s - |x|)**2`` equals the reference's ``(v * s - x)**2`` bit for
-    bit, since ``v`` has ``x``'s sign and float rounding is symmetric.
-
-    Args:
-        x: the weight, last dimension a multiple of 16.
-        global_scale: float32 ``[1]``, or one per leading index (shape ``x.shape[:d]``).
-        targets: the values the amax may be mapped onto, in order of preference on ties.
-
-    Returns:
-        ``float8_e4m3fn [..., K / 16]``.
+    bit, since ``v`` has ``x``'s sign and float rounding is symmetric. Arguments and result as the
+    reference's.
 
     Example:
         >>> import torch
