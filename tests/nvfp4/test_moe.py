@@ -134,7 +134,7 @@ def test_w4a4_forward_quantizes_each_projection_input_with_the_scale_vllm_serves
     assert torch.equal(layer.serving_input_global_scale("down_proj"), global_scale_from_amax(torch.tensor(9.0)))
     with torch.no_grad():
         torch.testing.assert_close(layer(x, index, weights), _reference_forward(layer, x, index, weights),
-                                   rtol=1e-5, atol=1e-5)  # summation order differs
+                                   rtol=1e-4, atol=1e-4)  # summation order differs (and with the thread count)
 
 
 def test_ste_gradients_reach_the_routed_experts_master_weights():
