@@ -371,11 +371,9 @@ def train_student(method: str, args: argparse.Namespace, path: Path, tokenizer, 
         return train_config(args, out, lr, max_steps=steps, **overrides)
 
     if method == "qat":
-        run_config = config(kl_weight=0.0, ce_weight=1.0)
-        trainer = QADTrainer(student, teacher=teacher, args=run_config, **kwargs)
+        trainer = QADTrainer(student, teacher=teacher, args=config(kl_weight=0.0, ce_weight=1.0), **kwargs)
     elif method in ("qad", "qad_learned", "qad_gptq", "qad_warm"):
-        run_config = config(scale_learning_rate=args.scale_lr,
-                              **(warm if method == "qad_warm" else {}))
+        run_config = config(scale_learning_rate=args.scale_lr, **(warm if method == "qad_warm" else {}))
         if method == "qad_warm":
             info.update(warm_steps=args.warm_steps, warm_lr=args.warm_lr, warm_rows=args.warm_rows)
         if learned:
@@ -399,8 +397,7 @@ def train_student(method: str, args: argparse.Namespace, path: Path, tokenizer, 
         info["cache_build_s"] = time.perf_counter() - started
         info["cache_top_k"] = args.cache_top_k
         info["cache_mb"] = sum(f.stat().st_size for f in cache_dir.rglob("*") if f.is_file()) / 2**20
-        run_config = config(teacher_cache_path=str(cache_dir))
-        trainer = QADTrainer(student, args=run_config, **kwargs)
+        trainer = QADTrainer(student, args=config(teacher_cache_path=str(cache_dir)), **kwargs)
     else:
         raise ValueError(method)
     started = time.perf_counter()

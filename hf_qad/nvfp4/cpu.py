@@ -396,25 +396,24 @@ def search_block_scales(x: torch.Tensor, global_scale: torch.Tensor, targets: Se
     if len(targets) > 1:
         steps = (candidates / gs).unsqueeze(-1)  # effective_scales' sb / gs, [targets, blocks, 1]
         best = torch.zeros(blocks.shape[0], dtype=torch.long, device=x.device)
-        best_error = torch.empty(blocks.shape[0], dtype=torch.float32, device=x.device)
-        error = torch.empty_like(best_error)
         chunk_rows = _chunk_rows(blocks.shape[0], CHUNK)
         buffers = blocks.new_empty(3, chunk_rows, BLOCK_SIZE, dtype=torch.float32).unbind(0)
+        errors = blocks.new_empty(2, chunk_rows, dtype=torch.float32).unbind(0)
         for rows in _slices(blocks.shape[0], chunk_rows):
-            magnitude, rounded, magic = (buffer[: rows.stop - rows.start] for buffer in buffers)
+            count = rows.stop - rows.start
+            magnitude, rounded, magic = (buffer[:count] for buffer in buffers)
+            best_error, error = (buffer[:count] for buffer in errors)
             magnitude.copy_(blocks[rows]).abs_()  # in float32 like the reference, whatever x's dtype
             for index in range(len(targets)):
                 step = steps[index, rows]
                 torch.div(magnitude, step, out=rounded).clamp_(max=E2M1_MAX)
                 _add_rounding_constant(rounded, magic, E2M1_SMALLEST_NORMAL, E2M1_MANTISSA_BITS)
                 rounded.sub_(magic).mul_(step).sub_(magnitude).square_()
-                if index == 0:
-                    torch.sum(rounded, dim=-1, out=best_error[rows])
-                    continue
-                torch.sum(rounded, dim=-1, out=error[rows])
-                better = error[rows] < best_error[rows]
-                best[rows].masked_fill_(better, index)
-                best_error[rows] = torch.where(better, error[rows], best_error[rows])
+                torch.sum(rounded, dim=-1, out=best_error if index == 0 else error)
+                if index > 0:
+                    better = error < best_error
+                    best[rows].masked_fill_(better, index)
+                    best_error.copy_(torch.where(better, error, best_error))
         candidates = candidates.gather(0, best.unsqueeze(0))
     return _to_e4m3(candidates[0], x)
 
